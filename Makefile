@@ -1,0 +1,38 @@
+# Two set-up commands: `make demo` and `make test`. Both create or reuse .venv and
+# install what they need, the pinned CPU torch wheel first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tensorlotr-installed
+TORCH  := torch==2.13.0
+JOBS   ?= 2
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tensorlotr demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check tensorlotr tests bench examples
+	$(BIN)/ruff format --check tensorlotr tests bench examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,111 @@
+"""Backend selection and input validation for the math core.
+
+The core works on numpy arrays and torch tensors alike. It picks the tensorly backend
+that matches its inputs and never imports torch itself, so it knows nothing of modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import tensorly as tl
+
+Array = Any  # a numpy array or a torch tensor
+
+
+def is_torch(x: Any) -> bool:
+    """True for a torch tensor, found without importing torch."""
+    return type(x).__module__.startswith("torch")
+
+
+def backend_name(*arrays: Any) -> str:
+    """The tensorly backend for ``arrays``: ``"pytorch"`` if any is a torch tensor."""
+    return "pytorch" if any(is_torch(a) for a in arrays) else "numpy"
+
+
+@contextmanager
+def backend_for(*arrays: Any) -> Iterator[str]:
+    """Run the body under the tensorly backend that matches ``arrays``.
+
+    The backend is set for this thread only and restored afterwards.
+    """
+    name = backend_name(*arrays)
+    if tl.get_backend() == name:
+        yield name
+        return
+    with tl.backend_context(name, local_threadsafe=True):
+        yield name
+
+
+def compute_dtype(x: Array) -> Any:
+    """The floating dtype to compute in: float32 or float64; half precision is upcast."""
+    if is_torch(x):
+        import torch  # only reached when the caller already uses torch
+
+        if x.dtype == torch.float64:
+            return torch.float64
+        if x.dtype.is_floating_point:
+            return torch.float32
+        raise ValueError(f"expected a floating-point tensor, got dtype {x.dtype}")
+    dtype = np.asarray(x).dtype
+    if dtype == np.float64:
+        return np.float64
+    if dtype.kind == "f":
+        return np.float32
+    raise ValueError(f"expected a floating-point array, got dtype {dtype}")
+
+
+def as_float(x: Array, dtype: Any) -> Array:
+    """``x`` as an array of ``dtype`` on the backend it came from."""
+    if is_torch(x):
+        return x.to(dtype)
+    return np.asarray(x, dtype=dtype)
+
+
+def check_finite(x: Array, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` if ``x`` holds NaN or Inf."""
+    if is_torch(x):
+        import torch
+
+        ok = bool(torch.isfinite(x).all())
+    else:
+        ok = bool(np.isfinite(x).all())
+    if not ok:
+        raise ValueError(f"{what} contains NaN or Inf values")
+
+
+def check_ndim(x: Array, ndim: int, what: str, shape_doc: str) -> None:
+    """Raise ``ValueError`` if ``x`` does not have ``ndim`` dimensions."""
+    if len(x.shape) != ndim:
+        raise ValueError(f"{what} must have {ndim} dimensions {shape_doc}, got shape {tuple(x.shape)}")
+
+
+def to_float(x: Array) -> float:
+    """A 0-d array as a Python float."""
+    return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def normalize_rank(rank: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``rank`` as ``(r_out, r_in)``; an int means equal ranks. Ranks must be positive."""
+    if rank is None:
+        return None
+    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
+        pair = (int(rank), int(rank))
+    else:
+        try:
+            r_out, r_in = rank  # type: ignore[misc]
+            pair = (int(r_out), int(r_in))
+        except (TypeError, ValueError):
+            raise ValueError(f"rank must be an int or a pair (r_out, r_in), got {rank!r}") from None
+    if min(pair) <= 0:
+        raise ValueError(f"rank must be positive, got {rank!r}")
+    return pair
+
+
+def check_energy(energy: float | None) -> None:
+    """Raise ``ValueError`` unless ``energy`` is None or in (0, 1]."""
+    if energy is not None and not 0.0 < float(energy) <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy!r}")
