@@ -17,9 +17,9 @@ import numpy as np
 from tensorly.decomposition import partial_tucker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import best_of, machine, run_isolated  # noqa: E402
+from _util import best_of, machine, run_isolated
 
-import tensorlotr as tlr  # noqa: E402
+import tensorlotr as tlr
 
 
 def lora_stack(n_layers: int, d: int, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +96,9 @@ def llama_rows() -> list[str]:
 def main() -> None:
     print(f"Machine: {machine()}\n")
     print("RoBERTa-base shape: L=12, d=768, LoRA r=8, float32; times in ms (median of 3)\n")
-    print("| backend | Tucker rank | algorithm | tucker2_lowrank | partial_tucker (dense) | speed-up | error (ours) | error (tensorly) |")
+    print(
+        "| backend | Tucker rank | algorithm | tucker2_lowrank | partial_tucker (dense) | speed-up | error (ours) | error (tensorly) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(roberta_rows()))
     print("\nLlama-2-7B shape: L=32, d=4096, LoRA r=16, Tucker rank 64, float32, fresh process per backend\n")

@@ -5,12 +5,25 @@ dW_l = U @ G_l @ V.T with U and V shared by all layers of the stack.
 
 from ._version import __version__
 from .core import Tucker2, relative_error, relative_error_lowrank, tucker2, tucker2_lowrank
+from .nn import LoTRConfig, LoTRModel, get_lotr_model
 
 __all__ = [
+    "LoTRConfig",
+    "LoTRModel",
+    "LoTRTrainer",
     "Tucker2",
     "__version__",
+    "get_lotr_model",
     "relative_error",
     "relative_error_lowrank",
     "tucker2",
     "tucker2_lowrank",
 ]
+
+
+def __getattr__(name: str):
+    if name == "LoTRTrainer":  # importing transformers.Trainer takes seconds; only on demand
+        from .nn.trainer import LoTRTrainer
+
+        return LoTRTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,14 @@
+"""File formats: LoTR adapter folders, PEFT LoRA folders, atomic writes."""
+
+from .atomic import atomic_dir, atomic_file
+from .lotr_format import GroupLayout, LoTRAdapterFiles, is_lotr_dir, read_adapter, write_adapter
+
+__all__ = [
+    "GroupLayout",
+    "LoTRAdapterFiles",
+    "atomic_dir",
+    "atomic_file",
+    "is_lotr_dir",
+    "read_adapter",
+    "write_adapter",
+]

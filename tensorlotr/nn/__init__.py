@@ -1,0 +1,15 @@
+"""Torch bindings: LoTR adapters on transformers models. No file formats live here."""
+
+from .config import LoTRConfig
+from .layer import LoTRFactors, LoTRLayer
+from .model import LoTRModel, get_lotr_model
+
+__all__ = ["LoTRConfig", "LoTRFactors", "LoTRLayer", "LoTRModel", "LoTRTrainer", "get_lotr_model"]
+
+
+def __getattr__(name: str):
+    if name == "LoTRTrainer":  # importing transformers.Trainer takes seconds; only on demand
+        from .trainer import LoTRTrainer
+
+        return LoTRTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
