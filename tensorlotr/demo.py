@@ -79,9 +79,8 @@ class DemoReport:
             f"task: {self.task} ({self.train_examples} train / {self.test_examples} test sentences)",
         ]
         for name, g in self.groups.items():
-            lines.append(
-                f"  group {name}: {g['layers']} layers of {g['shape'][0]}x{g['shape'][1]}, rank {g['rank'][0]}x{g['rank'][1]}"
-            )
+            (d_out, d_in), (r_out, r_in) = g["shape"], g["rank"]
+            lines.append(f"  group {name}: {g['layers']} layers of {d_out}x{d_in}, rank {r_out}x{r_in}")
         lines += [
             f"trainable adapter params: {self.lotr_params:,} LoTR vs {self.lora_params:,} LoRA at the same rank "
             f"({self.lora_params / self.lotr_params:.1f}x fewer), plus {self.head_params:,} in the classifier head",

@@ -74,17 +74,17 @@ class _TuckerProjection:
         loss = super().step(closure)  # type: ignore[misc]
         with torch.no_grad():
             for group in self.param_groups:  # type: ignore[attr-defined]
-                for p, projected in zip(group["params"], project_tucker2(group["params"], group["rank"])):
+                for p, projected in zip(group["params"], project_tucker2(group["params"], group["rank"]), strict=True):
                     p.copy_(projected)
         return loss
 
 
 def _make(base: type[torch.optim.Optimizer], mixin: type, name: str, doc: str) -> type:
-    def __init__(self: Any, params: Iterable[Any], rank: Any, **kwargs: Any) -> None:
+    def init(self: Any, params: Iterable[Any], rank: Any, **kwargs: Any) -> None:
         base.__init__(self, params, **kwargs)
         self._init_rank(rank)
 
-    return type(name, (mixin, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return type(name, (mixin, base), {"__init__": init, "__doc__": doc, "__module__": __name__})
 
 
 _LR_DOC = "{base} on full matrices, each projected back onto rank ``rank`` after every step."
@@ -145,7 +145,7 @@ class OptimizerList(torch.optim.Optimizer):
         states = state_dict["optimizers"]
         if len(states) != len(self.optimizers):
             raise ValueError(f"state holds {len(states)} optimizers, this list has {len(self.optimizers)}")
-        for opt, state in zip(self.optimizers, states):
+        for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -133,9 +133,7 @@ def test_save_and_load_on_fresh_base(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(out(loaded, batch), out(lotr, batch), atol=0, rtol=0)
     assert loaded.get_nb_trainable_parameters()[0] == 0
-    trainable = tlr.LoTRModel.from_pretrained(
-        twin(fresh.base_model if False else MODELS[arch]()), tmp_path / "adapter", is_trainable=True
-    )
+    trainable = tlr.LoTRModel.from_pretrained(MODELS[arch](), tmp_path / "adapter", is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == lotr.get_nb_trainable_parameters()[0]
 
 
@@ -293,7 +291,7 @@ def test_bad_config_values():
 
 
 def test_missing_and_corrupt_adapter_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="lotr_config.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"lotr_config\.json is missing"):
         tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)
     lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(rank=2, target_modules=["query"]))
     lotr.save_pretrained(tmp_path)

@@ -99,7 +99,7 @@ def test_trainer_with_optimizer_list(tmp_path):
 
 
 def _loss(params, targets):
-    return sum(((p - t) ** 2).sum() for p, t in zip(params, targets))
+    return sum(((p - t) ** 2).sum() for p, t in zip(params, targets, strict=True))
 
 
 @pytest.mark.parametrize("cls", [LowRankAdam, LowRankAdamW, LowRankSGD])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -31,10 +32,8 @@ def _call_base(lotr: LoTRModel, *args: Any, **kwargs: Any) -> Any:
 def _bound_forward(lotr: LoTRModel, model: nn.Module) -> functools.partial:
     """``lotr``'s forward, carrying the base model's signature so ``Trainer`` keeps the right inputs."""
     forward = functools.partial(_call_base, lotr)
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # a forward without a signature keeps (*args, **kwargs)
         forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        pass
     return forward
 
 
@@ -207,7 +206,7 @@ class LoTRModel(nn.Module):
         try:
             yield
         finally:
-            for layer, state in zip(layers, states):
+            for layer, state in zip(layers, states, strict=True):
                 layer.active = state
 
     def merge_adapter(self) -> None:
