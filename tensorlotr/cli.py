@@ -17,10 +17,10 @@ class CLIError(Exception):
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .io.atomic import check_output
     from .report import to_json
 
-    if args.output is not None and Path(args.output).exists() and not args.force:
-        raise FileExistsError(f"{args.output} already exists; pass --force to overwrite it")
+    check_output(args.output, args.force)
     report = run_demo(
         args.data,
         args.eval_data,
@@ -36,6 +36,73 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if report.reload_max_abs_diff > 1e-5:
         print("error: the reloaded adapter does not reproduce the outputs", file=sys.stderr)
         return 1
+    return 0
+
+
+def _parse_rank(text: str) -> int | tuple[int, int]:
+    """``8`` or ``16,8`` (r_out,r_in)."""
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be R or R_OUT,R_IN, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise argparse.ArgumentTypeError(f"rank must be R or R_OUT,R_IN, got {text!r}")
+
+
+def _parse_groups(text: str) -> str | dict[str, list[str]]:
+    """``by_name``, ``shared``, or ``name=pat1+pat2;name2=pat3``."""
+    if text in ("by_name", "shared"):
+        return text
+    groups: dict[str, list[str]] = {}
+    for item in text.split(";"):
+        name, sep, patterns = item.partition("=")
+        if not sep or not name or not patterns:
+            raise argparse.ArgumentTypeError(f"groups must be by_name, shared or NAME=PAT+PAT;…, got {text!r}")
+        groups[name.strip()] = [p.strip() for p in patterns.split("+")]
+    return groups
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_lora, tqdm_progress
+    from .report import to_json
+
+    report = convert_lora(
+        args.peft_dir, args.out_dir, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
+        groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
+    )  # fmt: skip
+    print(to_json(report.to_dict()) if args.json else report.table())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .convert import export_lora
+    from .report import to_json
+
+    summary = export_lora(args.lotr_dir, args.out_dir, force=args.force)
+    if args.json:
+        print(to_json(summary))
+    else:
+        ranks = ", ".join(f"{g}: r={r}" for g, r in summary["ranks"].items())
+        modules, params = summary["modules"], summary["lora_params"]
+        print(f"wrote PEFT LoRA {summary['output']}: {modules} modules ({ranks}), {params:,} params")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .convert import inspect_adapter
+    from .report import format_table, to_json
+
+    info = inspect_adapter(args.dir)
+    if args.json:
+        print(to_json(info))
+    else:
+        print(f"{info['path']}: {info['format']} adapter")
+        print(format_table(info["groups"]))
+        total = sum(g["params"] for g in info["groups"])
+        print(f"total adapter params: {total:,}")
     return 0
 
 
@@ -59,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=_cmd_demo)
+
+    convert = sub.add_parser("convert", help="convert a PEFT LoRA folder to a LoTR adapter")
+    convert.add_argument("peft_dir", type=Path, metavar="PEFT_DIR")
+    convert.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    how = convert.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=_parse_rank, help="R or R_OUT,R_IN (default: exact, lossless)")
+    how.add_argument("--energy", type=float, help="keep this fraction of squared singular values per group, e.g. 0.99")
+    convert.add_argument("--hooi-iters", type=int, default=0, help="HOOI sweeps after the HOSVD (default 0)")
+    convert.add_argument("--groups", type=_parse_groups, default="by_name", help="by_name, shared or NAME=PAT+PAT;…")
+    convert.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert.set_defaults(func=_cmd_convert)
+
+    export = sub.add_parser("export-lora", help="export a LoTR adapter as an exact PEFT LoRA folder")
+    export.add_argument("lotr_dir", type=Path, metavar="LOTR_DIR")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    export.add_argument("--json", action="store_true", help="print the summary as JSON")
+    export.set_defaults(func=_cmd_export)
+
+    inspect = sub.add_parser("inspect", help="groups, shapes, ranks, params and dtype of a LoTR or PEFT LoRA folder")
+    inspect.add_argument("dir", type=Path, metavar="DIR")
+    inspect.add_argument("--json", action="store_true", help="print as JSON")
+    inspect.set_defaults(func=_cmd_inspect)
     return parser
 
 

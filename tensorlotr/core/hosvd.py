@@ -263,10 +263,11 @@ def lowrank_cores(out_factor: Array, in_factor: Array, bs: list[Array], as_: lis
 def lowrank_norm_sq(bs: list[Array], as_: list[Array], scales: list[float]) -> float:
     """``sum_l ||s_l B_l A_l||_F^2`` from the r x r Gram matrices."""
     total = 0.0
-    for b, a, s in zip(bs, as_, scales, strict=True):
-        gram_b = tl.dot(tl.transpose(b), b)
-        gram_a = tl.dot(a, tl.transpose(a))
-        total += s * s * to_float(tl.sum(gram_b * gram_a))
+    with backend_for(*bs, *as_):
+        for b, a, s in zip(bs, as_, scales, strict=True):
+            gram_b = tl.dot(tl.transpose(b), b)
+            gram_a = tl.dot(a, tl.transpose(a))
+            total += s * s * to_float(tl.sum(gram_b * gram_a))
     return max(total, 0.0)
 
 

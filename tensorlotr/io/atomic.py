@@ -10,6 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def check_output(path: str | os.PathLike | None, force: bool) -> None:
+    """Raise ``FileExistsError`` early, before any work, if ``path`` exists and ``force`` is off."""
+    if path is not None and Path(path).exists() and not force:
+        raise FileExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` when the body succeeds.
@@ -18,9 +24,8 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     which case it is replaced only after the new folder is complete. On error the
     temporary folder is removed and ``path`` is left as it was.
     """
+    check_output(path, force)
     target = Path(path)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -40,9 +45,8 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
 @contextmanager
 def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path that is renamed to ``path`` when the body succeeds."""
+    check_output(path, force)
     target = Path(path)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)

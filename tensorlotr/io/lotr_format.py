@@ -32,19 +32,33 @@ FORMAT_VERSION = 1
 
 @dataclass
 class GroupLayout:
-    """One group as stored: modules in stack order, ``shape`` (d_out, d_in), ``rank`` (r_out, r_in)."""
+    """One group as stored: modules in stack order, ``shape`` (d_out, d_in), ``rank`` (r_out, r_in),
+    and the ``scale`` of its updates, ``dW_l = scale * U G_l V^T``."""
 
     modules: list[str]
     shape: tuple[int, int]
     rank: tuple[int, int]
     scale: float
+    fan_in_fan_out: bool = False  # the modules store their weight (d_in, d_out), as GPT-2's Conv1D
 
     def to_dict(self) -> dict[str, Any]:
-        return {"modules": self.modules, "shape": list(self.shape), "rank": list(self.rank), "scale": self.scale}
+        return {
+            "modules": self.modules,
+            "shape": list(self.shape),
+            "rank": list(self.rank),
+            "scale": self.scale,
+            "fan_in_fan_out": self.fan_in_fan_out,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GroupLayout:
-        return cls(list(data["modules"]), tuple(data["shape"]), tuple(data["rank"]), float(data["scale"]))
+        return cls(
+            list(data["modules"]),
+            tuple(data["shape"]),
+            tuple(data["rank"]),
+            float(data["scale"]),
+            bool(data.get("fan_in_fan_out", False)),
+        )
 
 
 @dataclass

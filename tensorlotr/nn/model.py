@@ -17,7 +17,7 @@ from ..core import Tucker2, tucker2
 from ..io.lotr_format import GroupLayout, LoTRAdapterFiles, read_adapter, write_adapter
 from .config import LoTRConfig
 from .layer import LoTRFactors, LoTRLayer
-from .targets import build_groups, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
+from .targets import build_groups, conv1d_type, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -74,8 +74,15 @@ class LoTRModel(nn.Module):
     @staticmethod
     def _plan(model: nn.Module, config: LoTRConfig) -> dict[str, GroupLayout]:
         names = resolve_targets(model, config)
+        conv1d = conv1d_type()
         return {
-            g.name: GroupLayout(list(g.modules), g.shape, config.rank_of(g.name), config.scale_of(g.name))
+            g.name: GroupLayout(
+                list(g.modules),
+                g.shape,
+                config.rank_of(g.name),
+                config.scale_of(g.name),
+                fan_in_fan_out=conv1d is not None and isinstance(model.get_submodule(g.modules[0]), conv1d),
+            )
             for g in build_groups(model, names, config)
         }
 

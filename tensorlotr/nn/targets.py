@@ -129,42 +129,64 @@ def _short_names(patterns: list[str]) -> dict[str, str]:
 
 
 def build_groups(model: nn.Module, names: list[str], config: LoTRConfig) -> list[Group]:
-    """Stack the target modules ``names`` into groups as ``config.groups`` says.
-
-    Raises ``ValueError`` naming the modules and shapes when a group mixes shapes.
-    """
+    """Stack the target modules ``names`` of ``model`` into groups as ``config.groups`` says."""
     modules = dict(model.named_modules())
-    shapes = {name: weight_shape(modules[name]) for name in names}
-    by_pattern: dict[str, list[str]] = {}
+    return group_modules({name: weight_shape(modules[name]) for name in names}, config.groups)
+
+
+def group_modules(shapes: dict[str, tuple[int, int]], mode: str | dict[str, list[str]] = "by_name") -> list[Group]:
+    """Stack modules into groups.
+
+    Parameters
+    ----------
+    shapes : dict of module path to (d_out, d_in)
+        The modules to stack, in model order.
+    mode : "by_name", "shared" or dict of group name to patterns
+        ``"by_name"``: one group per module path with the layer index removed, split by
+        shape when a path pattern holds several shapes. ``"shared"``: one group per shape.
+        A dict: each module goes to the one group whose patterns match it.
+
+    Raises ``ValueError`` naming the modules and shapes when an explicit group mixes shapes.
+    """
+    names = list(shapes)
+    by_key: dict[tuple[str, tuple[int, int]], list[str]] = {}
     for name in names:
-        by_pattern.setdefault(layer_pattern(name), []).append(name)
-    short = _short_names(list(by_pattern))
+        by_key.setdefault((layer_pattern(name), shapes[name]), []).append(name)
+    patterns = list(dict.fromkeys(pattern for pattern, _ in by_key))
+    short = _short_names(patterns)
+    split = {p for p in patterns if sum(key[0] == p for key in by_key) > 1}
+
+    def key_name(key: tuple[str, tuple[int, int]]) -> str:
+        pattern, (d_out, d_in) = key
+        return f"{short[pattern]}_{d_out}x{d_in}" if pattern in split else short[pattern]
+
     members: dict[str, list[str]] = {}
-    if config.groups == "by_name":
-        for pattern, group_names in by_pattern.items():
-            members[short[pattern]] = group_names
-    elif config.groups == "shared":
-        by_shape: dict[tuple[int, int], list[str]] = {}
-        for pattern, group_names in by_pattern.items():
-            by_shape.setdefault(shapes[group_names[0]], []).append(pattern)
-        for patterns in by_shape.values():
-            group_names = [n for n in names if layer_pattern(n) in patterns]  # model order
-            members["+".join(short[p] for p in patterns)] = group_names
-    else:
-        assert isinstance(config.groups, dict)
+    if mode == "by_name":
+        for key, group_names in by_key.items():
+            members[key_name(key)] = group_names
+    elif mode == "shared":
+        by_shape: dict[tuple[int, int], list[tuple[str, tuple[int, int]]]] = {}
+        for key in by_key:
+            by_shape.setdefault(key[1], []).append(key)
+        for keys in by_shape.values():
+            group_names = [n for n in names if (layer_pattern(n), shapes[n]) in keys]  # model order
+            members["+".join(key_name(k) for k in keys)] = group_names
+    elif isinstance(mode, dict):
         for name in names:
-            owners = [g for g, pats in config.groups.items() if matches(name, pats)]
+            owners = [g for g, pats in mode.items() if matches(name, pats)]
             if len(owners) != 1:
                 where = f"groups {owners}" if owners else "no group"
                 raise ValueError(f"module {name!r} is in {where}; each target must be in exactly one group")
             members.setdefault(owners[0], []).append(name)
+    else:
+        raise ValueError(f"groups must be 'by_name', 'shared' or a dict of patterns, got {mode!r}")
     groups = []
-    for group_name, group_modules in members.items():
-        group_shapes = {shapes[n] for n in group_modules}
+    for group_name, group_names in members.items():
+        group_shapes = {shapes[n] for n in group_names}
         if len(group_shapes) > 1:
-            listing = ", ".join(f"{n} {shapes[n][0]}x{shapes[n][1]}" for n in group_modules)
+            listing = ", ".join(f"{n} {shapes[n][0]}x{shapes[n][1]}" for n in group_names)
             raise ValueError(f"group {group_name!r} mixes weight shapes (d_out x d_in): {listing}")
-        groups.append(Group(group_name, tuple(group_modules), group_shapes.pop()))
+        groups.append(Group(group_name, tuple(group_names), group_shapes.pop()))
     return groups
 
 
