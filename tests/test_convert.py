@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import subprocess
 import sys
@@ -23,12 +24,27 @@ VARIANTS = {
     "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)),
     "llama-rank-pattern": (
         tiny_llama,
-        dict(target_modules=["q_proj", "k_proj", "o_proj"], r=4, lora_alpha=8, rank_pattern={"k_proj": 2}, alpha_pattern={"o_proj": 3}),
+        dict(
+            target_modules=["q_proj", "k_proj", "o_proj"],
+            r=4,
+            lora_alpha=8,
+            rank_pattern={"k_proj": 2},
+            alpha_pattern={"o_proj": 3},
+        ),
     ),
     "llama-rslora": (tiny_llama, dict(target_modules=["q_proj", "up_proj"], r=3, lora_alpha=5, use_rslora=True)),
-    "bert": (tiny_bert, dict(target_modules=["query", "value", "dense"], r=4, lora_alpha=6, modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "bert": (
+        tiny_bert,
+        dict(
+            target_modules=["query", "value", "dense"],
+            r=4,
+            lora_alpha=6,
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        ),
+    ),
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj"], r=4, lora_alpha=8, fan_in_fan_out=True)),
-}  # fmt: skip
+}
 
 
 def make_peft(variant: str, folder, seed: int = 0):
@@ -107,7 +123,7 @@ def test_truncated_error_is_exact_and_falls_with_rank(tmp_path):
         for group in report.groups:  # per group too
             assert 0 <= group.relative_error <= 1
         errors.append(report.relative_error)
-    assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(errors))
     hooi = convert_lora(tmp_path / "peft", None, rank=2, n_iter=5)
     assert hooi.relative_error <= errors[1] + 1e-7
 
@@ -251,8 +267,19 @@ def _corrupt(kind: str, folder) -> str:
 
 @pytest.mark.parametrize(
     "kind",
-    ["missing config", "missing weights", "missing tensor", "shape mismatch", "truncated", "nan", "pickle", "dora", "lora_bias", "embedding"],
-)  # fmt: skip
+    [
+        "missing config",
+        "missing weights",
+        "missing tensor",
+        "shape mismatch",
+        "truncated",
+        "nan",
+        "pickle",
+        "dora",
+        "lora_bias",
+        "embedding",
+    ],
+)
 def test_bad_checkpoints_fail_cleanly(kind, tmp_path, capsys):
     make_peft("llama", tmp_path / "peft")
     message = _corrupt(kind, tmp_path / "peft")
