@@ -24,8 +24,25 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process's memory map so far (VmHWM), in MiB.
+
+    Unlike ``getrusage().ru_maxrss``, VmHWM starts afresh at ``exec``, so a child process
+    started from a large parent does not inherit the parent's size.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
+#: Python source of :func:`peak_rss_mib` for code run in a child interpreter.
+PEAK_RSS_SOURCE = (
+    "def peak_rss_mib():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return int(line.split()[1]) / 1024\n"
+)
 
 
 def run_isolated(code: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 from tensorly.decomposition import partial_tucker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import best_of, machine, run_isolated
+from _util import PEAK_RSS_SOURCE, best_of, machine, run_isolated
 
 import tensorlotr as tlr
 
@@ -62,8 +62,10 @@ def roberta_rows() -> list[str]:
     return rows
 
 
-LLAMA_CODE = """
-import json, resource, time
+LLAMA_CODE = (
+    PEAK_RSS_SOURCE
+    + """
+import json, time
 import numpy as np
 BACKEND = {backend!r}
 rng = np.random.default_rng(0)
@@ -74,14 +76,15 @@ if BACKEND == "torch":
     B, A = torch.from_numpy(B), torch.from_numpy(A)
 from tensorlotr.core import tucker2_lowrank, relative_error_lowrank
 tucker2_lowrank(B[:2], A[:2], 8)  # warm up libraries
-rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss_before = peak_rss_mib()
 times = []
 for _ in range(3):
     t0 = time.perf_counter(); tucker = tucker2_lowrank(B, A, 64); times.append(time.perf_counter() - t0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = peak_rss_mib()
 err = relative_error_lowrank(tucker, B, A)
 print(json.dumps(dict(seconds=sorted(times)[1], rss=peak, rss_before=rss_before, error=err)))
 """
+)
 
 
 def llama_rows() -> list[str]:

@@ -73,31 +73,41 @@ def complete_basis(basis: Array, rank: int) -> Array:
     return tl.concatenate([basis, q], axis=1)
 
 
-def leading_left_vectors(matrix: Array, rank: int | None = None) -> tuple[Array, Array]:
-    """Left singular vectors ``(d, rank)`` and all singular values of ``matrix`` via tensorly."""
-    rows, cols = matrix.shape
-    if rows > 2 * cols:  # tall: a thin QR first, then the SVD of the small triangular factor
-        q, r = tl.qr(matrix)
-        u_small, s, _ = tl.svd_interface(r, method="truncated_svd", n_eigenvecs=None)
-        u = tl.dot(q, u_small)
-    else:
-        u, s, _ = tl.svd_interface(matrix, method="truncated_svd", n_eigenvecs=None)
-    if rank is None:
-        return u, s
-    return complete_basis(u, rank), s
+class LeftSingular:
+    """Left singular vectors and values of a matrix, with columns formed only when asked for.
+
+    For a tall matrix (d, k) the SVD runs on the (k, k) triangle of a thin QR, and
+    :meth:`basis` multiplies only the ``rank`` columns it returns by ``Q``.
+    """
+
+    def __init__(self, matrix: Array) -> None:
+        rows, cols = matrix.shape
+        self.q: Array | None = None
+        if rows > 2 * cols:  # tall: a thin QR first, then the SVD of the small triangular factor
+            self.q, matrix = tl.qr(matrix)
+        self.u, self.values, _ = tl.svd_interface(matrix, method="truncated_svd", n_eigenvecs=None)
+
+    def basis(self, rank: int) -> Array:
+        """The leading ``rank`` left singular vectors (d, rank), completed if the matrix has fewer."""
+        u = self.u[:, :rank]
+        if self.q is not None:
+            u = tl.dot(self.q, u)
+        return complete_basis(u, rank)
 
 
-def compress_blocks(lefts: Sequence[Array], rights: Sequence[Array]) -> Array:
-    """A thin matrix ``K`` with the left singular structure of ``[lefts_l @ rights_l]_l``.
+def compress_blocks(lefts: Sequence[Array], rights: Sequence[Array], scales: Sequence[float] | None = None) -> Array:
+    """A thin matrix ``K`` with the left singular structure of ``[s_l lefts_l @ rights_l]_l``.
 
     With ``rights_l.T = Q_l T_l`` (thin QR), ``lefts_l @ rights_l = (lefts_l @ T_l.T) @ Q_l.T``
-    and the ``Q_l.T`` blocks have orthonormal rows, so ``K = [lefts_l @ T_l.T]_l`` has the
+    and the ``Q_l.T`` blocks have orthonormal rows, so ``K = [s_l lefts_l @ T_l.T]_l`` has the
     same left singular vectors and values, at ``sum_l r_l`` columns instead of ``L*c``.
+    The scales multiply the small ``T_l``, never a large factor.
     """
+    scales = scales if scales is not None else [1.0] * len(lefts)
     blocks = []
-    for left, right in zip(lefts, rights, strict=True):
+    for left, right, scale in zip(lefts, rights, scales, strict=True):
         _, t = tl.qr(tl.transpose(right))
-        blocks.append(tl.dot(left, tl.transpose(t)))
+        blocks.append(tl.dot(left, tl.transpose(t * scale)))
     return tl.concatenate(blocks, axis=1)
 
 
@@ -176,21 +186,20 @@ def tucker2(
     with backend_for(stack):
         x = as_float(stack, compute_dtype(stack))
         n_layers, d_out, d_in = (int(n) for n in x.shape)
-        u_all, s_out = leading_left_vectors(tl.unfold(x, 1))
-        v_all, s_in = leading_left_vectors(tl.unfold(x, 2))
-        r_out = choose_rank(s_out, min(d_out, n_layers * d_in), r_out_req, energy)
-        r_in = choose_rank(s_in, min(d_in, n_layers * d_out), r_in_req, energy)
-        out_factor = complete_basis(u_all, r_out)
-        in_factor = complete_basis(v_all, r_in)
+        out_svd, in_svd = LeftSingular(tl.unfold(x, 1)), LeftSingular(tl.unfold(x, 2))
+        r_out = choose_rank(out_svd.values, min(d_out, n_layers * d_in), r_out_req, energy)
+        r_in = choose_rank(in_svd.values, min(d_in, n_layers * d_out), r_in_req, energy)
+        out_factor, in_factor = out_svd.basis(r_out), in_svd.basis(r_in)
+        del out_svd, in_svd
 
         def cores_of(u: Array, v: Array) -> Array:
             return contract(PROJECT_DENSE, u, x, v)
 
         def update_out(v: Array) -> Array:
-            return leading_left_vectors(tl.unfold(contract("lmn,ni->lmi", x, v), 1), r_out)[0]
+            return LeftSingular(tl.unfold(contract("lmn,ni->lmi", x, v), 1)).basis(r_out)
 
         def update_in(u: Array) -> Array:
-            return leading_left_vectors(tl.unfold(contract("mo,lmn->lon", u, x), 2), r_in)[0]
+            return LeftSingular(tl.unfold(contract("mo,lmn->lon", u, x), 2)).basis(r_in)
 
         norm_sq = to_float(tl.norm(x) ** 2)
         core, out_factor, in_factor = _hooi(
@@ -314,27 +323,26 @@ def tucker2_lowrank(
     with backend_for(*bs, *as_):
         n_layers, d_out, d_in = len(bs), int(bs[0].shape[0]), int(as_[0].shape[1])
         total_rank = sum(int(b.shape[1]) for b in bs)
-        scaled_bs = [s * b for b, s in zip(bs, scales, strict=False)]
-        scaled_ats = [s * tl.transpose(a) for a, s in zip(as_, scales, strict=False)]
-        u_all, s_out = leading_left_vectors(compress_blocks(scaled_bs, as_))
-        v_all, s_in = leading_left_vectors(compress_blocks(scaled_ats, [tl.transpose(b) for b in bs]))
+        a_ts = [tl.transpose(a) for a in as_]
+        b_ts = [tl.transpose(b) for b in bs]
+        out_svd = LeftSingular(compress_blocks(bs, as_, scales))
+        in_svd = LeftSingular(compress_blocks(a_ts, b_ts, scales))
         bound_out, bound_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
         if r_out_req is None:  # exact by default: the unfoldings have rank <= sum r_l
             r_out_req, r_in_req = min(bound_out, total_rank), min(bound_in, total_rank)
-        r_out = choose_rank(s_out, bound_out, r_out_req, energy)
-        r_in = choose_rank(s_in, bound_in, r_in_req, energy)
-        out_factor = complete_basis(u_all, r_out)
-        in_factor = complete_basis(v_all, r_in)
+        r_out = choose_rank(out_svd.values, bound_out, r_out_req, energy)
+        r_in = choose_rank(in_svd.values, bound_in, r_in_req, energy)
+        out_factor, in_factor = out_svd.basis(r_out), in_svd.basis(r_in)
+        del out_svd, in_svd
 
         def cores_of(u: Array, v: Array) -> Array:
             return lowrank_cores(u, v, bs, as_, scales)
 
         def update_out(v: Array) -> Array:  # left vectors of [s_l B_l (A_l V)]_l
-            return leading_left_vectors(compress_blocks(scaled_bs, [tl.dot(a, v) for a in as_]), r_out)[0]
+            return LeftSingular(compress_blocks(bs, [tl.dot(a, v) for a in as_], scales)).basis(r_out)
 
         def update_in(u: Array) -> Array:  # left vectors of [s_l A_l^T (B_l^T U)]_l
-            rights = [tl.dot(tl.transpose(b), u) for b in bs]
-            return leading_left_vectors(compress_blocks(scaled_ats, rights), r_in)[0]
+            return LeftSingular(compress_blocks(a_ts, [tl.dot(b_t, u) for b_t in b_ts], scales)).basis(r_in)
 
         core, out_factor, in_factor = _hooi(
             update_out, update_in, cores_of, lowrank_norm_sq(bs, as_, scales), out_factor, in_factor, n_iter, tol
