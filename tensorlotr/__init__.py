@@ -4,7 +4,9 @@ dW_l = U @ G_l @ V.T with U and V shared by all layers of the stack.
 """
 
 from ._version import __version__
+from .convert import convert_lora, export_lora
 from .core import Tucker2, relative_error, relative_error_lowrank, tucker2, tucker2_lowrank
+from .decomposition import decompose
 from .nn import LoTRConfig, LoTRModel, get_lotr_model
 
 __all__ = [
@@ -13,6 +15,9 @@ __all__ = [
     "LoTRTrainer",
     "Tucker2",
     "__version__",
+    "convert_lora",
+    "decompose",
+    "export_lora",
     "get_lotr_model",
     "relative_error",
     "relative_error_lowrank",

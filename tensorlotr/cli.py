@@ -91,6 +91,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_decompose(args: argparse.Namespace) -> int:
+    import torch
+
+    from .convert import export_lora, tqdm_progress
+    from .decomposition import decompose
+    from .io.atomic import check_output
+    from .report import to_json
+
+    lora_dir = None
+    if args.export_lora is not None:  # a bare --export-lora writes OUT_DIR-lora next to OUT_DIR
+        lora_dir = Path(args.export_lora) if args.export_lora else args.out_dir.with_name(args.out_dir.name + "-lora")
+    if lora_dir is not None:
+        check_output(lora_dir, args.force)
+    result = decompose(
+        args.base_dir, args.finetuned_dir, args.out_dir, target_modules=args.target_modules, rank=args.rank,
+        energy=args.energy, groups=args.groups, n_iter=args.hooi_iters, save_changed_modules=args.save_changed_modules,
+        force=args.force, dtype=getattr(torch, args.dtype), progress=None if args.json else tqdm_progress,
+    )  # fmt: skip
+    report = result.report.to_dict()
+    if lora_dir is not None:
+        report["export_lora"] = export_lora(args.out_dir, lora_dir, force=args.force)
+    if args.json:
+        print(to_json(report))
+    else:
+        print(result.report.table())
+        if lora_dir is not None:
+            print(f"wrote PEFT LoRA {lora_dir}")
+    return 0
+
+
+def _parse_targets(text: str) -> list[str] | str:
+    """``q_proj,v_proj`` (suffixes), or ``re:PATTERN`` for one regular expression."""
+    if text.startswith("re:"):
+        return text[3:]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .convert import inspect_adapter
     from .report import format_table, to_json
@@ -145,6 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     export.add_argument("--json", action="store_true", help="print the summary as JSON")
     export.set_defaults(func=_cmd_export)
+
+    dec = sub.add_parser("decompose", help="decompose fine-tuned minus base weights into a LoTR adapter")
+    dec.add_argument("base_dir", type=Path, metavar="BASE_DIR")
+    dec.add_argument("finetuned_dir", type=Path, metavar="FINETUNED_DIR")
+    dec.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    dec.add_argument(
+        "--target-modules", type=_parse_targets, required=True, help="q_proj,v_proj (suffixes) or re:REGEX"
+    )
+    how = dec.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=_parse_rank, help="R or R_OUT,R_IN (default: full rank, exact)")
+    how.add_argument("--energy", type=float, help="keep this fraction of each group's squared norm, e.g. 0.9")
+    dec.add_argument("--hooi-iters", type=int, default=0, help="HOOI sweeps (default 0)")
+    dec.add_argument("--groups", type=_parse_groups, default="by_name", help="by_name, shared or NAME=PAT+PAT;…")
+    dec.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype")
+    dec.add_argument("--save-changed-modules", action="store_true", help="keep other changed tensors (head, norms)")
+    dec.add_argument(
+        "--export-lora", nargs="?", const="", default=None, metavar="LORA_DIR",
+        help="also write the PEFT LoRA form to LORA_DIR (default OUT_DIR-lora)",
+    )  # fmt: skip
+    dec.add_argument("--force", action="store_true", help="replace existing outputs")
+    dec.add_argument("--json", action="store_true", help="print the report as JSON")
+    dec.set_defaults(func=_cmd_decompose)
 
     inspect = sub.add_parser("inspect", help="groups, shapes, ranks, params and dtype of a LoTR or PEFT LoRA folder")
     inspect.add_argument("dir", type=Path, metavar="DIR")

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from .core import Tucker2, relative_error_lowrank, tucker2_lowrank
+from ._adapter import adapter_config, store_group
+from .core import relative_error_lowrank, tucker2_lowrank
 from .core.hosvd import lowrank_norm_sq
 from .io.atomic import atomic_dir, check_output
 from .io.lotr_format import GroupLayout, LoTRAdapterFiles, is_lotr_dir, read_adapter, write_adapter
 from .io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from .io.peft_lora import PREFIX, PeftLoRA, write_peft_lora
-from .nn.config import LoTRConfig
 from .nn.targets import group_modules
 
 Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
@@ -37,7 +37,7 @@ def tqdm_progress(items: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
     """A tqdm bar on stderr, for the CLI."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, unit="group", leave=False)
+    return tqdm(items, desc=desc, total=total, leave=False)
 
 
 @dataclass
@@ -187,7 +187,7 @@ def convert_lora(
         norm_sq = lowrank_norm_sq(bs, as_, scales)
         err_sq += error**2 * norm_sq if math.isfinite(error) else 0.0
         ref_sq += norm_sq
-        _store_group(tensors, layouts, group.name, names, tucker, fan_in_fan_out=lora.fan_in_fan_out)
+        store_group(tensors, layouts, group.name, names, tucker, fan_in_fan_out=lora.fan_in_fan_out)
         reports.append(
             GroupReport(
                 group=group.name,
@@ -213,52 +213,13 @@ def convert_lora(
         relative_error=math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0,
     )
     if out_dir is not None:
-        config = _lotr_config(layouts, lora.config.get("target_modules"), groups, modules_to_save)
+        config = adapter_config(layouts, lora.config.get("target_modules"), groups, modules_to_save)
         base = {"name_or_path": lora.config.get("base_model_name_or_path"), "task_type": lora.config.get("task_type")}
         files = LoTRAdapterFiles(config.to_dict(), layouts, tensors, base)
         with atomic_dir(out_dir, force=force) as tmp:
             write_adapter(tmp, files)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _store_group(
-    tensors: dict[str, torch.Tensor],
-    layouts: dict[str, GroupLayout],
-    name: str,
-    modules: list[str],
-    tucker: Tucker2,
-    *,
-    fan_in_fan_out: bool,
-) -> None:
-    """Add a group's factors and cores (scale 1: the cores absorb every scale) to ``tensors``."""
-    core = torch.as_tensor(tucker.core).to(torch.float32)
-    tensors[f"factors.{name}.out_factor"] = torch.as_tensor(tucker.out_factor).to(torch.float32)
-    tensors[f"factors.{name}.in_factor"] = torch.as_tensor(tucker.in_factor).to(torch.float32)
-    for i, module in enumerate(modules):
-        tensors[f"cores.{module}"] = core[i].clone()
-    d_out, d_in = int(tucker.out_factor.shape[0]), int(tucker.in_factor.shape[0])
-    layouts[name] = GroupLayout(modules, (d_out, d_in), tucker.rank, 1.0, fan_in_fan_out)
-
-
-def _lotr_config(
-    layouts: dict[str, GroupLayout],
-    target_modules: Any,
-    groups: str | dict[str, list[str]],
-    modules_to_save: list[str],
-) -> LoTRConfig:
-    """A config describing a converted adapter: per-group ranks, alpha = min(rank) so scale = 1."""
-    ranks = {name: tuple(g.rank) for name, g in layouts.items()}
-    first = next(iter(ranks.values()))
-    return LoTRConfig(
-        rank=first,
-        alpha=float(min(first)),
-        target_modules=target_modules if target_modules else sorted({m for g in layouts.values() for m in g.modules}),
-        groups=groups,
-        modules_to_save=modules_to_save or None,
-        rank_pattern=dict(ranks),
-        alpha_pattern={name: float(min(r)) for name, r in ranks.items()},
-    )
 
 
 def _task_type(model_class: str | None) -> str | None:

@@ -66,8 +66,9 @@ class LoTRModel(nn.Module):
         self._check_layout(model, source)
         self._inject(initialise)
         self.modules_to_save = resolve_modules_to_save(model, config.modules_to_save)
-        for name in self.modules_to_save:
-            model.get_submodule(name).requires_grad_(True)
+        for tensor in self._saved_tensors().values():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(True)
         self.forward = _bound_forward(self, model)
 
     # --- construction -------------------------------------------------------------
@@ -240,6 +241,34 @@ class LoTRModel(nn.Module):
         return self.base_model
 
     # --- saving and loading ---------------------------------------------------------
+    def _saved_tensors(self, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``modules_to_save`` by parameter path in the base model.
+
+        An adapted module may be listed too (its bias changed in a full fine-tune, say):
+        then its other tensors are saved under their plain names (``….dense.bias``) and its
+        frozen base weight and core are left out. With ``keys``, exactly those are resolved.
+        """
+        own = dict(self.base_model.named_parameters())
+        own.update(dict(self.base_model.named_buffers()))
+        adapted = {name for name, _ in self.lotr_layers()}
+
+        def plain(key: str) -> str:
+            return key.replace(".base_layer.", ".")
+
+        if keys is not None:
+            by_plain = {plain(k): v for k, v in own.items() if not k.endswith(".lotr_core")}
+            return {k: by_plain[k] for k in keys if k in by_plain}
+        out = {}
+        for module_name in self.modules_to_save:
+            prefix = module_name + "."
+            for key, tensor in own.items():
+                if not key.startswith(prefix) or key.endswith(".lotr_core"):
+                    continue
+                if module_name in adapted and key == prefix + "base_layer.weight":
+                    continue
+                out[plain(key)] = tensor
+        return out
+
     def adapter_files(self) -> LoTRAdapterFiles:
         """The adapter's config, layout and tensors, as written by :meth:`save_pretrained`."""
         tensors: dict[str, torch.Tensor] = {}
@@ -248,9 +277,8 @@ class LoTRModel(nn.Module):
             tensors[f"factors.{group_name}.in_factor"] = factors.in_factor
         for name, layer in self.lotr_layers():
             tensors[f"cores.{name}"] = layer.lotr_core
-        for module_name in self.modules_to_save:
-            for param_name, tensor in self.base_model.get_submodule(module_name).state_dict().items():
-                tensors[f"modules_to_save.{module_name}.{param_name}"] = tensor
+        for key, tensor in self._saved_tensors().items():
+            tensors[f"modules_to_save.{key}"] = tensor
         base_config = getattr(self.base_model, "config", None)
         base = {
             "model_type": getattr(base_config, "model_type", None),
@@ -277,12 +305,19 @@ class LoTRModel(nn.Module):
         Raises ``ValueError`` when the adapter does not fit the model: a missing module
         or a shape that differs, named with both shapes.
         """
-        files = read_adapter(adapter_dir)
+        return cls.from_adapter_files(model, read_adapter(adapter_dir), is_trainable, source=f"adapter {adapter_dir}")
+
+    @classmethod
+    def from_adapter_files(
+        cls, model: nn.Module, files: LoTRAdapterFiles, is_trainable: bool = False, source: str = "the adapter"
+    ) -> LoTRModel:
+        """Attach an adapter held in memory (as ``decompose`` returns it) to ``model``."""
         config = LoTRConfig.from_dict(files.config)
-        lotr = cls(model, config, layout=files.groups, source=f"adapter {adapter_dir}")
-        lotr.load_adapter_tensors(files, source=str(adapter_dir))
-        for name in lotr.modules_to_save:
-            model.get_submodule(name).requires_grad_(is_trainable)
+        lotr = cls(model, config, layout=files.groups, source=source)
+        lotr.load_adapter_tensors(files, source=source)
+        for tensor in lotr._saved_tensors().values():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(is_trainable)
         for param in lotr.lotr_factors.parameters():
             param.requires_grad_(is_trainable)
         for _, layer in lotr.lotr_layers():
@@ -305,8 +340,7 @@ class LoTRModel(nn.Module):
             factors.in_factor.copy_(files.factor(group_name, "in_factor"))
         for name, layer in self.lotr_layers():
             layer.lotr_core.copy_(files.core(name))
-        own = dict(self.base_model.named_parameters())
-        own.update(dict(self.base_model.named_buffers()))
+        own = self._saved_tensors(list(files.modules_to_save))
         for key, tensor in files.modules_to_save.items():
             if key not in own:
                 raise ValueError(f"{source} saves {key!r} (modules_to_save), which the model lacks")

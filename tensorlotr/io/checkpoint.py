@@ -1,0 +1,154 @@
+"""Model weights read one tensor at a time: Hugging Face folders, modules or state dicts.
+
+A folder may hold ``model.safetensors``, sharded safetensors with
+``model.safetensors.index.json``, or ``pytorch_model.bin`` (read with
+``torch.load(weights_only=True, mmap=True)``, never unpickling anything but tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+SAFE_NAME = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+
+
+class WeightSource:
+    """Read-only access to a model's tensors by state-dict key, one at a time.
+
+    Attributes
+    ----------
+    name : str
+        Where the weights come from, for messages.
+    shapes : dict of str to tuple
+        Every tensor's shape, read without loading the data.
+    config : dict
+        ``config.json`` of a folder (empty otherwise).
+    conv1d_modules : set of str
+        Module paths known to be GPT-2 ``Conv1D`` (weights stored (d_in, d_out)).
+    """
+
+    def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], config: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.shapes = shapes
+        self.config = config or {}
+        self.conv1d_modules: set[str] = set()
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``; it may share memory with the source, so do not modify it."""
+        raise NotImplementedError
+
+    def get_owned(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor ``key`` in ``dtype``, in memory the caller owns and may modify."""
+        return self.get(key).to(dtype, copy=True)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+
+class _StateDict(WeightSource):
+    def __init__(self, name: str, state: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> None:
+        super().__init__(name, {k: tuple(v.shape) for k, v in state.items()}, config)
+        self._state = state
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._state[key].detach()
+
+
+class _Safetensors(WeightSource):
+    def __init__(self, name: str, files: dict[str, Path], config: dict[str, Any]) -> None:
+        shapes: dict[str, tuple[int, ...]] = {}
+        self._file_of: dict[str, Path] = {}
+        for path in sorted(set(files.values())):
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                        shapes[key] = tuple(handle.get_slice(key).get_shape())
+                        self._file_of[key] = path
+            except (SafetensorError, OSError) as exc:
+                raise ValueError(f"{path} cannot be read as safetensors (truncated or corrupt?): {exc}") from None
+        missing = sorted(k for k in files if k != "*" and k not in self._file_of)
+        if missing:
+            raise ValueError(f"{name}: the index lists tensors its shards lack, e.g. {missing[:3]}")
+        super().__init__(name, shapes, config)
+
+    def get_owned(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.get(key).to(dtype)  # each read is a fresh tensor already: convert without a second copy
+
+    def get(self, key: str) -> torch.Tensor:
+        # a handle per read: a long-lived one would keep every page it ever mapped resident
+        try:
+            with safe_open(str(self._file_of[key]), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{self._file_of[key]}: cannot read {key!r}: {exc}") from None
+
+
+def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor], role: str) -> WeightSource:
+    """A :class:`WeightSource` for a model folder, an ``nn.Module`` or a state dict.
+
+    ``role`` ("base", "fine-tuned") names the source in error messages.
+    """
+    if isinstance(source, nn.Module):
+        source_module = source
+        state = source_module.state_dict()
+        config = getattr(getattr(source_module, "config", None), "to_dict", dict)()
+        weights = _StateDict(f"{role} model ({type(source_module).__name__})", state, config)
+        weights.conv1d_modules = _conv1d_names(source_module)
+        return weights
+    if isinstance(source, dict):
+        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"{role} state dict holds non-tensors, e.g. {bad[:3]}")
+        return _StateDict(f"{role} state dict", source)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{role} model folder {folder} does not exist")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if (folder / SAFE_INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / SAFE_INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{folder / SAFE_INDEX} is not a safetensors index: {exc}") from None
+        files = {key: folder / shard for key, shard in weight_map.items()}
+        absent = sorted({str(p) for p in files.values() if not p.is_file()})
+        if absent:
+            raise FileNotFoundError(f"{role} model: shards listed in {SAFE_INDEX} are missing: {absent[:3]}")
+        weights: WeightSource = _Safetensors(str(folder), files, config)
+    elif (folder / SAFE_NAME).is_file():
+        weights = _Safetensors(str(folder), {"*": folder / SAFE_NAME}, config)
+    elif (folder / BIN_NAME).is_file():
+        try:
+            state = torch.load(str(folder / BIN_NAME), map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise ValueError(
+                f"{folder / BIN_NAME} is not a plain dict of tensors; refusing to unpickle it: {exc}"
+            ) from None
+        weights = _StateDict(str(folder), state, config)
+    else:
+        raise FileNotFoundError(f"{role} model folder {folder} holds no {SAFE_NAME}, {SAFE_INDEX} or {BIN_NAME}")
+    if config.get("model_type") in CONV1D_MODEL_TYPES:
+        weights.conv1d_modules = {k.rsplit(".", 1)[0] for k, shape in weights.shapes.items() if len(shape) == 2}
+    return weights
+
+
+#: Model types whose Linear-like layers are transformers' ``Conv1D`` (weight stored (d_in, d_out)).
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt"}
+
+
+def _conv1d_names(model: nn.Module) -> set[str]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return set()
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
