@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -107,7 +108,8 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     result = decompose(
         args.base_dir, args.finetuned_dir, args.out_dir, target_modules=args.target_modules, rank=args.rank,
         energy=args.energy, groups=args.groups, n_iter=args.hooi_iters, save_changed_modules=args.save_changed_modules,
-        force=args.force, dtype=getattr(torch, args.dtype), progress=None if args.json else tqdm_progress,
+        force=args.force, dtype=getattr(torch, args.dtype), n_power=args.power_iters,
+        progress=None if args.json else tqdm_progress,
     )  # fmt: skip
     report = result.report.to_dict()
     if lora_dir is not None:
@@ -126,6 +128,32 @@ def _parse_targets(text: str) -> list[str] | str:
     if text.startswith("re:"):
         return text[3:]
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _cmd_tb2parquet(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .logs import EventFileWarning, tb2parquet
+    from .report import to_json
+
+    def bar(items, desc, total):
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, total=total, unit="file", disable=args.json)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EventFileWarning)  # reported below, once per file
+        summary = tb2parquet(
+            args.log_dir, args.out, args.names, args.tags, args.index, wall_time=args.wall_time, jobs=args.jobs,
+            strict=args.strict, force=args.force, progress=bar,
+        )  # fmt: skip
+    for problem in summary.problems:
+        print(f"warning: {problem} (kept what could be read)", file=sys.stderr)
+    if args.json:
+        print(to_json({**asdict(summary), "ratio": summary.ratio, "output": str(args.out)}))
+    else:
+        print(f"wrote {args.out}: {summary.text()}")
+    return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -196,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--hooi-iters", type=int, default=0, help="HOOI sweeps (default 0)")
     dec.add_argument("--groups", type=_parse_groups, default="by_name", help="by_name, shared or NAME=PAT+PAT;…")
     dec.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype")
+    dec.add_argument(
+        "--power-iters", type=int, default=1, help="power iterations of the randomized route, one pass each (default 1)"
+    )
     dec.add_argument("--save-changed-modules", action="store_true", help="keep other changed tensors (head, norms)")
     dec.add_argument(
         "--export-lora", nargs="?", const="", default=None, metavar="LORA_DIR",
@@ -204,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--force", action="store_true", help="replace existing outputs")
     dec.add_argument("--json", action="store_true", help="print the report as JSON")
     dec.set_defaults(func=_cmd_decompose)
+
+    logs = sub.add_parser("tb2parquet", help="a tree of TensorBoard runs into one zstd parquet file")
+    logs.add_argument("log_dir", type=Path, metavar="LOG_DIR")
+    logs.add_argument("out", type=Path, metavar="OUT.parquet")
+    logs.add_argument("--names", nargs="+", default=None, help="column names of the path segments, outermost first")
+    logs.add_argument("--tags", help="keep only tags matching this regular expression")
+    logs.add_argument("--index", nargs="+", default=None, help="index columns (default: segments, tag, step, seed)")
+    logs.add_argument("--wall-time", action="store_true", help="keep the wall_time column")
+    logs.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="reader processes (default: all cores)")
+    logs.add_argument("--strict", action="store_true", help="fail on a corrupt or truncated event file")
+    logs.add_argument("--force", action="store_true", help="replace OUT.parquet if it exists")
+    logs.add_argument("--json", action="store_true", help="print the summary as JSON")
+    logs.set_defaults(func=_cmd_tb2parquet)
 
     inspect = sub.add_parser("inspect", help="groups, shapes, ranks, params and dtype of a LoTR or PEFT LoRA folder")
     inspect.add_argument("dir", type=Path, metavar="DIR")

@@ -1,0 +1,271 @@
+"""A tree of TensorBoard runs into one DataFrame (and one zstd parquet file), on tbparse.
+
+Sweeps leave ``<dataset>/<model>/<method>/<param>/…/<seed>/events.out.tfevents.*``. Each
+folder holding event files is a run; its path below ``log_dir`` gives typed columns.
+
+Depth: a run deeper than ``names`` gets extra columns ``segment_<k>`` (k counts from 0
+over all segments); a shallower run has missing values (NA) in its trailing named columns.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+EVENT_GLOB = "*tfevents*"
+
+
+class EventFileWarning(UserWarning):
+    """An event file is corrupt or truncated; what could be read was kept."""
+
+
+def check_event_file(path: Path) -> str | None:
+    """A description of what is wrong with the TFRecord framing of ``path``, or None.
+
+    Each record is ``uint64 length, uint32 crc, data[length], uint32 crc``; a file that
+    does not end on a record boundary is truncated or corrupt. (The CRCs are not checked.)
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file"
+    offset = 0
+    with open(path, "rb") as handle:
+        while offset < size:
+            header = handle.read(12)
+            if len(header) < 12:
+                return f"truncated record header at byte {offset}"
+            (length,) = struct.unpack("<Q", header[:8])
+            end = offset + 12 + length + 4
+            if end > size:
+                return f"record at byte {offset} claims {length} bytes, past the end of the file ({size} bytes)"
+            handle.seek(end)
+            offset = end
+    return None
+
+
+def _read_file(path: str, wall_time: bool) -> tuple[pd.DataFrame, str | None]:
+    """Scalars of one event file (``step``, ``tag``, ``value`` [, ``wall_time``]) and a problem, if any."""
+    from tbparse import SummaryReader
+
+    problem = check_event_file(Path(path))
+    extra = {"wall_time"} if wall_time else None
+    try:
+        reader = SummaryReader(path, extra_columns=extra, event_types={"scalars", "tensors"})
+        frames = [reader.scalars]
+        tensors = reader.tensors
+    except Exception as exc:  # tbparse/tensorboard raise many kinds on bad input
+        return pd.DataFrame(), problem or f"unreadable: {exc}"
+    if len(tensors):  # scalars logged as tensors (tf.summary.scalar in TF2) count as scalars
+        scalar = tensors["value"].map(lambda v: np.ndim(v) == 0)
+        if scalar.any():
+            t = tensors[scalar].copy()
+            t["value"] = t["value"].map(float)
+            frames.append(t)
+    frames = [f for f in frames if len(f)]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if frame.empty and problem is None:
+        problem = "no scalars in a file that is not empty" if Path(path).stat().st_size > 100 else None
+    return frame, problem
+
+
+def _typed(values: pd.Series) -> pd.Series:
+    """Path segments as int (nullable Int64 where runs lack the level), float (the double
+    nearest the written decimal, e.g. 1e-05) or category."""
+    present = values.dropna()
+    if len(present) and present.map(lambda s: re.fullmatch(r"[+-]?\d+", s) is not None).all():
+        # plain int64 when every run has the segment (it survives parquet as an index level)
+        return pd.to_numeric(values).astype("int64" if values.notna().all() else "Int64")
+    try:
+        floats = present.map(float)
+    except ValueError:
+        floats = None
+    if floats is not None and len(present) and all(math.isfinite(f) for f in floats):
+        return values.map(lambda s: float(s) if isinstance(s, str) else np.nan).astype("float64")
+    return values.astype("category")
+
+
+@dataclass
+class LogsSummary:
+    """What :func:`tb2parquet` read and wrote."""
+
+    runs: int
+    event_files: int
+    tags: int
+    rows: int
+    input_bytes: int
+    output_bytes: int
+    problems: list[str]
+
+    @property
+    def ratio(self) -> float:
+        return self.input_bytes / max(self.output_bytes, 1)
+
+    def text(self) -> str:
+        return (
+            f"{self.runs} runs, {self.event_files} event files, {self.tags} tags, {self.rows:,} rows; "
+            f"{self.input_bytes / 2**20:.1f} MiB of events -> {self.output_bytes / 2**20:.2f} MiB parquet "
+            f"({self.ratio:.0f}x smaller)" + (f"; {len(self.problems)} problem file(s)" if self.problems else "")
+        )
+
+
+Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
+
+
+def find_event_files(log_dir: str | os.PathLike) -> list[Path]:
+    """Event files below ``log_dir``, sorted; errors name an empty or missing folder."""
+    root = Path(log_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"log folder {root} does not exist")
+    files = sorted(p for p in root.rglob(EVENT_GLOB) if p.is_file())
+    if not files:
+        raise ValueError(f"{root} holds no TensorBoard event files ({EVENT_GLOB})")
+    return files
+
+
+def read_logs(
+    log_dir: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    tags: str | None = None,
+    index: Sequence[str] | None = None,
+    *,
+    wall_time: bool = False,
+    jobs: int = 1,
+    strict: bool = False,
+    progress: Progress | None = None,
+    _problems: list[str] | None = None,
+) -> pd.DataFrame:
+    """Every scalar under ``log_dir`` as one DataFrame.
+
+    Parameters
+    ----------
+    log_dir : path
+        The root of the tree; every folder holding event files is a run.
+    names : sequence of str, optional
+        Column names for the path segments below ``log_dir``, outermost first. Extra
+        segments get ``segment_<k>``; missing ones are NA.
+    tags : str, optional
+        A regular expression; only tags it matches (``re.search``) are kept.
+    index : sequence of str, optional
+        Index columns. Default: the segment columns, then ``tag`` and ``step``, with a
+        ``seed`` column last.
+    wall_time : bool
+        Keep the ``wall_time`` column.
+    jobs : int
+        Processes reading event files in parallel.
+    strict : bool
+        Raise on a corrupt or truncated event file instead of warning.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``value`` (float32 when every value is a float32, as SummaryWriter writes
+        them; float64 otherwise) and ``wall_time`` if asked; the index as above. Segment
+        columns are int, float or category; ``tag`` is a category, ``step`` int64.
+    """
+    root = Path(log_dir)
+    files = find_event_files(root)
+    progress = progress or (lambda items, _d, _t: items)
+    problems = _problems if _problems is not None else []
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            results = list(
+                progress(
+                    pool.map(_read_file, map(str, files), [wall_time] * len(files), chunksize=4),
+                    "event files",
+                    len(files),
+                )
+            )
+    else:
+        results = [_read_file(str(f), wall_time) for f in progress(files, "event files", len(files))]
+    frames = []
+    pattern = re.compile(tags) if tags else None
+    for path, (frame, problem) in zip(files, results, strict=True):
+        if problem is not None:
+            message = f"{path}: {problem}"
+            if strict:
+                raise ValueError(message)
+            problems.append(message)
+            warnings.warn(message + " (kept what could be read)", EventFileWarning, stacklevel=2)
+        if frame.empty:
+            continue
+        if pattern is not None:
+            frame = frame[frame["tag"].map(lambda t: pattern.search(t) is not None)]
+        frame = frame.assign(_run=str(path.parent.relative_to(root)))
+        frames.append(frame)
+    if not frames:
+        raise ValueError(f"no scalars under {root}" + (f" match tags {tags!r}" if tags else ""))
+    data = pd.concat(frames, ignore_index=True)
+    segment_columns = _segment_columns(data, names or [])
+    data = data.drop(columns="_run")
+    value = data["value"].to_numpy(dtype=np.float64)
+    as_float32 = value.astype(np.float32)
+    data["value"] = as_float32 if np.array_equal(as_float32.astype(np.float64), value, equal_nan=True) else value
+    data["tag"] = data["tag"].astype("category")
+    data["step"] = data["step"].astype("int64")
+    data = pd.concat([segment_columns, data], axis=1)
+    if index is None:
+        seg = [c for c in segment_columns.columns if c != "seed"]
+        index = [*seg, "tag", "step", *(["seed"] if "seed" in segment_columns.columns else [])]
+    unknown = [c for c in index if c not in data.columns]
+    if unknown:
+        raise ValueError(f"index columns {unknown} are not among {list(data.columns)}")
+    return data.set_index(list(index)).sort_index()
+
+
+def _segment_columns(data: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    runs = data["_run"].astype("category")
+    parts = {run: ([] if run == "." else run.split(os.sep)) for run in runs.cat.categories}
+    depth = max([len(names), *(len(p) for p in parts.values())])
+    columns = {}
+    for k in range(depth):
+        name = names[k] if k < len(names) else f"segment_{k}"
+        per_run = {run: (p[k] if k < len(p) else None) for run, p in parts.items()}
+        columns[name] = _typed(runs.map(per_run).astype(object))
+    return pd.DataFrame(columns, index=data.index)
+
+
+def tb2parquet(
+    log_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    tags: str | None = None,
+    index: Sequence[str] | None = None,
+    *,
+    wall_time: bool = False,
+    jobs: int = 1,
+    strict: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> LogsSummary:
+    """Read the tree with :func:`read_logs` and write one zstd parquet file, atomically."""
+    from .io.atomic import atomic_file, check_output
+
+    check_output(out_path, force)
+    problems: list[str] = []
+    frame = read_logs(
+        log_dir, names, tags, index, wall_time=wall_time, jobs=jobs, strict=strict, progress=progress,
+        _problems=problems,
+    )  # fmt: skip
+    with atomic_file(out_path, force=force) as tmp:
+        frame.to_parquet(tmp, engine="pyarrow", compression="zstd")
+    files = find_event_files(log_dir)
+    return LogsSummary(
+        runs=len({f.parent for f in files}),
+        event_files=len(files),
+        tags=int(frame.index.get_level_values("tag").nunique()) if "tag" in frame.index.names else 0,
+        rows=len(frame),
+        input_bytes=sum(f.stat().st_size for f in files),
+        output_bytes=Path(out_path).stat().st_size,
+        problems=problems,
+    )
