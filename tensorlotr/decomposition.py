@@ -144,13 +144,20 @@ class _Deltas:
             key = self.modules[i] + ".weight"
             delta = self.finetuned.get_owned(key, self.dtype)
             delta.sub_(self.base.get(key))  # computed in the compute dtype, whatever the base's
-            if not torch.isfinite(delta).all():
-                raise ValueError(f"{key}: the fine-tuned or base weights hold NaN or Inf values")
             yield i, (delta.T if self.transposed else delta)
+
+    def check_finite(self, i: int, norm_sq: float) -> float:
+        """Raise if layer ``i``'s squared norm (from the first pass) shows NaN or Inf values."""
+        if not math.isfinite(norm_sq):
+            raise ValueError(f"{self.modules[i]}.weight: the fine-tuned or base weights hold NaN or Inf values")
+        return norm_sq
 
 
 def _norm_sq(matrix: torch.Tensor, rows: int = 256) -> float:
-    """``||matrix||_F^2`` summed in float64, a block of rows at a time (no full float64 copy)."""
+    """``||matrix||_F^2`` summed in float64, a block of rows at a time (no full float64 copy).
+
+    NaN or Inf anywhere makes it non-finite, which is how the first pass checks each layer.
+    """
     return sum(float(block.to(torch.float64).square().sum()) for block in matrix.split(rows))
 
 
@@ -189,11 +196,11 @@ def _decompose_group(
     if max(d_out, d_in) <= gram_max_dim:
         gram_out = torch.zeros(d_out, d_out, dtype=torch.float64)
         gram_in = torch.zeros(d_in, d_in, dtype=torch.float64)
-        for _, delta in deltas.layers(progress, f"{name}: Gram matrices"):
+        for i, delta in deltas.layers(progress, f"{name}: Gram matrices"):
             d64 = delta.to(torch.float64)
+            norm_sq += deltas.check_finite(i, _norm_sq(d64))
             gram_out += d64 @ d64.T
             gram_in += d64.T @ d64
-            norm_sq += _norm_sq(d64)
         s_out = torch.linalg.eigvalsh(gram_out).flip(0).clamp_min(0).sqrt()
         s_in = torch.linalg.eigvalsh(gram_in).flip(0).clamp_min(0).sqrt()
         r_out = choose_rank(s_out[:bound_out], bound_out, None if rank is None else rank[0], energy)
@@ -227,9 +234,9 @@ def _decompose_group(
     y_out = torch.zeros(d_out, k_out, dtype=dtype)
     y_in = torch.zeros(d_in, k_in, dtype=dtype)
     for i, delta in deltas.layers(progress, f"{name}: sketch"):
+        norm_sq += deltas.check_finite(i, _norm_sq(delta))
         y_out += delta @ omegas[i]
         y_in += (psis[i].T @ delta).T  # row-major products: no transposed copy of the layer
-        norm_sq += _norm_sq(delta)
     del omegas, psis
     q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
     for it in range(n_power):

@@ -175,6 +175,10 @@ def test_bad_input(tmp_path):
         other = dict(finetuned.state_dict())
         del other["model.layers.1.mlp.up_proj.weight"]
         tlr.decompose(base, other, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_proj\.weight: .* NaN or Inf"):
+        other = {k: v.clone() for k, v in finetuned.state_dict().items()}
+        other["model.layers.1.self_attn.q_proj.weight"][3, 4] = float("nan")
+        tlr.decompose(base, other, target_modules=["q_proj"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tlr.decompose(tmp_path / "nothing", finetuned, target_modules=["q_proj"])
 
