@@ -37,13 +37,27 @@ def run_parts(n_runs: int) -> list[tuple[str, ...]]:
     return parts
 
 
-def write_run(args: tuple[Path, tuple[str, ...], int, int, int]) -> None:
+def curves_for(kind: str, index: int, n_tags: int, n_steps: int) -> np.ndarray:
+    """(n_tags, n_steps) values: random walks (incompressible low bits) or smooth schedules."""
+    rng = np.random.default_rng(index)
+    if kind == "random-walk":
+        return np.cumsum(rng.standard_normal((n_tags, n_steps)) * 0.01, axis=1)
+    steps = np.arange(n_steps)
+    shapes = [
+        lambda: 1e-4 * 0.5 * (1 + np.cos(np.pi * steps / n_steps)),  # cosine learning-rate schedule
+        lambda: np.floor(steps / 100) / 10,  # epoch counter
+        lambda: np.round(0.5 + 0.4 * (1 - np.exp(-steps / 300)), 3),  # accuracy to 3 digits
+        lambda: 2.0 * np.exp(-steps / 400) + 0.3,  # smooth loss
+    ]
+    return np.stack([shapes[(index + t) % len(shapes)]() for t in range(n_tags)])
+
+
+def write_run(args: tuple[Path, tuple[str, ...], int, int, int, str]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    root, parts, index, n_tags, n_steps = args
-    rng = np.random.default_rng(index)
+    root, parts, index, n_tags, n_steps, kind = args
     writer = SummaryWriter(str(root.joinpath(*parts)), flush_secs=3600, max_queue=10_000)
-    curves = np.cumsum(rng.standard_normal((n_tags, n_steps)) * 0.01, axis=1)
+    curves = curves_for(kind, index, n_tags, n_steps)
     for step in range(n_steps):
         for t in range(n_tags):
             writer.add_scalar(f"metric_{t}", float(curves[t, step]), step)
@@ -67,13 +81,14 @@ def main() -> None:
     parser.add_argument("--tags", type=int, default=10)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--curves", choices=["random-walk", "smooth"], default="random-walk")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tensorlotr-logs-"))
     work.mkdir(parents=True, exist_ok=True)
     root = work / "logs"
     try:
         start = time.perf_counter()
-        jobs = [(root, p, i, args.tags, args.steps) for i, p in enumerate(run_parts(args.runs))]
+        jobs = [(root, p, i, args.tags, args.steps, args.curves) for i, p in enumerate(run_parts(args.runs))]
         with ProcessPoolExecutor(2) as pool:
             list(pool.map(write_run, jobs, chunksize=8))
         written = time.perf_counter() - start
@@ -88,8 +103,8 @@ def main() -> None:
         t_ours = time.perf_counter() - start
         assert summary.rows == len(baseline)
         print(f"Machine: {machine()}")
-        print(f"{args.runs} runs x {args.tags} tags x {args.steps} steps = {summary.rows:,} scalars "
-              f"(written by SummaryWriter in {written:.0f} s)\n")  # fmt: skip
+        print(f"{args.runs} runs x {args.tags} tags x {args.steps} steps = {summary.rows:,} scalars, "
+              f"{args.curves} curves (written by SummaryWriter in {written:.0f} s)\n")  # fmt: skip
         print("| | seconds | speed-up |")
         print("|---|---|---|")
         print(f"| sequential tbparse loop (DataFrame only, no typing, no file) | {t_seq:.1f} | 1.00x |")

@@ -67,7 +67,8 @@ def _parse_groups(text: str) -> str | dict[str, list[str]]:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_lora, tqdm_progress
+    from .convert import convert_lora
+    from .progress import tqdm_progress
     from .report import to_json
 
     report = convert_lora(
@@ -95,9 +96,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_decompose(args: argparse.Namespace) -> int:
     import torch
 
-    from .convert import export_lora, tqdm_progress
+    from .convert import export_lora
     from .decomposition import decompose
     from .io.atomic import check_output
+    from .progress import tqdm_progress
     from .report import to_json
 
     lora_dir = None
@@ -134,18 +136,14 @@ def _cmd_tb2parquet(args: argparse.Namespace) -> int:
     import warnings
 
     from .logs import EventFileWarning, tb2parquet
+    from .progress import tqdm_progress
     from .report import to_json
-
-    def bar(items, desc, total):
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, total=total, unit="file", disable=args.json)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EventFileWarning)  # reported below, once per file
         summary = tb2parquet(
             args.log_dir, args.out, args.names, args.tags, args.index, wall_time=args.wall_time, jobs=args.jobs,
-            strict=args.strict, force=args.force, progress=bar,
+            strict=args.strict, force=args.force, progress=None if args.json else tqdm_progress,
         )  # fmt: skip
     for problem in summary.problems:
         print(f"warning: {problem} (kept what could be read)", file=sys.stderr)

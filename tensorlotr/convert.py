@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,7 @@ from .io.lotr_format import GroupLayout, LoTRAdapterFiles, is_lotr_dir, read_ada
 from .io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from .io.peft_lora import PREFIX, PeftLoRA, write_peft_lora
 from .nn.targets import group_modules
-
-Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
-
-
-def _no_progress(items: Iterable[Any], _desc: str, _total: int) -> Iterable[Any]:
-    return items
-
-
-def tqdm_progress(items: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
-    """A tqdm bar on stderr, for the CLI."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total, leave=False)
+from .progress import Progress, no_progress
 
 
 @dataclass
@@ -170,7 +157,7 @@ def convert_lora(
     start = time.perf_counter()
     check_output(out_dir, force)
     lora = PeftLoRA(peft_dir)
-    progress = progress or _no_progress
+    progress = progress or no_progress
     plan = group_modules({m.name: m.shape for m in lora.modules.values()}, groups)
     layouts: dict[str, GroupLayout] = {}
     tensors: dict[str, torch.Tensor] = {}

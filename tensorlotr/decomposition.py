@@ -24,7 +24,7 @@ import difflib
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,12 +38,7 @@ from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import WeightSource, open_weights
 from .io.lotr_format import GroupLayout, LoTRAdapterFiles, write_adapter
 from .nn.targets import group_modules, matches
-
-Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
-
-
-def _no_progress(items: Iterable[Any], _desc: str, _total: int) -> Iterable[Any]:
-    return items
+from .progress import Progress, no_progress
 
 
 @dataclass
@@ -126,7 +121,10 @@ class Decomposition:
 
 
 class _Deltas:
-    """``dW_l`` of one group, read one layer at a time in the compute dtype."""
+    """``dW_l`` of one group, read one layer at a time in the compute dtype.
+
+    Each yielded delta lives in a buffer that the next layer overwrites.
+    """
 
     def __init__(
         self, base: WeightSource, finetuned: WeightSource, modules: list[str], transposed: bool, dtype: torch.dtype
@@ -134,6 +132,7 @@ class _Deltas:
         self.base, self.finetuned, self.modules = base, finetuned, modules
         self.transposed, self.dtype = transposed, dtype
         self.passes = 0
+        self._buffer: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -142,7 +141,12 @@ class _Deltas:
         self.passes += 1
         for i in progress(range(len(self.modules)), desc, len(self.modules)):
             key = self.modules[i] + ".weight"
-            delta = self.finetuned.get_owned(key, self.dtype)
+            finetuned = self.finetuned.get(key)
+            if self._buffer is None or self._buffer.shape != finetuned.shape:
+                self._buffer = torch.empty(finetuned.shape, dtype=self.dtype)
+            # one reused buffer: no 64 MiB allocation (and its page faults) per layer and pass
+            delta = self._buffer.copy_(finetuned)
+            del finetuned
             delta.sub_(self.base.get(key))  # computed in the compute dtype, whatever the base's
             yield i, (delta.T if self.transposed else delta)
 
@@ -340,7 +344,7 @@ def decompose(
     """
     start = time.perf_counter()
     check_output(out_dir, force)
-    progress = progress or _no_progress
+    progress = progress or no_progress
     pair = normalize_rank(rank)
     base_w, ft_w = open_weights(base, "base"), open_weights(finetuned, "fine-tuned")
     new_keys = _check_architectures(base_w, ft_w)

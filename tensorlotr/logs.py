@@ -14,14 +14,15 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .progress import Progress, no_progress
 
 EVENT_GLOB = "*tfevents*"
 
@@ -119,9 +120,6 @@ class LogsSummary:
         )
 
 
-Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
-
-
 def find_event_files(log_dir: str | os.PathLike) -> list[Path]:
     """Event files below ``log_dir``, sorted; errors name an empty or missing folder."""
     root = Path(log_dir)
@@ -143,7 +141,6 @@ def read_logs(
     jobs: int = 1,
     strict: bool = False,
     progress: Progress | None = None,
-    _problems: list[str] | None = None,
 ) -> pd.DataFrame:
     """Every scalar under ``log_dir`` as one DataFrame.
 
@@ -173,10 +170,23 @@ def read_logs(
         them; float64 otherwise) and ``wall_time`` if asked; the index as above. Segment
         columns are int, float or category; ``tag`` is a category, ``step`` int64.
     """
-    root = Path(log_dir)
+    return _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)[0]
+
+
+def _read_tree(
+    root: Path,
+    names: Sequence[str] | None,
+    tags: str | None,
+    index: Sequence[str] | None,
+    wall_time: bool,
+    jobs: int,
+    strict: bool,
+    progress: Progress | None,
+) -> tuple[pd.DataFrame, list[Path], list[str]]:
+    """:func:`read_logs`, also returning the event files read and the problems found."""
     files = find_event_files(root)
-    progress = progress or (lambda items, _d, _t: items)
-    problems = _problems if _problems is not None else []
+    progress = progress or no_progress
+    problems: list[str] = []
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             results = list(
@@ -196,7 +206,7 @@ def read_logs(
             if strict:
                 raise ValueError(message)
             problems.append(message)
-            warnings.warn(message + " (kept what could be read)", EventFileWarning, stacklevel=2)
+            warnings.warn(message + " (kept what could be read)", EventFileWarning, stacklevel=3)
         if frame.empty:
             continue
         if pattern is not None:
@@ -220,19 +230,35 @@ def read_logs(
     unknown = [c for c in index if c not in data.columns]
     if unknown:
         raise ValueError(f"index columns {unknown} are not among {list(data.columns)}")
-    return data.set_index(list(index)).sort_index()
+    return data.set_index(list(index)).sort_index(), files, problems
 
 
 def _segment_columns(data: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Typed segment columns: each run's path is split and typed once, then spread to its rows."""
     runs = data["_run"].astype("category")
-    parts = {run: ([] if run == "." else run.split(os.sep)) for run in runs.cat.categories}
-    depth = max([len(names), *(len(p) for p in parts.values())])
+    categories = list(runs.cat.categories)
+    codes = runs.cat.codes.to_numpy()
+    parts = [[] if run == "." else run.split(os.sep) for run in categories]
+    depth = max([len(names), *(len(p) for p in parts)])
     columns = {}
     for k in range(depth):
         name = names[k] if k < len(names) else f"segment_{k}"
-        per_run = {run: (p[k] if k < len(p) else None) for run, p in parts.items()}
-        columns[name] = _typed(runs.map(per_run).astype(object))
+        per_run = _typed(pd.Series([p[k] if k < len(p) else None for p in parts], dtype=object))
+        columns[name] = per_run.take(codes).reset_index(drop=True)
     return pd.DataFrame(columns, index=data.index)
+
+
+def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """zstd parquet; float columns byte-stream-split (smaller for curves), the others dictionary-coded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame)
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    others = [f.name for f in table.schema if f.name not in floats]
+    pq.write_table(
+        table, str(path), compression="zstd", use_dictionary=others or False, use_byte_stream_split=floats or False
+    )
 
 
 def tb2parquet(
@@ -252,14 +278,9 @@ def tb2parquet(
     from .io.atomic import atomic_file, check_output
 
     check_output(out_path, force)
-    problems: list[str] = []
-    frame = read_logs(
-        log_dir, names, tags, index, wall_time=wall_time, jobs=jobs, strict=strict, progress=progress,
-        _problems=problems,
-    )  # fmt: skip
+    frame, files, problems = _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)
     with atomic_file(out_path, force=force) as tmp:
-        frame.to_parquet(tmp, engine="pyarrow", compression="zstd")
-    files = find_event_files(log_dir)
+        write_parquet(frame, tmp)
     return LogsSummary(
         runs=len({f.parent for f in files}),
         event_files=len(files),

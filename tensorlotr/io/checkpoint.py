@@ -47,10 +47,6 @@ class WeightSource:
         """The tensor ``key``; it may share memory with the source, so do not modify it."""
         raise NotImplementedError
 
-    def get_owned(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor ``key`` in ``dtype``, in memory the caller owns and may modify."""
-        return self.get(key).to(dtype, copy=True)
-
     def __contains__(self, key: str) -> bool:
         return key in self.shapes
 
@@ -80,9 +76,6 @@ class _Safetensors(WeightSource):
         if missing:
             raise ValueError(f"{name}: the index lists tensors its shards lack, e.g. {missing[:3]}")
         super().__init__(name, shapes, config)
-
-    def get_owned(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        return self.get(key).to(dtype)  # each read is a fresh tensor already: convert without a second copy
 
     def get(self, key: str) -> torch.Tensor:
         # a handle per read: a long-lived one would keep every page it ever mapped resident
