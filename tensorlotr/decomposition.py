@@ -34,6 +34,7 @@ from torch import nn
 from ._adapter import adapter_config, store_group
 from .core import Tucker2, tucker2
 from .core.backend import normalize_rank
+from .core.hosvd import choose_rank
 from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import WeightSource, open_weights
 from .io.lotr_format import GroupLayout, LoTRAdapterFiles, write_adapter
@@ -150,6 +151,36 @@ class _Deltas:
             delta.sub_(self.base.get(key))  # computed in the compute dtype, whatever the base's
             yield i, (delta.T if self.transposed else delta)
 
+    def layer_blocks(
+        self, progress: Progress, desc: str, block_bytes: int = 1 << 21
+    ) -> Iterable[tuple[int, Iterable[tuple[int, torch.Tensor]]]]:
+        """Per layer, its delta as ``(first row, rows x d_in block)`` pieces of about ``block_bytes``.
+
+        Each block is formed from the stored weights straight into a small cache-sized
+        buffer, so a pass that only needs products with thin matrices never writes the
+        full float32 layer. (Transposed, Conv1D-style layers come as one block.)
+        """
+        if self.transposed:
+            for i, delta in self.layers(progress, desc):
+                yield i, [(0, delta)]
+            return
+        self.passes += 1
+        for i in progress(range(len(self.modules)), desc, len(self.modules)):
+            key = self.modules[i] + ".weight"
+            yield i, self._blocks(self.finetuned.get(key), self.base.get(key), block_bytes)
+
+    def _blocks(
+        self, finetuned: torch.Tensor, base: torch.Tensor, block_bytes: int
+    ) -> Iterable[tuple[int, torch.Tensor]]:
+        rows, cols = finetuned.shape
+        step = max(1, block_bytes // (cols * torch.finfo(self.dtype).bits // 8))
+        buffer = torch.empty(min(step, rows), cols, dtype=self.dtype)
+        for start in range(0, rows, step):
+            block = buffer[: min(step, rows - start)]
+            block.copy_(finetuned[start : start + step])
+            block.sub_(base[start : start + step])
+            yield start, block
+
     def check_finite(self, i: int, norm_sq: float) -> float:
         """Raise if layer ``i``'s squared norm (from the first pass) shows NaN or Inf values."""
         if not math.isfinite(norm_sq):
@@ -191,8 +222,6 @@ def _decompose_group(
     name: str,
 ) -> tuple[Tucker2, float, str]:
     """``(tucker, ||dW||^2, route)`` for one group; see the module docstring."""
-    from .core.hosvd import choose_rank
-
     n_layers, (d_out, d_in) = len(deltas), shape
     dtype = deltas.dtype
     bound_out, bound_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
@@ -232,16 +261,20 @@ def _decompose_group(
     cap_out = rank[0] if rank is not None else (max_rank if energy is not None else bound_out)
     cap_in = rank[1] if rank is not None else (max_rank if energy is not None else bound_in)
     k_out, k_in = min(bound_out, cap_out + oversample), min(bound_in, cap_in + oversample)
-    generator = torch.Generator().manual_seed(seed)
-    omegas = [torch.randn(d_in, k_out, generator=generator, dtype=dtype) for _ in range(n_layers)]
-    psis = [torch.randn(d_out, k_in, generator=generator, dtype=dtype) for _ in range(n_layers)]
     y_out = torch.zeros(d_out, k_out, dtype=dtype)
     y_in = torch.zeros(d_in, k_in, dtype=dtype)
-    for i, delta in deltas.layers(progress, f"{name}: sketch"):
-        norm_sq += deltas.check_finite(i, _norm_sq(delta))
-        y_out += delta @ omegas[i]
-        y_in += (psis[i].T @ delta).T  # row-major products: no transposed copy of the layer
-    del omegas, psis
+    for i, blocks in deltas.layer_blocks(progress, f"{name}: sketch"):
+        # Gaussian test matrices drawn per layer (never held for the whole stack), seeded per layer
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        omega = torch.randn(d_in, k_out, generator=generator, dtype=dtype)
+        psi = torch.randn(d_out, k_in, generator=generator, dtype=dtype)
+        layer_sq = 0.0
+        for start, block in blocks:
+            stop = start + block.shape[0]
+            layer_sq += _norm_sq(block)
+            y_out[start:stop] += block @ omega
+            y_in += (psi[start:stop].T @ block).T
+        norm_sq += deltas.check_finite(i, layer_sq)
     q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
     for it in range(n_power):
         y_out.zero_()
@@ -251,8 +284,10 @@ def _decompose_group(
             y_in += ((delta @ q_in).T @ delta).T
         q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
     projected = torch.empty(n_layers, q_out.shape[1], q_in.shape[1], dtype=dtype)
-    for i, delta in deltas.layers(progress, f"{name}: project"):
-        projected[i] = q_out.T @ delta @ q_in
+    for i, blocks in deltas.layer_blocks(progress, f"{name}: project"):
+        projected[i].zero_()
+        for start, block in blocks:
+            projected[i] += q_out[start : start + block.shape[0]].T @ (block @ q_in)
     sketch_sq = float(projected.to(torch.float64).square().sum())
     # energy is asked of the true total; the sketch holds sketch_sq of norm_sq
     inner_energy = None if energy is None else min(1.0, energy * norm_sq / sketch_sq) if sketch_sq > 0 else 1.0

@@ -62,9 +62,11 @@ def _read_file(path: str, wall_time: bool) -> tuple[pd.DataFrame, str | None]:
     problem = check_event_file(Path(path))
     extra = {"wall_time"} if wall_time else None
     try:
-        reader = SummaryReader(path, extra_columns=extra, event_types={"scalars", "tensors"})
-        frames = [reader.scalars]
-        tensors = reader.tensors
+        with warnings.catch_warnings():  # tbparse's own pandas deprecation notices are not the user's concern
+            warnings.filterwarnings("ignore", message="The inplace keyword")
+            reader = SummaryReader(path, extra_columns=extra, event_types={"scalars", "tensors"})
+            frames = [reader.scalars]
+            tensors = reader.tensors
     except Exception as exc:  # tbparse/tensorboard raise many kinds on bad input
         return pd.DataFrame(), problem or f"unreadable: {exc}"
     if len(tensors):  # scalars logged as tensors (tf.summary.scalar in TF2) count as scalars

@@ -22,6 +22,7 @@ from .backend import (
     check_finite,
     check_ndim,
     compute_dtype,
+    is_torch,
     normalize_rank,
     to_float,
 )
@@ -49,7 +50,8 @@ def choose_rank(singular_values: Array, bound: int, rank: int | None, energy: fl
     cap = bound if rank is None else min(rank, bound)
     if energy is None:
         return cap
-    squares = np.asarray(tl.to_numpy(singular_values), dtype=np.float64) ** 2
+    values = singular_values.detach().cpu().numpy() if is_torch(singular_values) else singular_values
+    squares = np.asarray(values, dtype=np.float64) ** 2
     total = squares.sum()
     if total == 0.0:
         return 1
