@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .core import Tucker2
-from .io.lotr_format import GroupLayout
+from .layout import GroupLayout
 from .nn.config import LoTRConfig
 
 

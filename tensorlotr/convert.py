@@ -20,9 +20,10 @@ from ._adapter import adapter_config, store_group
 from .core import relative_error_lowrank, tucker2_lowrank
 from .core.hosvd import lowrank_norm_sq
 from .io.atomic import atomic_dir, check_output
-from .io.lotr_format import GroupLayout, LoTRAdapterFiles, is_lotr_dir, read_adapter, write_adapter
+from .io.lotr_format import is_lotr_dir, read_adapter, write_adapter
 from .io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from .io.peft_lora import PREFIX, PeftLoRA, write_peft_lora
+from .layout import GroupLayout, LoTRAdapterFiles
 from .nn.targets import group_modules
 from .progress import Progress, no_progress
 

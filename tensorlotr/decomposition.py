@@ -37,7 +37,8 @@ from .core.backend import normalize_rank
 from .core.hosvd import choose_rank
 from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import WeightSource, open_weights
-from .io.lotr_format import GroupLayout, LoTRAdapterFiles, write_adapter
+from .io.lotr_format import write_adapter
+from .layout import GroupLayout, LoTRAdapterFiles
 from .nn.targets import group_modules, matches
 from .progress import Progress, no_progress
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core import Tucker2, tucker2
-from ..io.lotr_format import GroupLayout, LoTRAdapterFiles, read_adapter, write_adapter
+from ..layout import GroupLayout, LoTRAdapterFiles
 from .config import LoTRConfig
 from .layer import LoTRFactors, LoTRLayer
 from .targets import build_groups, conv1d_type, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
@@ -296,6 +296,8 @@ class LoTRModel(nn.Module):
         if any(layer.merged for _, layer in self.lotr_layers()):
             raise RuntimeError("unmerge_adapter() before save_pretrained(): the cores are saved separately")
         if is_main_process:
+            from ..io.lotr_format import write_adapter  # the file format lives in io; the model hands it data
+
             write_adapter(save_directory, self.adapter_files())
 
     @classmethod
@@ -305,6 +307,8 @@ class LoTRModel(nn.Module):
         Raises ``ValueError`` when the adapter does not fit the model: a missing module
         or a shape that differs, named with both shapes.
         """
+        from ..io.lotr_format import read_adapter
+
         return cls.from_adapter_files(model, read_adapter(adapter_dir), is_trainable, source=f"adapter {adapter_dir}")
 
     @classmethod
@@ -328,6 +332,8 @@ class LoTRModel(nn.Module):
 
     def load_adapter(self, adapter_dir: str | os.PathLike) -> None:
         """Load the tensors of a saved adapter with the same layout into this model (resuming)."""
+        from ..io.lotr_format import read_adapter
+
         files = read_adapter(adapter_dir)
         if {k: v.to_dict() for k, v in files.groups.items()} != {k: v.to_dict() for k, v in self.groups.items()}:
             raise ValueError(f"adapter {adapter_dir} has another layout than this model's adapter")
