@@ -40,6 +40,23 @@ def backend_for(*arrays: Any) -> Iterator[str]:
         yield name
 
 
+@contextmanager
+def small_lapack_calls(*arrays: Any) -> Iterator[None]:
+    """One BLAS thread for numpy inside the body, which makes many small QRs and SVDs.
+
+    OpenBLAS starts its threads for every LAPACK call, and for d x r factors that costs
+    more than the call: a 768 x 96 QR takes 15 ms on 2 threads and 2.5 ms on one. Torch's
+    CPU kernels do not pay this, so torch inputs run as they are.
+    """
+    if backend_name(*arrays) != "numpy":
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def compute_dtype(x: Array) -> Any:
     """The floating dtype to compute in: float32 or float64; half precision is upcast."""
     if is_torch(x):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import tensorly as tl
 
-from .backend import Array, as_float, backend_for, check_ndim, is_torch, to_float
+from .backend import Array, as_float, backend_for, check_ndim, is_torch, small_lapack_calls, to_float
 from .contract import contract
 from .hosvd import _lowrank_layers
 from .tensor import Tucker2
@@ -77,7 +77,7 @@ def relative_error_lowrank(
         raise ValueError(
             f"LoRA factors describe a stack of shape {(n_layers, d_out, d_in)} but the Tucker2 has shape {tucker.shape}"
         )
-    with backend_for(*bs, tucker.core):
+    with backend_for(*bs, tucker.core), small_lapack_calls(*bs):
         q_out, r_out = tl.qr(_float64(tucker.out_factor))
         q_in, r_in = tl.qr(_float64(tucker.in_factor))
         cores = contract("po,loi,qi->lpq", r_out, _float64(tucker.core), r_in)

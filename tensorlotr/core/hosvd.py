@@ -24,6 +24,7 @@ from .backend import (
     compute_dtype,
     is_torch,
     normalize_rank,
+    small_lapack_calls,
     to_float,
 )
 from .contract import PROJECT_DENSE, PROJECT_LOWRANK, PROJECT_LOWRANK_LAYER, contract
@@ -322,7 +323,7 @@ def tucker2_lowrank(
     """
     r_out_req, r_in_req = _check_common(rank, energy, n_iter)
     bs, as_, scales = _lowrank_layers(B, A, scale)
-    with backend_for(*bs, *as_):
+    with backend_for(*bs, *as_), small_lapack_calls(*bs):
         n_layers, d_out, d_in = len(bs), int(bs[0].shape[0]), int(as_[0].shape[1])
         total_rank = sum(int(b.shape[1]) for b in bs)
         a_ts = [tl.transpose(a) for a in as_]
