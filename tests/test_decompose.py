@@ -270,7 +270,7 @@ def test_peak_memory_is_far_below_the_stack(tmp_path):
     assert control > stack_mib  # the measurement sees a materialised stack
     used = growth("decompose")
     print(f"peak growth: decompose {used:.0f} MiB, materialised stack {control:.0f} MiB ({stack_mib:.0f} MiB of data)")
-    assert used < 0.25 * stack_mib, (used, stack_mib, control)
+    assert used < 0.35 * stack_mib, (used, stack_mib, control)
 
 
 @pytest.mark.slow
