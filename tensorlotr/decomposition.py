@@ -24,7 +24,7 @@ import difflib
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -154,21 +154,23 @@ class _Deltas:
 
     def layer_blocks(
         self, progress: Progress, desc: str, block_bytes: int = 1 << 21
-    ) -> Iterable[tuple[int, Iterable[tuple[int, torch.Tensor]]]]:
-        """Per layer, its delta as ``(first row, rows x d_in block)`` pieces of about ``block_bytes``.
+    ) -> Iterable[tuple[int, Callable[[], Iterable[tuple[int, torch.Tensor]]]]]:
+        """Per layer, a function giving its delta as ``(first row, rows x d_in block)`` pieces.
 
-        Each block is formed from the stored weights straight into a small cache-sized
-        buffer, so a pass that only needs products with thin matrices never writes the
-        full float32 layer. (Transposed, Conv1D-style layers come as one block.)
+        Each block (about ``block_bytes``) is formed from the stored weights straight into a
+        small cache-sized buffer, so a pass that only needs products with thin matrices never
+        writes the full float32 layer; a pass may sweep a layer's blocks more than once.
+        (Transposed, Conv1D-style layers come as one block.)
         """
         if self.transposed:
             for i, delta in self.layers(progress, desc):
-                yield i, [(0, delta)]
+                yield i, (lambda delta=delta: [(0, delta)])
             return
         self.passes += 1
         for i in progress(range(len(self.modules)), desc, len(self.modules)):
             key = self.modules[i] + ".weight"
-            yield i, self._blocks(self.finetuned.get(key), self.base.get(key), block_bytes)
+            finetuned, base = self.finetuned.get(key), self.base.get(key)
+            yield i, (lambda f=finetuned, b=base: self._blocks(f, b, block_bytes))
 
     def _blocks(
         self, finetuned: torch.Tensor, base: torch.Tensor, block_bytes: int
@@ -264,13 +266,13 @@ def _decompose_group(
     k_out, k_in = min(bound_out, cap_out + oversample), min(bound_in, cap_in + oversample)
     y_out = torch.zeros(d_out, k_out, dtype=dtype)
     y_in = torch.zeros(d_in, k_in, dtype=dtype)
-    for i, blocks in deltas.layer_blocks(progress, f"{name}: sketch"):
+    for i, layer in deltas.layer_blocks(progress, f"{name}: sketch"):
         # Gaussian test matrices drawn per layer (never held for the whole stack), seeded per layer
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         omega = torch.randn(d_in, k_out, generator=generator, dtype=dtype)
         psi = torch.randn(d_out, k_in, generator=generator, dtype=dtype)
         layer_sq = 0.0
-        for start, block in blocks:
+        for start, block in layer():
             stop = start + block.shape[0]
             layer_sq += _norm_sq(block)
             y_out[start:stop] += block @ omega
@@ -280,14 +282,20 @@ def _decompose_group(
     for it in range(n_power):
         y_out.zero_()
         y_in.zero_()
-        for _, delta in deltas.layers(progress, f"{name}: power iteration {it + 1}"):
-            y_out += delta @ (q_out.T @ delta).T
-            y_in += ((delta @ q_in).T @ delta).T
+        for _, blocks in deltas.layer_blocks(progress, f"{name}: power iteration {it + 1}"):
+            # sweep 1: Y_in += D^T (D Q_in) block by block, and P = D^T Q_out; sweep 2: Y_out += D P
+            p = torch.zeros(d_in, q_out.shape[1], dtype=dtype)
+            for start, block in blocks():
+                stop = start + block.shape[0]
+                y_in += ((block @ q_in).T @ block).T
+                p += (q_out[start:stop].T @ block).T
+            for start, block in blocks():
+                y_out[start : start + block.shape[0]] += block @ p
         q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
     projected = torch.empty(n_layers, q_out.shape[1], q_in.shape[1], dtype=dtype)
-    for i, blocks in deltas.layer_blocks(progress, f"{name}: project"):
+    for i, layer in deltas.layer_blocks(progress, f"{name}: project"):
         projected[i].zero_()
-        for start, block in blocks:
+        for start, block in layer():
             projected[i] += q_out[start : start + block.shape[0]].T @ (block @ q_in)
     sketch_sq = float(projected.to(torch.float64).square().sum())
     # energy is asked of the true total; the sketch holds sketch_sq of norm_sq
