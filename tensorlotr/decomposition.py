@@ -38,6 +38,7 @@ from .core.hosvd import choose_rank
 from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import WeightSource, open_weights
 from .io.lotr_format import write_adapter
+from .io.peft_lora import module_order
 from .layout import GroupLayout, LoTRAdapterFiles
 from .nn.targets import group_modules, matches
 from .progress import Progress, no_progress
@@ -328,13 +329,7 @@ def _targets(base: WeightSource, patterns: str | list[str], transposed: set[str]
         close = sorted({c for p in wanted for c in difflib.get_close_matches(p.rsplit(".", 1)[-1], names, n=5)})
         hint = f"; close names: {close}" if close else ""
         raise ValueError(f"target_modules {patterns!r} match no 2-d weight of {base.name}{hint}; names: {names[:30]}")
-    return dict(sorted(found.items(), key=lambda item: _layer_order(item[0])))
-
-
-def _layer_order(name: str) -> tuple[int, str]:
-    from .io.peft_lora import module_order
-
-    return module_order(name)
+    return dict(sorted(found.items(), key=lambda item: module_order(item[0])))
 
 
 def decompose(
