@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 from ._adapter import adapter_config, store_group
-from .core import Tucker2, tucker2
+from .core import tucker2_streaming
 from .core.backend import normalize_rank
-from .core.hosvd import choose_rank
 from .io.atomic import atomic_dir, check_output
 from .io.checkpoint import WeightSource, open_weights
 from .io.lotr_format import write_adapter
@@ -192,121 +191,6 @@ class _Deltas:
         return norm_sq
 
 
-def _norm_sq(matrix: torch.Tensor, rows: int = 256) -> float:
-    """``||matrix||_F^2`` summed in float64, a block of rows at a time (no full float64 copy).
-
-    NaN or Inf anywhere makes it non-finite, which is how the first pass checks each layer.
-    """
-    return sum(float(block.to(torch.float64).square().sum()) for block in matrix.split(rows))
-
-
-def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh(gram)
-    return vectors[:, torch.argsort(values, descending=True)[:rank]]
-
-
-def _orthonormal(y: torch.Tensor) -> torch.Tensor:
-    q, _ = torch.linalg.qr(y)
-    return q
-
-
-def _decompose_group(
-    deltas: _Deltas,
-    shape: tuple[int, int],
-    rank: tuple[int, int] | None,
-    energy: float | None,
-    n_iter: int,
-    *,
-    gram_max_dim: int,
-    oversample: int,
-    n_power: int,
-    max_rank: int,
-    seed: int,
-    progress: Progress,
-    name: str,
-) -> tuple[Tucker2, float, str]:
-    """``(tucker, ||dW||^2, route)`` for one group; see the module docstring."""
-    n_layers, (d_out, d_in) = len(deltas), shape
-    dtype = deltas.dtype
-    bound_out, bound_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
-    norm_sq = 0.0
-    if max(d_out, d_in) <= gram_max_dim:
-        gram_out = torch.zeros(d_out, d_out, dtype=torch.float64)
-        gram_in = torch.zeros(d_in, d_in, dtype=torch.float64)
-        for i, delta in deltas.layers(progress, f"{name}: Gram matrices"):
-            d64 = delta.to(torch.float64)
-            norm_sq += deltas.check_finite(i, _norm_sq(d64))
-            gram_out += d64 @ d64.T
-            gram_in += d64.T @ d64
-        s_out = torch.linalg.eigvalsh(gram_out).flip(0).clamp_min(0).sqrt()
-        s_in = torch.linalg.eigvalsh(gram_in).flip(0).clamp_min(0).sqrt()
-        r_out = choose_rank(s_out[:bound_out], bound_out, None if rank is None else rank[0], energy)
-        r_in = choose_rank(s_in[:bound_in], bound_in, None if rank is None else rank[1], energy)
-        u = _top_eigenvectors(gram_out, r_out).to(dtype)
-        v = _top_eigenvectors(gram_in, r_in).to(dtype)
-        del gram_out, gram_in
-        for sweep in range(n_iter):  # HOOI, two passes per sweep
-            gram = torch.zeros(d_out, d_out, dtype=torch.float64)
-            for _, delta in deltas.layers(progress, f"{name}: HOOI {sweep + 1} (U)"):
-                z = (delta @ v).to(torch.float64)
-                gram += z @ z.T
-            u = _top_eigenvectors(gram, r_out).to(dtype)
-            gram = torch.zeros(d_in, d_in, dtype=torch.float64)
-            for _, delta in deltas.layers(progress, f"{name}: HOOI {sweep + 1} (V)"):
-                z = (u.T @ delta).to(torch.float64)
-                gram += z.T @ z
-            v = _top_eigenvectors(gram, r_in).to(dtype)
-        core = torch.empty(n_layers, r_out, r_in, dtype=dtype)
-        for i, delta in deltas.layers(progress, f"{name}: cores"):
-            core[i] = u.T @ delta @ v
-        return Tucker2(core, u, v), norm_sq, "exact (Gram)"
-
-    # randomized range finder
-    cap_out = rank[0] if rank is not None else (max_rank if energy is not None else bound_out)
-    cap_in = rank[1] if rank is not None else (max_rank if energy is not None else bound_in)
-    k_out, k_in = min(bound_out, cap_out + oversample), min(bound_in, cap_in + oversample)
-    y_out = torch.zeros(d_out, k_out, dtype=dtype)
-    y_in = torch.zeros(d_in, k_in, dtype=dtype)
-    for i, layer in deltas.layer_blocks(progress, f"{name}: sketch"):
-        # Gaussian test matrices drawn per layer (never held for the whole stack), seeded per layer
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        omega = torch.randn(d_in, k_out, generator=generator, dtype=dtype)
-        psi = torch.randn(d_out, k_in, generator=generator, dtype=dtype)
-        layer_sq = 0.0
-        for start, block in layer():
-            stop = start + block.shape[0]
-            layer_sq += _norm_sq(block)
-            y_out[start:stop] += block @ omega
-            y_in += (psi[start:stop].T @ block).T
-        norm_sq += deltas.check_finite(i, layer_sq)
-    q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
-    for it in range(n_power):
-        y_out.zero_()
-        y_in.zero_()
-        for _, blocks in deltas.layer_blocks(progress, f"{name}: power iteration {it + 1}"):
-            # sweep 1: Y_in += D^T (D Q_in) block by block, and P = D^T Q_out; sweep 2: Y_out += D P
-            p = torch.zeros(d_in, q_out.shape[1], dtype=dtype)
-            for start, block in blocks():
-                stop = start + block.shape[0]
-                y_in += ((block @ q_in).T @ block).T
-                p += (q_out[start:stop].T @ block).T
-            for start, block in blocks():
-                y_out[start : start + block.shape[0]] += block @ p
-        q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
-    projected = torch.empty(n_layers, q_out.shape[1], q_in.shape[1], dtype=dtype)
-    for i, layer in deltas.layer_blocks(progress, f"{name}: project"):
-        projected[i].zero_()
-        for start, block in layer():
-            projected[i] += q_out[start : start + block.shape[0]].T @ (block @ q_in)
-    sketch_sq = float(projected.to(torch.float64).square().sum())
-    # energy is asked of the true total; the sketch holds sketch_sq of norm_sq
-    inner_energy = None if energy is None else min(1.0, energy * norm_sq / sketch_sq) if sketch_sq > 0 else 1.0
-    inner_rank = None if rank is None else (min(rank[0], k_out), min(rank[1], k_in))
-    small = tucker2(projected, inner_rank, energy=inner_energy, n_iter=n_iter)
-    tucker = Tucker2(small.core, q_out @ small.out_factor, q_in @ small.in_factor)
-    return tucker, norm_sq, f"randomized (k={k_out}x{k_in}, {n_power} power)"
-
-
 def _check_architectures(base: WeightSource, finetuned: WeightSource) -> list[str]:
     """Keys only the fine-tuned model has (a new head, say); errors on missing keys or other shapes."""
     missing = sorted(set(base.shapes) - set(finetuned.shapes))
@@ -399,9 +283,9 @@ def decompose(
         group_start = time.perf_counter()
         modules = list(group.modules)
         deltas = _Deltas(base_w, ft_w, modules, modules[0] in transposed, dtype)
-        tucker, norm_sq, route = _decompose_group(
-            deltas, group.shape, pair, energy, n_iter, gram_max_dim=gram_max_dim, oversample=oversample,
-            n_power=n_power, max_rank=max_rank, seed=seed, progress=progress, name=group.name,
+        tucker, norm_sq, route = tucker2_streaming(
+            deltas, group.shape, pair, energy=energy, n_iter=n_iter, gram_max_dim=gram_max_dim,
+            oversample=oversample, n_power=n_power, max_rank=max_rank, seed=seed, progress=progress, name=group.name,
         )  # fmt: skip
         kept_sq = float(torch.as_tensor(tucker.core).to(torch.float64).square().sum())
         group_err_sq = max(norm_sq - kept_sq, 0.0)

@@ -1,10 +1,36 @@
 """The math core: Tucker-2 tensors of matrix stacks, on any tensorly backend.
 
-It knows nothing of torch modules or file formats.
+It knows nothing of torch modules or file formats. This module is its whole public
+surface: code outside ``tensorlotr.core`` imports from here only.
+
+Modules, each importing only those above it: ``backend`` and ``contract`` (no core
+imports), ``svd`` (rank choice, singular vectors, HOOI, the dense HOSVD on arrays),
+``lowrank`` (LoRA-factored stacks), ``tensor`` (``Tucker2``), ``hosvd`` (``tucker2``,
+``tucker2_lowrank``), ``error`` and ``streaming`` (stacks read one layer at a time).
 """
 
+from .backend import check_energy, normalize_rank
+from .contract import contract, plan_cache_info
 from .error import relative_error, relative_error_lowrank
 from .hosvd import tucker2, tucker2_lowrank
+from .lowrank import lowrank_layers, lowrank_norm_sq
+from .streaming import LayerStack, tucker2_streaming
+from .svd import choose_rank
 from .tensor import Tucker2
 
-__all__ = ["Tucker2", "relative_error", "relative_error_lowrank", "tucker2", "tucker2_lowrank"]
+__all__ = [
+    "LayerStack",
+    "Tucker2",
+    "check_energy",
+    "choose_rank",
+    "contract",
+    "lowrank_layers",
+    "lowrank_norm_sq",
+    "normalize_rank",
+    "plan_cache_info",
+    "relative_error",
+    "relative_error_lowrank",
+    "tucker2",
+    "tucker2_lowrank",
+    "tucker2_streaming",
+]

@@ -75,6 +75,15 @@ def compute_dtype(x: Array) -> Any:
     raise ValueError(f"expected a floating-point array, got dtype {dtype}")
 
 
+def float64_of(x: Any) -> Any:
+    """The float64 dtype of the backend of ``x``, an array or a dtype."""
+    if is_torch(x):
+        import torch
+
+        return torch.float64
+    return np.float64
+
+
 def as_float(x: Array, dtype: Any) -> Array:
     """``x`` as an array of ``dtype`` on the backend it came from."""
     if is_torch(x):

@@ -6,18 +6,14 @@ from collections.abc import Sequence
 
 import tensorly as tl
 
-from .backend import Array, as_float, backend_for, check_ndim, is_torch, small_lapack_calls, to_float
+from .backend import Array, as_float, backend_for, check_ndim, float64_of, small_lapack_calls, to_float
 from .contract import contract
-from .hosvd import _lowrank_layers
+from .lowrank import ScaleArg, lowrank_layers
 from .tensor import Tucker2
 
 
 def _float64(x: Array) -> Array:
-    if is_torch(x):
-        import torch
-
-        return x.to(torch.float64)
-    return as_float(x, "float64")
+    return as_float(x, float64_of(x))
 
 
 def _ratio(residual: float, reference: float) -> float:
@@ -50,7 +46,7 @@ def relative_error_lowrank(
     tucker: Tucker2,
     B: Array | Sequence[Array],
     A: Array | Sequence[Array],
-    scale: float | Sequence[float] | Array = 1.0,
+    scale: ScaleArg = 1.0,
 ) -> float:
     """``||dW - tucker||_F / ||dW||_F`` for ``dW_l = scale_l B_l A_l``, never densified.
 
@@ -71,7 +67,7 @@ def relative_error_lowrank(
     B, A, scale
         As in :func:`tensorlotr.tucker2_lowrank`.
     """
-    bs, as_, scales = _lowrank_layers(B, A, scale)
+    bs, as_, scales = lowrank_layers(B, A, scale)
     n_layers, d_out, d_in = len(bs), int(bs[0].shape[0]), int(as_[0].shape[1])
     if (n_layers, d_out, d_in) != tucker.shape:
         raise ValueError(

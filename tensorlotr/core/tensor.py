@@ -8,6 +8,7 @@ import tensorly as tl
 
 from .backend import Array, backend_for, check_ndim, to_float
 from .contract import RECONSTRUCT, TUCKER_NORM_SQ, contract
+from .svd import dense_tucker2
 
 
 class Tucker2:
@@ -85,11 +86,9 @@ class Tucker2:
         the dense stack directly at the smaller rank. A rank larger than the current one
         is clipped to it. See :func:`tensorlotr.tucker2` for ``rank`` and ``energy``.
         """
-        from .hosvd import tucker2
-
         with backend_for(self.core):
             q_out, r_out = tl.qr(self.out_factor)
             q_in, r_in = tl.qr(self.in_factor)
             small = contract("po,loi,qi->lpq", r_out, self.core, r_in)
-            inner = tucker2(small, rank, energy=energy)
-            return Tucker2(inner.core, tl.dot(q_out, inner.out_factor), tl.dot(q_in, inner.in_factor))
+            core, out_factor, in_factor = dense_tucker2(small, rank, energy, 0, 0.0)
+            return Tucker2(core, tl.dot(q_out, out_factor), tl.dot(q_in, in_factor))

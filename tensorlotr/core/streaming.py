@@ -1,0 +1,258 @@
+"""Tucker-2 of a stack too large to hold: the layers are read one at a time, in passes.
+
+- **Exact route** (``max(d_out, d_in) <= gram_max_dim``): pass 1 accumulates the Gram
+  matrices ``sum_l dW_l dW_l^T`` and ``sum_l dW_l^T dW_l`` in float64; their eigenvectors
+  are the HOSVD factors. Pass 2 forms the cores ``G_l = U^T dW_l V``. Each HOOI sweep adds
+  two passes. Memory: two d x d Grams plus one layer.
+- **Randomized route** (larger d): pass 1 sketches both unfoldings with Gaussian test
+  matrices, ``Y_out = sum_l dW_l Omega_l`` and ``Y_in = sum_l dW_l^T Psi_l`` (k = rank +
+  oversample columns); each of ``n_power`` power iterations adds a pass
+  (``Y_out = sum_l dW_l dW_l^T Q_out``). Pass 2 projects every layer onto the two sketch
+  bases, ``S_l = Q_out^T dW_l Q_in`` (k x k), and the small stack is decomposed in memory
+  with :func:`tensorlotr.tucker2` (HOOI sweeps included). Memory: O(d k) plus one layer.
+
+The core knows nothing of files: the caller supplies a :class:`LayerStack`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import numpy as np
+import tensorly as tl
+
+from .backend import Array, as_float, backend_for, float64_of, to_float
+from .hosvd import tucker2
+from .svd import choose_rank
+from .tensor import Tucker2
+
+#: ``progress(items, description, total)`` returns an iterable over ``items``, as tqdm does.
+Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
+#: A layer's delta as ``(first row, block of rows x d_in)`` pieces, produced on each call.
+Blocks = Callable[[], Iterable[tuple[int, Array]]]
+
+
+class LayerStack(Protocol):
+    """A stack of L matrices ``(d_out, d_in)`` that is read one layer at a time, in passes.
+
+    Arrays are numpy arrays or torch tensors of ``dtype``; a yielded array may be a
+    buffer that the next one overwrites.
+    """
+
+    #: The compute dtype of the yielded arrays (float32 or float64, numpy or torch).
+    dtype: Any
+
+    def __len__(self) -> int:
+        """L, the number of layers."""
+
+    def layers(self, progress: Progress, desc: str) -> Iterable[tuple[int, Array]]:
+        """One pass: ``(i, dW_i)`` with ``dW_i`` of shape (d_out, d_in), for i = 0 .. L-1."""
+
+    def layer_blocks(self, progress: Progress, desc: str) -> Iterable[tuple[int, Blocks]]:
+        """One pass: ``(i, blocks)``, where ``blocks()`` yields ``dW_i`` as row blocks; it may be called again."""
+
+    def check_finite(self, i: int, norm_sq: float) -> float:
+        """``norm_sq`` (``||dW_i||^2``, from the first pass), or an error naming layer i if it is not finite."""
+
+
+def _no_progress(items: Iterable[Any], _desc: str, _total: int) -> Iterable[Any]:
+    return items
+
+
+def _norm_sq(matrix: Array, rows: int = 256) -> float:
+    """``||matrix||_F^2`` summed in float64, a block of rows at a time (no full float64 copy).
+
+    NaN or Inf anywhere makes it non-finite, which is how the first pass checks each layer.
+    """
+    return sum(
+        to_float(tl.sum(as_float(matrix[start : start + rows], float64_of(matrix)) ** 2))
+        for start in range(0, int(matrix.shape[0]), rows)
+    )
+
+
+def _eigen(gram: Array) -> tuple[Array, Array]:
+    """Eigenvalues in decreasing order (clipped at 0) and their eigenvectors (columns)."""
+    values, vectors = tl.eigh(gram)
+    return tl.clip(tl.flip(values, axis=0), 0, None), tl.flip(vectors, axis=1)
+
+
+def _orthonormal(y: Array) -> Array:
+    q, _ = tl.qr(y)
+    return q
+
+
+def _gaussian(seed: int, layer: int, shape: tuple[int, int], like: Array) -> Array:
+    """Standard normal draws for one layer's test matrix, seeded by ``(seed, layer)``."""
+    values = np.random.default_rng((seed, layer)).standard_normal(shape, dtype=np.float32)
+    return tl.tensor(values, **tl.context(like))
+
+
+def _exact(
+    stack: LayerStack,
+    shape: tuple[int, int],
+    rank: tuple[int, int] | None,
+    energy: float | None,
+    n_iter: int,
+    progress: Progress,
+    name: str,
+) -> tuple[Tucker2, float]:
+    n_layers, (d_out, d_in) = len(stack), shape
+    bound_out, bound_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
+    f64 = float64_of(stack.dtype)
+    norm_sq = 0.0
+    gram_out = tl.zeros((d_out, d_out), dtype=f64)
+    gram_in = tl.zeros((d_in, d_in), dtype=f64)
+    for i, delta in stack.layers(progress, f"{name}: Gram matrices"):
+        d64 = as_float(delta, f64)
+        norm_sq += stack.check_finite(i, _norm_sq(d64))
+        gram_out += tl.dot(d64, tl.transpose(d64))
+        gram_in += tl.dot(tl.transpose(d64), d64)
+    s_out, vectors_out = _eigen(gram_out)
+    s_in, vectors_in = _eigen(gram_in)
+    r_out = choose_rank(tl.sqrt(s_out[:bound_out]), bound_out, None if rank is None else rank[0], energy)
+    r_in = choose_rank(tl.sqrt(s_in[:bound_in]), bound_in, None if rank is None else rank[1], energy)
+    u, v = as_float(vectors_out[:, :r_out], stack.dtype), as_float(vectors_in[:, :r_in], stack.dtype)
+    del gram_out, gram_in, vectors_out, vectors_in
+    for sweep in range(n_iter):  # HOOI, two passes per sweep
+        gram = tl.zeros((d_out, d_out), dtype=f64)
+        for _, delta in stack.layers(progress, f"{name}: HOOI {sweep + 1} (U)"):
+            z = as_float(tl.dot(delta, v), f64)
+            gram += tl.dot(z, tl.transpose(z))
+        u = as_float(_eigen(gram)[1][:, :r_out], stack.dtype)
+        gram = tl.zeros((d_in, d_in), dtype=f64)
+        for _, delta in stack.layers(progress, f"{name}: HOOI {sweep + 1} (V)"):
+            z = as_float(tl.dot(tl.transpose(u), delta), f64)
+            gram += tl.dot(tl.transpose(z), z)
+        v = as_float(_eigen(gram)[1][:, :r_in], stack.dtype)
+    core = tl.zeros((n_layers, r_out, r_in), dtype=stack.dtype)
+    for i, delta in stack.layers(progress, f"{name}: cores"):
+        core[i] = tl.dot(tl.dot(tl.transpose(u), delta), v)
+    return Tucker2(core, u, v), norm_sq
+
+
+def _randomized(
+    stack: LayerStack,
+    shape: tuple[int, int],
+    rank: tuple[int, int] | None,
+    energy: float | None,
+    n_iter: int,
+    *,
+    oversample: int,
+    n_power: int,
+    max_rank: int,
+    seed: int,
+    progress: Progress,
+    name: str,
+) -> tuple[Tucker2, float, tuple[int, int]]:
+    n_layers, (d_out, d_in) = len(stack), shape
+    dtype = stack.dtype
+    bound_out, bound_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
+    cap_out = rank[0] if rank is not None else (max_rank if energy is not None else bound_out)
+    cap_in = rank[1] if rank is not None else (max_rank if energy is not None else bound_in)
+    k_out, k_in = min(bound_out, cap_out + oversample), min(bound_in, cap_in + oversample)
+    norm_sq = 0.0
+    y_out = tl.zeros((d_out, k_out), dtype=dtype)
+    y_in = tl.zeros((d_in, k_in), dtype=dtype)
+    for i, layer in stack.layer_blocks(progress, f"{name}: sketch"):
+        # Gaussian test matrices drawn per layer (never held for the whole stack), seeded per layer
+        omega = _gaussian(seed, 2 * i, (d_in, k_out), y_out)
+        psi = _gaussian(seed, 2 * i + 1, (d_out, k_in), y_in)
+        layer_sq = 0.0
+        for start, block in layer():
+            stop = start + block.shape[0]
+            layer_sq += _norm_sq(block)
+            y_out[start:stop] += tl.dot(block, omega)
+            y_in += tl.dot(tl.transpose(block), psi[start:stop])
+        norm_sq += stack.check_finite(i, layer_sq)
+    q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
+    for it in range(n_power):
+        y_out = tl.zeros((d_out, k_out), dtype=dtype)
+        y_in = tl.zeros((d_in, k_in), dtype=dtype)
+        for _, blocks in stack.layer_blocks(progress, f"{name}: power iteration {it + 1}"):
+            # sweep 1: Y_in += D^T (D Q_in) block by block, and P = D^T Q_out; sweep 2: Y_out += D P
+            p = tl.zeros((d_in, int(q_out.shape[1])), dtype=dtype)
+            for start, block in blocks():
+                stop = start + block.shape[0]
+                y_in += tl.dot(tl.transpose(block), tl.dot(block, q_in))
+                p += tl.dot(tl.transpose(block), q_out[start:stop])
+            for start, block in blocks():
+                y_out[start : start + block.shape[0]] += tl.dot(block, p)
+        q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
+    projected = tl.zeros((n_layers, int(q_out.shape[1]), int(q_in.shape[1])), dtype=dtype)
+    for i, layer in stack.layer_blocks(progress, f"{name}: project"):
+        for start, block in layer():
+            projected[i] += tl.dot(tl.transpose(q_out[start : start + block.shape[0]]), tl.dot(block, q_in))
+    sketch_sq = to_float(tl.sum(as_float(projected, float64_of(projected)) ** 2))
+    # energy is asked of the true total; the sketch holds sketch_sq of norm_sq
+    inner_energy = None if energy is None else min(1.0, energy * norm_sq / sketch_sq) if sketch_sq > 0 else 1.0
+    inner_rank = None if rank is None else (min(rank[0], k_out), min(rank[1], k_in))
+    small = tucker2(projected, inner_rank, energy=inner_energy, n_iter=n_iter)
+    tucker = Tucker2(small.core, tl.dot(q_out, small.out_factor), tl.dot(q_in, small.in_factor))
+    return tucker, norm_sq, (k_out, k_in)
+
+
+def tucker2_streaming(
+    stack: LayerStack,
+    shape: tuple[int, int],
+    rank: tuple[int, int] | None = None,
+    *,
+    energy: float | None = None,
+    n_iter: int = 0,
+    gram_max_dim: int = 1024,
+    oversample: int = 16,
+    n_power: int = 1,
+    max_rank: int = 256,
+    seed: int = 0,
+    progress: Progress | None = None,
+    name: str = "",
+) -> tuple[Tucker2, float, str]:
+    """Tucker-2 of a stack read one layer at a time, never held whole (module docstring).
+
+    Parameters
+    ----------
+    stack : LayerStack
+        L matrices of shape ``shape``, read in passes.
+    shape : (d_out, d_in)
+        The shape of each layer.
+    rank : (r_out, r_in), optional
+        Tucker ranks; ``None`` without ``energy`` keeps the full rank (exact on the Gram route).
+    energy : float in (0, 1], optional
+        As in :func:`tensorlotr.tucker2`, of the whole stack's energy; ``rank`` caps it.
+    n_iter : int
+        HOOI sweeps: two extra passes each on the Gram route, in memory on the sketch.
+    gram_max_dim : int
+        The Gram route is taken when ``max(d_out, d_in) <= gram_max_dim``.
+    oversample : int
+        Sketch columns beyond the rank on the randomized route.
+    n_power : int
+        Power iterations on the randomized route, one pass each.
+    max_rank : int
+        Caps the sketch when only ``energy`` is given, on the randomized route.
+    seed : int
+        Seeds the Gaussian test matrices (per layer).
+    progress : callable, optional
+        ``progress(items, description, total)``, passed on to the stack's passes.
+    name : str
+        Prefix of the pass descriptions.
+
+    Returns
+    -------
+    tucker : Tucker2
+        ``core`` (L, r_out, r_in), orthonormal ``out_factor`` (d_out, r_out) and
+        ``in_factor`` (d_in, r_in), in ``stack.dtype``.
+    norm_sq : float
+        ``||dW||_F^2`` of the whole stack, summed in float64.
+    route : str
+        ``"exact (Gram)"`` or ``"randomized (k=..., ... power)"``.
+    """
+    progress = progress or _no_progress
+    with backend_for(stack.dtype):
+        if max(shape) <= gram_max_dim:
+            tucker, norm_sq = _exact(stack, shape, rank, energy, n_iter, progress, name)
+            return tucker, norm_sq, "exact (Gram)"
+        tucker, norm_sq, (k_out, k_in) = _randomized(
+            stack, shape, rank, energy, n_iter, oversample=oversample, n_power=n_power, max_rank=max_rank,
+            seed=seed, progress=progress, name=name,
+        )  # fmt: skip
+        return tucker, norm_sq, f"randomized (k={k_out}x{k_in}, {n_power} power)"
