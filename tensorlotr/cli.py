@@ -1,144 +1,221 @@
-"""The ``tensorlotr`` command line: a thin layer over the Python API."""
+"""The ``tensorlotr`` command line: a thin layer over the Python API.
+
+Every command prints its job's :class:`tensorlotr.report.Result`: ``text()`` for the
+terminal, ``to_json()`` with ``--json``. Every flag is checked before any work starts.
+
+Exit codes: 0 on success; 2 when the input is at fault (a bad flag, a bad or missing input
+file, an output that exists without ``--force``); 1 when the run fails for another reason
+(an I/O error, say); 130 on Ctrl-C and 143 on SIGTERM, after removing partial output.
+Errors are one line, ``tensorlotr COMMAND: error: …``; ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
+import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 
+#: Columns that ``tb2parquet`` writes itself; ``--names`` may not reuse them.
+RESERVED_LOG_COLUMNS = ("tag", "step", "value", "wall_time", "run")
+
 
 class CLIError(Exception):
-    """An error to report in one line, with a non-zero exit code."""
+    """A usage error found by the command line itself (exit code 2)."""
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .io.atomic import check_output
-    from .report import to_json
-
-    check_output(args.output, args.force)
-    report = run_demo(
-        args.data,
-        args.eval_data,
-        model_dir=args.model,
-        rank=args.rank,
-        seconds=args.seconds,
-        max_steps=args.max_steps,
-        output=args.output,
-        seed=args.seed,
-        progress=not args.json,
-    )
-    print(to_json(asdict(report)) if args.json else report.summary())
-    if report.reload_max_abs_diff > 1e-5:
-        print("error: the reloaded adapter does not reproduce the outputs", file=sys.stderr)
-        return 1
-    return 0
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so that partial outputs are removed on the way out."""
 
 
-def _parse_rank(text: str) -> int | tuple[int, int]:
-    """``8`` or ``16,8`` (r_out,r_in)."""
+# --- flag types: each checks its value while the arguments are parsed --------------------
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_rank(text: str) -> int | tuple[int, int]:
+    """``8`` or ``16,8`` (``R_OUT,R_IN``); every rank a positive integer."""
     try:
         parts = [int(p) for p in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"rank must be R or R_OUT,R_IN, got {text!r}") from None
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise argparse.ArgumentTypeError(f"rank must be R or R_OUT,R_IN, got {text!r}")
+        raise argparse.ArgumentTypeError(f"rank must be R or R_OUT,R_IN (positive integers), got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"rank must be R or R_OUT,R_IN (positive integers), got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
-def _parse_groups(text: str) -> str | dict[str, list[str]]:
-    """``by_name``, ``shared``, or ``name=pat1+pat2;name2=pat3``."""
+def parse_energy(text: str) -> float:
+    """A fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"energy must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _bounded_int(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {exc}") from None
+    return text
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """``q_proj,v_proj`` (name suffixes), or ``re:PATTERN`` for one regular expression."""
+    if text.startswith("re:"):
+        return _regex(text[3:])
+    targets = _split_list(text)
+    if not targets:
+        raise argparse.ArgumentTypeError("target modules must not be empty")
+    return targets
+
+
+def parse_groups(text: str) -> str | dict[str, list[str]]:
+    """``by_name``, ``shared``, or ``NAME=PAT,PAT;NAME2=PAT`` (patterns comma-separated)."""
     if text in ("by_name", "shared"):
         return text
     groups: dict[str, list[str]] = {}
     for item in text.split(";"):
         name, sep, patterns = item.partition("=")
-        if not sep or not name or not patterns:
-            raise argparse.ArgumentTypeError(f"groups must be by_name, shared or NAME=PAT+PAT;…, got {text!r}")
-        groups[name.strip()] = [p.strip() for p in patterns.split("+")]
+        name = name.strip()
+        if not sep or not name or not patterns.strip():
+            raise argparse.ArgumentTypeError(f"groups must be by_name, shared or NAME=PAT,PAT;…, got {text!r}")
+        if "+" in patterns and "," not in patterns:
+            warnings.warn("NAME=PAT+PAT in --groups is deprecated; use NAME=PAT,PAT", FutureWarning, stacklevel=2)
+            patterns = patterns.replace("+", ",")
+        if name in groups:
+            raise argparse.ArgumentTypeError(f"group {name!r} is given twice in --groups")
+        groups[name] = _split_list(patterns)
     return groups
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
+class _ListAction(argparse.Action):
+    """A comma-separated list; the old space-separated form still works, with a deprecation warning."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if len(values) > 1:
+            warnings.warn(
+                f"{option_string} A B C is deprecated; use {option_string} A,B,C", FutureWarning, stacklevel=2
+            )
+        items = [item for value in values for item in _split_list(value)]
+        if not items:
+            parser.error(f"{option_string} must not be empty")
+        setattr(namespace, self.dest, items)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _check_outputs(out: Path | None, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse ``.``/``..``, outputs that overlap an input (even with ``--force``), and existing outputs."""
+    from .io.atomic import check_output
+
+    check_output(out, force, inputs=inputs)
+
+
+def _cmd_demo(args: argparse.Namespace) -> Any:
+    from .demo import run_demo
+    from .progress import tqdm_progress
+
+    inputs = [p for p in (args.data, args.eval_data, args.model) if p is not None]
+    if args.output is not None:
+        _check_outputs(args.output, inputs, args.force)
+    report = run_demo(
+        args.data, args.eval_data, model_dir=args.model, rank=args.rank, seconds=args.seconds,
+        max_steps=args.max_steps, output=args.output, seed=args.seed,
+        progress=None if args.json else tqdm_progress,
+    )  # fmt: skip
+    if report.reload_max_abs_diff > 1e-5:
+        _print(report, args)
+        raise RuntimeError("the reloaded adapter does not reproduce the outputs")
+    return report
+
+
+def _cmd_convert(args: argparse.Namespace) -> Any:
     from .convert import convert_lora
     from .progress import tqdm_progress
-    from .report import to_json
 
-    report = convert_lora(
+    _check_outputs(args.out_dir, [args.peft_dir], args.force)
+    return convert_lora(
         args.peft_dir, args.out_dir, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
         groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
     )  # fmt: skip
-    print(to_json(report.to_dict()) if args.json else report.table())
-    return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _cmd_export(args: argparse.Namespace) -> Any:
     from .convert import export_lora
-    from .report import to_json
 
-    summary = export_lora(args.lotr_dir, args.out_dir, force=args.force)
-    if args.json:
-        print(to_json(summary))
-    else:
-        ranks = ", ".join(f"{g}: r={r}" for g, r in summary["ranks"].items())
-        modules, params = summary["modules"], summary["lora_params"]
-        print(f"wrote PEFT LoRA {summary['output']}: {modules} modules ({ranks}), {params:,} params")
-    return 0
+    _check_outputs(args.out_dir, [args.lotr_dir], args.force)
+    return export_lora(args.lotr_dir, args.out_dir, force=args.force)
 
 
-def _cmd_decompose(args: argparse.Namespace) -> int:
+def _cmd_decompose(args: argparse.Namespace) -> Any:
     import torch
 
     from .convert import export_lora
     from .decomposition import decompose
-    from .io.atomic import check_output
     from .progress import tqdm_progress
-    from .report import to_json
 
+    inputs = [args.base_dir, args.finetuned_dir]
+    _check_outputs(args.out_dir, inputs, args.force)
     lora_dir = None
     if args.export_lora is not None:  # a bare --export-lora writes OUT_DIR-lora next to OUT_DIR
         lora_dir = Path(args.export_lora) if args.export_lora else args.out_dir.with_name(args.out_dir.name + "-lora")
-    if lora_dir is not None:
-        check_output(lora_dir, args.force)
+        _check_outputs(lora_dir, [*inputs, args.out_dir], args.force)
     result = decompose(
         args.base_dir, args.finetuned_dir, args.out_dir, target_modules=args.target_modules, rank=args.rank,
         energy=args.energy, groups=args.groups, n_iter=args.hooi_iters, save_changed_modules=args.save_changed_modules,
         force=args.force, dtype=getattr(torch, args.dtype), n_power=args.power_iters,
         progress=None if args.json else tqdm_progress,
     )  # fmt: skip
-    report = result.report.to_dict()
+    report = result.report
     if lora_dir is not None:
-        report["export_lora"] = export_lora(args.out_dir, lora_dir, force=args.force)
-    if args.json:
-        print(to_json(report))
-    else:
-        print(result.report.table())
-        if lora_dir is not None:
-            print(f"wrote PEFT LoRA {lora_dir}")
-    return 0
+        report.export_lora = export_lora(args.out_dir, lora_dir, force=args.force)
+    return report
 
 
-def _parse_targets(text: str) -> list[str] | str:
-    """``q_proj,v_proj`` (suffixes), or ``re:PATTERN`` for one regular expression."""
-    if text.startswith("re:"):
-        return text[3:]
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _cmd_tb2parquet(args: argparse.Namespace) -> int:
-    import warnings
-
+def _cmd_tb2parquet(args: argparse.Namespace) -> Any:
     from .logs import EventFileWarning, tb2parquet
     from .progress import tqdm_progress
-    from .report import to_json
 
+    _check_outputs(args.out, [args.log_dir], args.force)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EventFileWarning)  # reported below, once per file
         summary = tb2parquet(
@@ -147,121 +224,208 @@ def _cmd_tb2parquet(args: argparse.Namespace) -> int:
         )  # fmt: skip
     for problem in summary.problems:
         print(f"warning: {problem} (kept what could be read)", file=sys.stderr)
-    if args.json:
-        print(to_json({**asdict(summary), "ratio": summary.ratio, "output": str(args.out)}))
-    else:
-        print(f"wrote {args.out}: {summary.text()}")
-    return 0
+    return summary
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _cmd_inspect(args: argparse.Namespace) -> Any:
     from .convert import inspect_adapter
-    from .report import format_table, to_json
 
-    info = inspect_adapter(args.dir)
-    if args.json:
-        print(to_json(info))
-    else:
-        print(f"{info['path']}: {info['format']} adapter")
-        print(format_table(info["groups"]))
-        total = sum(g["params"] for g in info["groups"])
-        print(f"total adapter params: {total:,}")
-    return 0
+    return inspect_adapter(args.dir)
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not for flags whose default means "not given"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser, force_help: str | None = "replace the output if it exists") -> None:
+    if force_help:
+        parser.add_argument("--force", action="store_true", help=force_help)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _rank_flags(parser: argparse.ArgumentParser, rank_help: str, energy_help: str) -> None:
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=parse_rank, metavar="R|R_OUT,R_IN", help=rank_help)
+    how.add_argument("--energy", type=parse_energy, metavar="FRACTION", help=energy_help)
+    parser.add_argument(
+        "--hooi-iters", type=_bounded_int(0), default=0, metavar="N", help="HOOI sweeps after the HOSVD"
+    )
+    parser.add_argument(
+        "--groups", type=parse_groups, default="by_name", metavar="MODE",
+        help="by_name (a stack per projection), shared (a stack per shape) or NAME=PAT,PAT;NAME2=PAT",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorlotr",
         description="Low-tensor-rank (LoTR) adapters: convert, decompose, train, export.",
+        epilog="Exit codes: 0 success, 2 bad input or usage, 1 other failure, 130/143 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"tensorlotr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the main job on the packaged default model")
-    demo.add_argument("--data", type=Path, help="train on this TSV (sentence<TAB>label) instead of the built-in task")
-    demo.add_argument("--eval-data", type=Path, help="evaluate on this TSV (default: 10%% held out of --data)")
-    demo.add_argument("--model", type=Path, help="a local model folder (default: the packaged MiniLM)")
-    demo.add_argument("--rank", type=int, default=8)
-    demo.add_argument("--seconds", type=float, default=60.0, help="training time budget")
-    demo.add_argument("--max-steps", type=int, default=2000)
-    demo.add_argument("--output", type=Path, help="where to save the adapter (default: a temporary folder)")
-    demo.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", action="store_true", help="print the report as JSON")
-    demo.set_defaults(func=_cmd_demo)
+    demo = _command(sub, "demo", "train a LoTR adapter on the packaged default model, save, reload, check", _cmd_demo)
+    demo.add_argument("--data", type=Path, metavar="TSV", help="train on this TSV (sentence<TAB>label)")
+    demo.add_argument("--eval-data", type=Path, metavar="TSV", help="evaluate on this TSV (default: 10%% of --data)")
+    demo.add_argument("--model", type=Path, metavar="DIR", help="a local model folder (default: the packaged MiniLM)")
+    demo.add_argument("--rank", type=parse_rank, default=8, metavar="R|R_OUT,R_IN", help="LoTR rank")
+    demo.add_argument("--seconds", type=_positive_float, default=60.0, help="training time budget")
+    demo.add_argument("--max-steps", type=_bounded_int(1), default=2000, metavar="N", help="training steps at most")
+    demo.add_argument("--output", type=Path, metavar="DIR", help="save the adapter here (default: a temporary folder)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    _common(demo, "replace --output if it exists")
 
-    convert = sub.add_parser("convert", help="convert a PEFT LoRA folder to a LoTR adapter")
-    convert.add_argument("peft_dir", type=Path, metavar="PEFT_DIR")
-    convert.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    how = convert.add_mutually_exclusive_group()
-    how.add_argument("--rank", type=_parse_rank, help="R or R_OUT,R_IN (default: exact, lossless)")
-    how.add_argument("--energy", type=float, help="keep this fraction of squared singular values per group, e.g. 0.99")
-    convert.add_argument("--hooi-iters", type=int, default=0, help="HOOI sweeps after the HOSVD (default 0)")
-    convert.add_argument("--groups", type=_parse_groups, default="by_name", help="by_name, shared or NAME=PAT+PAT;…")
-    convert.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    convert.add_argument("--json", action="store_true", help="print the report as JSON")
-    convert.set_defaults(func=_cmd_convert)
+    convert = _command(sub, "convert", "convert a PEFT LoRA folder to a LoTR adapter", _cmd_convert)
+    convert.add_argument("peft_dir", type=Path, metavar="PEFT_DIR", help="a PEFT LoRA folder (adapter_config.json)")
+    convert.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the LoTR adapter folder to write")
+    _rank_flags(
+        convert, "Tucker ranks of every group (default: the exact rank, lossless)",
+        "keep this fraction of each group's squared singular values, e.g. 0.99",
+    )  # fmt: skip
+    _common(convert)
 
-    export = sub.add_parser("export-lora", help="export a LoTR adapter as an exact PEFT LoRA folder")
-    export.add_argument("lotr_dir", type=Path, metavar="LOTR_DIR")
-    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
-    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    export.add_argument("--json", action="store_true", help="print the summary as JSON")
-    export.set_defaults(func=_cmd_export)
+    export = _command(sub, "export-lora", "export a LoTR adapter as an exact PEFT LoRA folder", _cmd_export)
+    export.add_argument("lotr_dir", type=Path, metavar="LOTR_DIR", help="a LoTR adapter folder (lotr_config.json)")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the PEFT LoRA folder to write")
+    _common(export)
 
-    dec = sub.add_parser("decompose", help="decompose fine-tuned minus base weights into a LoTR adapter")
-    dec.add_argument("base_dir", type=Path, metavar="BASE_DIR")
-    dec.add_argument("finetuned_dir", type=Path, metavar="FINETUNED_DIR")
-    dec.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    dec = _command(sub, "decompose", "decompose fine-tuned minus base weights into a LoTR adapter", _cmd_decompose)
+    dec.add_argument("base_dir", type=Path, metavar="BASE_DIR", help="the base model folder (safetensors or .bin)")
+    dec.add_argument("finetuned_dir", type=Path, metavar="FINETUNED_DIR", help="the fully fine-tuned model folder")
+    dec.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the LoTR adapter folder to write")
     dec.add_argument(
-        "--target-modules", type=_parse_targets, required=True, help="q_proj,v_proj (suffixes) or re:REGEX"
-    )
-    how = dec.add_mutually_exclusive_group()
-    how.add_argument("--rank", type=_parse_rank, help="R or R_OUT,R_IN (default: full rank, exact)")
-    how.add_argument("--energy", type=float, help="keep this fraction of each group's squared norm, e.g. 0.9")
-    dec.add_argument("--hooi-iters", type=int, default=0, help="HOOI sweeps (default 0)")
-    dec.add_argument("--groups", type=_parse_groups, default="by_name", help="by_name, shared or NAME=PAT+PAT;…")
+        "--target-modules", type=parse_targets, required=True, metavar="NAMES",
+        help="module name suffixes, comma-separated (q_proj,v_proj), or re:REGEX",
+    )  # fmt: skip
+    _rank_flags(
+        dec, "Tucker ranks of every group (default: full rank, exact)",
+        "keep this fraction of each group's squared norm, e.g. 0.9",
+    )  # fmt: skip
     dec.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="compute dtype")
     dec.add_argument(
-        "--power-iters", type=int, default=1, help="power iterations of the randomized route, one pass each (default 1)"
-    )
+        "--power-iters", type=_bounded_int(0), default=1, metavar="N",
+        help="power iterations of the randomized route (large d), one pass over the weights each",
+    )  # fmt: skip
     dec.add_argument("--save-changed-modules", action="store_true", help="keep other changed tensors (head, norms)")
     dec.add_argument(
         "--export-lora", nargs="?", const="", default=None, metavar="LORA_DIR",
         help="also write the PEFT LoRA form to LORA_DIR (default OUT_DIR-lora)",
     )  # fmt: skip
-    dec.add_argument("--force", action="store_true", help="replace existing outputs")
-    dec.add_argument("--json", action="store_true", help="print the report as JSON")
-    dec.set_defaults(func=_cmd_decompose)
+    _common(dec, "replace existing outputs")
 
-    logs = sub.add_parser("tb2parquet", help="a tree of TensorBoard runs into one zstd parquet file")
-    logs.add_argument("log_dir", type=Path, metavar="LOG_DIR")
-    logs.add_argument("out", type=Path, metavar="OUT.parquet")
-    logs.add_argument("--names", nargs="+", default=None, help="column names of the path segments, outermost first")
-    logs.add_argument("--tags", help="keep only tags matching this regular expression")
-    logs.add_argument("--index", nargs="+", default=None, help="index columns (default: segments, tag, step, seed)")
+    logs = _command(sub, "tb2parquet", "a tree of TensorBoard runs into one zstd parquet file", _cmd_tb2parquet)
+    logs.add_argument("log_dir", type=Path, metavar="LOG_DIR", help="the root of the runs; each event folder is a run")
+    logs.add_argument("out", type=Path, metavar="OUT.parquet", help="the parquet file to write")
+    logs.add_argument(
+        "--names", nargs="+", action=_ListAction, metavar="A,B,…",
+        help="column names of the path segments, outermost first, comma-separated",
+    )  # fmt: skip
+    logs.add_argument("--tags", type=_regex, metavar="REGEX", help="keep only tags matching this regular expression")
+    logs.add_argument(
+        "--index", nargs="+", action=_ListAction, metavar="A,B,…",
+        help="index columns, comma-separated (default: segments, tag, step, seed)",
+    )  # fmt: skip
     logs.add_argument("--wall-time", action="store_true", help="keep the wall_time column")
-    logs.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="reader processes (default: all cores)")
+    logs.add_argument("--jobs", type=_bounded_int(1), default=os.cpu_count() or 1, metavar="N", help="reader processes")
     logs.add_argument("--strict", action="store_true", help="fail on a corrupt or truncated event file")
-    logs.add_argument("--force", action="store_true", help="replace OUT.parquet if it exists")
-    logs.add_argument("--json", action="store_true", help="print the summary as JSON")
-    logs.set_defaults(func=_cmd_tb2parquet)
+    _common(logs)
 
-    inspect = sub.add_parser("inspect", help="groups, shapes, ranks, params and dtype of a LoTR or PEFT LoRA folder")
-    inspect.add_argument("dir", type=Path, metavar="DIR")
-    inspect.add_argument("--json", action="store_true", help="print as JSON")
-    inspect.set_defaults(func=_cmd_inspect)
+    inspect = _command(
+        sub, "inspect", "groups, shapes, ranks, params and dtype of a LoTR or PEFT LoRA folder", _cmd_inspect
+    )
+    inspect.add_argument("dir", type=Path, metavar="DIR", help="a LoTR adapter or PEFT LoRA folder")
+    _common(inspect, None)
     return parser
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks across flags, before any work starts."""
+    names = getattr(args, "names", None)
+    if names is not None:
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            parser.error(f"--names must be unique; repeated: {duplicates}")
+        reserved = sorted(set(names) & set(RESERVED_LOG_COLUMNS))
+        if reserved:
+            parser.error(f"--names {reserved} clash with the output's own columns {list(RESERVED_LOG_COLUMNS)}")
+
+
+def _print(result: Any, args: argparse.Namespace) -> None:
+    print(result.to_json() if getattr(args, "json", False) else result.text())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return " ".join(text.split())
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no command reaches the network
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return int(args.func(args))
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"tensorlotr {args.command}: error: {exc}", file=sys.stderr)
+        parser.print_help(sys.stderr)
         return 2
+    _check_args(parser, args)
+    prog = f"tensorlotr {args.command}"
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _is_main_thread() else None
+    try:
+        _print(args.func(args), args)
+        sys.stdout.flush()
+        return 0
+    except BrokenPipeError:  # `tensorlotr inspect DIR | head -2`: the reader left, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+        _report(prog, exc, args)
+        return 2
+    except Exception as exc:
+        _report(prog, exc, args)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _report(prog: str, exc: BaseException, args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -7,112 +7,28 @@ Export is exact: ``U G_l V^T`` is a LoRA of rank ``min(r_out, r_in)``.
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._adapter import adapter_config, store_group
-from .core import relative_error_lowrank, tucker2_lowrank
-from .core.hosvd import lowrank_norm_sq
+from .adapter import Group, group_modules
+from .core import lowrank_norm_sq, relative_error_lowrank, tucker2_lowrank
+from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
+from .io import is_lotr_dir, read_adapter
 from .io.atomic import atomic_dir, check_output
-from .io.lotr_format import is_lotr_dir, read_adapter, write_adapter
 from .io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
-from .io.peft_lora import PREFIX, PeftLoRA, write_peft_lora
-from .layout import GroupLayout, LoTRAdapterFiles
-from .nn.targets import group_modules
-from .progress import Progress, no_progress
+from .io.peft_lora import PeftLoRA, lora_config, lora_keys, saved_tensor_key, write_peft_lora
+from .progress import Progress
+from .report import Result, format_table
 
 
-@dataclass
-class GroupReport:
-    """One group of a conversion: the LoRA it came from and the LoTR it became."""
-
-    group: str
-    layers: int
-    shape: tuple[int, int]
-    lora_rank: str
-    rank: tuple[int, int]
-    lora_params: int
-    lotr_params: int
-    relative_error: float
-    seconds: float
-
-
-@dataclass
-class ConversionReport:
-    """What :func:`convert_lora` (or ``decompose``) wrote, and what it cost."""
-
-    source: str
-    output: str | None
-    groups: list[GroupReport]
-    modules_to_save: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    relative_error: float = 0.0  # over all groups: sqrt(sum err_g^2 ||dW_g||^2 / sum ||dW_g||^2)
-
-    @property
-    def lora_params(self) -> int:
-        return sum(g.lora_params for g in self.groups)
-
-    @property
-    def lotr_params(self) -> int:
-        return sum(g.lotr_params for g in self.groups)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["totals"] = {
-            "lora_params": self.lora_params,
-            "lotr_params": self.lotr_params,
-            "compression": self.lora_params / max(self.lotr_params, 1),
-            "relative_error": self.relative_error,
-        }
-        return data
-
-    def table(self) -> str:
-        from .report import format_table
-
-        rows = [
-            {
-                "group": g.group,
-                "layers": g.layers,
-                "shape": g.shape,
-                "LoRA rank": g.lora_rank,
-                "LoTR rank": g.rank,
-                "LoRA params": g.lora_params,
-                "LoTR params": g.lotr_params,
-                "rel. error": g.relative_error,
-            }
-            for g in self.groups
-        ]
-        rows.append(
-            {
-                "group": "total",
-                "layers": sum(g.layers for g in self.groups),
-                "shape": "",
-                "LoRA rank": "",
-                "LoTR rank": "",
-                "LoRA params": self.lora_params,
-                "LoTR params": self.lotr_params,
-                "rel. error": self.relative_error,
-            }
-        )
-        summary = (
-            f"{self.lora_params:,} LoRA params -> {self.lotr_params:,} LoTR params "
-            f"(compression {self.lora_params / max(self.lotr_params, 1):.1f}x), "
-            f"relative error {self.relative_error:.3e}, {self.seconds:.2f} s"
-        )
-        if self.output:
-            summary += f"; wrote {self.output}"
-        return format_table(rows) + "\n" + summary
-
-
-def _lora_rank_text(ranks: list[int]) -> str:
-    low, high = min(ranks), max(ranks)
-    return str(low) if low == high else f"{low}-{high}"
+@dataclass(kw_only=True)
+class ConversionReport(AdapterReport):
+    """What :func:`convert_lora` wrote: per group the LoRA it came from and the LoTR it became."""
 
 
 def convert_lora(
@@ -156,58 +72,35 @@ def convert_lora(
         error (computed in factored form), then the totals.
     """
     start = time.perf_counter()
-    check_output(out_dir, force)
+    check_output(out_dir, force, inputs=[peft_dir])
     lora = PeftLoRA(peft_dir)
-    progress = progress or no_progress
     plan = group_modules({m.name: m.shape for m in lora.modules.values()}, groups)
-    layouts: dict[str, GroupLayout] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    reports: list[GroupReport] = []
-    err_sq = ref_sq = 0.0
-    for group in progress(plan, "converting", len(plan)):
-        group_start = time.perf_counter()
+
+    def convert_group(group: Group) -> GroupOutcome:
         names = list(group.modules)
         bs, as_, scales = lora.load(names)
         bs = [b.float() if b.dtype != torch.float64 else b for b in bs]
         as_ = [a.float() if a.dtype != torch.float64 else a for a in as_]
         tucker = tucker2_lowrank(bs, as_, rank, scale=scales, energy=energy, n_iter=n_iter)
-        error = relative_error_lowrank(tucker, bs, as_, scales)
         norm_sq = lowrank_norm_sq(bs, as_, scales)
-        err_sq += error**2 * norm_sq if math.isfinite(error) else 0.0
-        ref_sq += norm_sq
-        store_group(tensors, layouts, group.name, names, tucker, fan_in_fan_out=lora.fan_in_fan_out)
-        reports.append(
-            GroupReport(
-                group=group.name,
-                layers=len(names),
-                shape=group.shape,
-                lora_rank=_lora_rank_text([lora.modules[n].rank for n in names]),
-                rank=tucker.rank,
-                lora_params=sum(lora.modules[n].n_params for n in names),
-                lotr_params=tucker.n_params,
-                relative_error=error,
-                seconds=time.perf_counter() - group_start,
-            )
-        )
-    saved = lora.load_modules_to_save()
-    for key, tensor in saved.items():
-        tensors[f"modules_to_save.{key}"] = tensor
-    modules_to_save = sorted({key.rsplit(".", 1)[0] for key in saved})
-    report = ConversionReport(
+        error = relative_error_lowrank(tucker, bs, as_, scales)
+        lora_rank = max(lora.modules[n].rank for n in names)
+        details = {"lora_rank": (lora_rank, lora_rank), "lora_params": sum(lora.modules[n].n_params for n in names)}
+        return GroupOutcome(tucker, norm_sq, error**2 * norm_sq, lora.fan_in_fan_out, details)
+
+    done = run_plan(plan, convert_group, progress=progress, desc="converting")
+    modules_to_save = done.builder.add_saved(lora.load_modules_to_save())
+    base = {"name_or_path": lora.config.get("base_model_name_or_path"), "task_type": lora.config.get("task_type")}
+    files = done.builder.build(lora.config.get("target_modules"), groups, modules_to_save, base)
+    save_adapter(files, out_dir, force=force)
+    return ConversionReport(
         source=str(peft_dir),
         output=str(out_dir) if out_dir is not None else None,
-        groups=reports,
+        groups=done.groups,
         modules_to_save=modules_to_save,
-        relative_error=math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0,
+        relative_error=done.relative_error,
+        seconds=time.perf_counter() - start,
     )
-    if out_dir is not None:
-        config = adapter_config(layouts, lora.config.get("target_modules"), groups, modules_to_save)
-        base = {"name_or_path": lora.config.get("base_model_name_or_path"), "task_type": lora.config.get("task_type")}
-        files = LoTRAdapterFiles(config.to_dict(), layouts, tensors, base)
-        with atomic_dir(out_dir, force=force) as tmp:
-            write_adapter(tmp, files)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _task_type(model_class: str | None) -> str | None:
@@ -226,7 +119,23 @@ def _task_type(model_class: str | None) -> str | None:
     return None
 
 
-def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class ExportReport(Result):
+    """What :func:`export_lora` wrote: the PEFT LoRA's modules, ranks by group and parameters."""
+
+    source: str
+    output: str
+    modules: int
+    ranks: dict[str, int]
+    lora_params: int
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        ranks = ", ".join(f"{g}: r={r}" for g, r in self.ranks.items())
+        return f"wrote PEFT LoRA {self.output}: {self.modules} modules ({ranks}), {self.lora_params:,} params"
+
+
+def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, force: bool = False) -> ExportReport:
     """Write a LoTR adapter as a PEFT LoRA folder, exactly.
 
     ``dW_l = scale U G_l V^T`` becomes a LoRA of rank ``r = min(r_out, r_in)``: with
@@ -243,10 +152,11 @@ def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, fo
 
     Returns
     -------
-    dict
-        A summary: modules, ranks by group, LoRA parameters, output path.
+    ExportReport
+        Modules, rank by group, LoRA parameters, output path.
     """
-    check_output(out_dir, force)
+    source_dir = lotr if isinstance(lotr, (str, os.PathLike)) else None
+    check_output(out_dir, force, inputs=[source_dir])
     files = read_adapter(lotr) if isinstance(lotr, (str, os.PathLike)) else lotr.adapter_files()
     source = str(lotr) if isinstance(lotr, (str, os.PathLike)) else type(lotr).__name__
     tensors: dict[str, torch.Tensor] = {}
@@ -259,91 +169,106 @@ def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, fo
         fan_in_fan_out |= group.fan_in_fan_out
         for module in group.modules:
             core = group.scale * files.core(module).detach().float()
-            if r_in <= r_out:
-                b, a = u @ core, v.T
-            else:
-                b, a = u, core @ v.T
+            b, a = (u @ core, v.T) if r_in <= r_out else (u, core @ v.T)
+            key_a, key_b = lora_keys(module)
             # the factors are shared by the group's modules; PEFT stores one copy per module
-            tensors[f"{PREFIX}{module}.lora_A.weight"] = a.clone().contiguous()
-            tensors[f"{PREFIX}{module}.lora_B.weight"] = b.clone().contiguous()
+            tensors[key_a], tensors[key_b] = a.clone().contiguous(), b.clone().contiguous()
             rank_of_module[module] = min(r_out, r_in)
     for key, tensor in files.modules_to_save.items():
-        tensors[f"{PREFIX}{key}"] = tensor
-    ranks = sorted(set(rank_of_module.values()))
-    default_rank = max(ranks, key=lambda r: sum(v == r for v in rank_of_module.values()))
-    others = {m: r for m, r in rank_of_module.items() if r != default_rank}
-    config = {
-        "peft_type": "LORA",
-        "task_type": files.base_model.get("task_type") or _task_type(files.base_model.get("class")),
-        "base_model_name_or_path": files.base_model.get("name_or_path"),
-        "r": default_rank,
-        "lora_alpha": default_rank,
-        "rank_pattern": {rf"{m}": r for m, r in others.items()},
-        "alpha_pattern": {rf"{m}": r for m, r in others.items()},
-        "target_modules": sorted(rank_of_module),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in files.modules_to_save}) or None,
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
+        tensors[saved_tensor_key(key)] = tensor
+    modules_to_save = sorted({k.rsplit(".", 1)[0] for k in files.modules_to_save})
+    task_type = files.base_model.get("task_type") or _task_type(files.base_model.get("class"))
+    config = lora_config(
+        rank_of_module, fan_in_fan_out, modules_to_save, task_type, files.base_model.get("name_or_path")
+    )
     with atomic_dir(out_dir, force=force) as tmp:
         write_peft_lora(tmp, config, tensors)
-    return {
-        "source": source,
-        "output": str(out_dir),
-        "modules": len(rank_of_module),
-        "ranks": {name: min(g.rank) for name, g in files.groups.items()},
-        "lora_params": sum(t.numel() for k, t in tensors.items() if ".lora_" in k),
-        "modules_to_save": config["modules_to_save"],
-    }
+    return ExportReport(
+        source=source,
+        output=str(out_dir),
+        modules=len(rank_of_module),
+        ranks={name: min(g.rank) for name, g in files.groups.items()},
+        lora_params=sum(t.numel() for k, t in tensors.items() if ".lora_" in k),
+        modules_to_save=modules_to_save,
+    )
 
 
-def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class InspectReport(Result):
+    """What :func:`inspect_adapter` found: per group layers, shape, rank ``[r_out, r_in]``, params, dtype.
+
+    A LoRA group's rank is ``[r, r]`` with ``r`` its largest module rank.
+    """
+
+    format: str
+    path: str
+    groups: list[dict[str, Any]]
+    modules_to_save: list[str] = field(default_factory=list)
+    modules_to_save_params: int = 0
+
+    @property
+    def params(self) -> int:
+        return sum(g["params"] for g in self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "totals": {"params": self.params}}
+
+    def text(self) -> str:
+        lines = [
+            f"{self.path}: {self.format} adapter",
+            format_table(self.groups),
+            f"total adapter params: {self.params:,}",
+        ]
+        if self.modules_to_save:
+            lines.append(f"modules_to_save: {', '.join(self.modules_to_save)} ({self.modules_to_save_params:,} params)")
+        return "\n".join(lines)
+
+
+def inspect_adapter(path: str | os.PathLike) -> InspectReport:
     """Groups, shapes, ranks, parameters and dtype of a LoTR or PEFT LoRA folder."""
     folder = Path(path)
     if is_lotr_dir(folder):
         files = read_adapter(folder)
-        groups = []
-        for name, g in files.groups.items():
-            (d_out, d_in), (r_out, r_in) = g.shape, g.rank
-            groups.append(
-                {
-                    "group": name,
-                    "layers": len(g.modules),
-                    "shape": [d_out, d_in],
-                    "rank": [r_out, r_in],
-                    "params": r_out * d_out + r_in * d_in + len(g.modules) * r_out * r_in,
-                    "dtype": str(files.factor(name, "out_factor").dtype).removeprefix("torch."),
-                }
-            )
-        extra = sum(t.numel() for t in files.modules_to_save.values())
-        return {"format": "lotr", "path": str(folder), "groups": groups, "modules_to_save_params": extra}
+        groups = [
+            {
+                "group": name,
+                "layers": len(g.modules),
+                "shape": list(g.shape),
+                "rank": list(g.rank),
+                "params": g.n_params,
+                "dtype": str(files.factor(name, "out_factor").dtype).removeprefix("torch."),
+            }
+            for name, g in files.groups.items()
+        ]
+        saved = files.modules_to_save
+        return InspectReport(
+            format="lotr",
+            path=str(folder),
+            groups=groups,
+            modules_to_save=sorted({k.rsplit(".", 1)[0] for k in saved}),
+            modules_to_save_params=sum(t.numel() for t in saved.values()),
+        )
     if (folder / PEFT_CONFIG_NAME).is_file():
         lora = PeftLoRA(folder)
         plan = group_modules({m.name: m.shape for m in lora.modules.values()}, "by_name")
         groups = []
         for group in plan:
-            ranks = [lora.modules[n].rank for n in group.modules]
+            rank = max(lora.modules[n].rank for n in group.modules)
             groups.append(
                 {
                     "group": group.name,
                     "layers": len(group.modules),
                     "shape": list(group.shape),
-                    "rank": _lora_rank_text(ranks),
+                    "rank": [rank, rank],
                     "params": sum(lora.modules[n].n_params for n in group.modules),
                     "dtype": lora.dtype,
                 }
             )
-        return {
-            "format": "peft-lora",
-            "path": str(folder),
-            "groups": groups,
-            "modules_to_save": lora.modules_to_save,
-        }
+        return InspectReport(
+            format="peft-lora",
+            path=str(folder),
+            groups=groups,
+            modules_to_save=sorted({k.rsplit(".", 1)[0] for k in lora.modules_to_save}),
+            modules_to_save_params=lora.modules_to_save_params,
+        )
     raise FileNotFoundError(f"{folder} holds neither lotr_config.json nor {PEFT_CONFIG_NAME}")

@@ -20,93 +20,59 @@ orthonormal factors and ``G = U^T dW V``, summed in float64.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._adapter import adapter_config, store_group
-from .core import tucker2_streaming
-from .core.backend import normalize_rank
-from .io.atomic import atomic_dir, check_output
+from .adapter import Group, LoTRAdapterFiles, group_modules, matches, module_order
+from .adapter.groups import no_match_message, oriented_shape
+from .core import check_energy, normalize_rank, tucker2_streaming
+from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
+from .io.atomic import check_output
 from .io.checkpoint import WeightSource, open_weights
-from .io.lotr_format import write_adapter
-from .io.peft_lora import module_order
-from .layout import GroupLayout, LoTRAdapterFiles
-from .nn.targets import group_modules, matches
 from .progress import Progress, no_progress
+from .report import Result
 
 
-@dataclass
-class GroupDecomposition:
-    """One group's result: ranks, parameters, and what the ranks cost."""
+@dataclass(kw_only=True)
+class DecompositionReport(AdapterReport):
+    """What :func:`decompose` found and wrote: per group ranks, error, energy kept, route and passes.
 
-    group: str
-    layers: int
-    shape: tuple[int, int]
-    rank: tuple[int, int]
-    lotr_params: int
-    relative_error: float
-    energy_kept: float
-    route: str
-    passes: int
-    seconds: float
-
-
-@dataclass
-class DecompositionReport:
-    """What :func:`decompose` found and wrote."""
+    ``changed_modules`` lists the other tensors that differ (a head, norms), kept as
+    ``modules_to_save`` with ``save_changed_modules``.
+    """
 
     base: str
     finetuned: str
-    output: str | None
-    groups: list[GroupDecomposition]
     changed_modules: list[dict[str, Any]] = field(default_factory=list)
-    saved_modules: list[str] = field(default_factory=list)
-    relative_error: float = 0.0
-    seconds: float = 0.0
+    export_lora: Result | None = None  # set by the CLI's --export-lora
 
     @property
-    def lotr_params(self) -> int:
-        return sum(g.lotr_params for g in self.groups)
+    def saved_modules(self) -> list[str]:
+        return self.modules_to_save
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["totals"] = {"lotr_params": self.lotr_params, "relative_error": self.relative_error}
+        data = super().to_dict()
+        data["export_lora"] = self.export_lora.to_dict() if self.export_lora is not None else None
         return data
 
-    def table(self) -> str:
-        from .report import format_table
-
-        rows = [
-            {
-                "group": g.group,
-                "layers": g.layers,
-                "shape": g.shape,
-                "rank": g.rank,
-                "params": g.lotr_params,
-                "rel. error": g.relative_error,
-                "energy kept": g.energy_kept,
-                "route": g.route,
-            }
-            for g in self.groups
-        ]
-        lines = [format_table(rows)]
+    def text(self) -> str:
+        lines = [self.table()]
         if self.changed_modules:
-            kept = "kept in the adapter" if self.saved_modules else "not kept; --save-changed-modules keeps them"
+            kept = "kept in the adapter" if self.modules_to_save else "not kept; --save-changed-modules keeps them"
             names = ", ".join(c["key"] for c in self.changed_modules[:8])
             more = f" and {len(self.changed_modules) - 8} more" if len(self.changed_modules) > 8 else ""
             lines.append(f"other changed tensors ({kept}): {names}{more}")
-        summary = f"{self.lotr_params:,} LoTR params, relative error {self.relative_error:.3e}, {self.seconds:.1f} s"
-        if self.output:
-            summary += f"; wrote {self.output}"
-        return "\n".join([*lines, summary])
+        lines += [*self.notes, self.summary()]
+        if self.export_lora is not None:
+            lines.append(self.export_lora.text())
+        return "\n".join(lines)
 
 
 @dataclass
@@ -203,16 +169,11 @@ def _check_architectures(base: WeightSource, finetuned: WeightSource) -> list[st
 
 
 def _targets(base: WeightSource, patterns: str | list[str], transposed: set[str]) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of every 2-d weight whose module matches ``patterns``, in module order."""
     candidates = {k[: -len(".weight")]: s for k, s in base.shapes.items() if k.endswith(".weight") and len(s) == 2}
-    found = {
-        m: (s[1], s[0]) if m in transposed else (s[0], s[1]) for m, s in candidates.items() if matches(m, patterns)
-    }
+    found = {m: oriented_shape(s, m in transposed) for m, s in candidates.items() if matches(m, patterns)}
     if not found:
-        names = sorted({m.rsplit(".", 1)[-1] for m in candidates})
-        wanted = [patterns] if isinstance(patterns, str) else list(patterns)
-        close = sorted({c for p in wanted for c in difflib.get_close_matches(p.rsplit(".", 1)[-1], names, n=5)})
-        hint = f"; close names: {close}" if close else ""
-        raise ValueError(f"target_modules {patterns!r} match no 2-d weight of {base.name}{hint}; names: {names[:30]}")
+        raise ValueError(no_match_message(patterns, candidates, f"2-d weight of {base.name}"))
     return dict(sorted(found.items(), key=lambda item: module_order(item[0])))
 
 
@@ -266,7 +227,10 @@ def decompose(
         per group layers, shape, ranks, parameters, relative error and energy kept.
     """
     start = time.perf_counter()
-    check_output(out_dir, force)
+    check_energy(energy)
+    if int(n_iter) < 0 or int(n_power) < 0:
+        raise ValueError(f"n_iter and n_power must be >= 0, got {n_iter} and {n_power}")
+    check_output(out_dir, force, inputs=[p for p in (base, finetuned) if isinstance(p, (str, os.PathLike))])
     progress = progress or no_progress
     pair = normalize_rank(rank)
     base_w, ft_w = open_weights(base, "base"), open_weights(finetuned, "fine-tuned")
@@ -275,77 +239,58 @@ def decompose(
     shapes = _targets(base_w, target_modules, transposed)
     plan = group_modules(shapes, groups or "by_name")
 
-    layouts: dict[str, GroupLayout] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    reports: list[GroupDecomposition] = []
-    err_sq = total_sq = 0.0
-    for group in plan:
-        group_start = time.perf_counter()
-        modules = list(group.modules)
-        deltas = _Deltas(base_w, ft_w, modules, modules[0] in transposed, dtype)
+    def decompose_group(group: Group) -> GroupOutcome:
+        deltas = _Deltas(base_w, ft_w, list(group.modules), group.modules[0] in transposed, dtype)
         tucker, norm_sq, route = tucker2_streaming(
             deltas, group.shape, pair, energy=energy, n_iter=n_iter, gram_max_dim=gram_max_dim,
             oversample=oversample, n_power=n_power, max_rank=max_rank, seed=seed, progress=progress, name=group.name,
         )  # fmt: skip
         kept_sq = float(torch.as_tensor(tucker.core).to(torch.float64).square().sum())
-        group_err_sq = max(norm_sq - kept_sq, 0.0)
-        err_sq += group_err_sq
-        total_sq += norm_sq
-        store_group(tensors, layouts, group.name, modules, tucker, fan_in_fan_out=deltas.transposed)
-        reports.append(
-            GroupDecomposition(
-                group=group.name,
-                layers=len(modules),
-                shape=group.shape,
-                rank=tucker.rank,
-                lotr_params=tucker.n_params,
-                relative_error=math.sqrt(group_err_sq / norm_sq) if norm_sq > 0 else 0.0,
-                energy_kept=kept_sq / norm_sq if norm_sq > 0 else 1.0,
-                route=route,
-                passes=deltas.passes,
-                seconds=time.perf_counter() - group_start,
-            )
-        )
-    if total_sq == 0.0:
+        details = {"energy_kept": kept_sq / norm_sq if norm_sq > 0 else 1.0, "route": route, "passes": deltas.passes}
+        return GroupOutcome(tucker, norm_sq, max(norm_sq - kept_sq, 0.0), deltas.transposed, details)
+
+    done = run_plan(plan, decompose_group, progress=progress, desc="decomposing")
+    if done.norm_sq == 0.0:
         raise ValueError(
             f"{ft_w.name} equals {base_w.name} in every targeted module: all deltas are zero, nothing to decompose"
         )
+    changed = _changed_tensors(base_w, ft_w, {m + ".weight" for m in shapes}, new_keys, progress)
+    saved = (
+        done.builder.add_saved({c["key"]: ft_w.get(c["key"]).clone() for c in changed}) if save_changed_modules else []
+    )
+    base_info = {
+        "name_or_path": str(base) if isinstance(base, (str, os.PathLike)) else None,
+        "model_type": base_w.config.get("model_type"),
+        "class": type(base).__name__
+        if isinstance(base, nn.Module)
+        else (base_w.config.get("architectures") or [None])[0],
+    }
+    adapter = done.builder.build(target_modules, groups or "by_name", saved, base_info)
+    save_adapter(adapter, out_dir, force=force)
+    report = DecompositionReport(
+        source=ft_w.name,
+        base=base_w.name,
+        finetuned=ft_w.name,
+        output=str(out_dir) if out_dir is not None else None,
+        groups=done.groups,
+        changed_modules=changed,
+        modules_to_save=saved,
+        relative_error=done.relative_error,
+        seconds=time.perf_counter() - start,
+    )
+    return Decomposition(adapter, report)
 
-    target_keys = {m + ".weight" for m in shapes}
+
+def _changed_tensors(
+    base_w: WeightSource, ft_w: WeightSource, target_keys: set[str], new_keys: list[str], progress: Progress
+) -> list[dict[str, Any]]:
+    """The other tensors that differ between the two models, with their relative change."""
     changed = []
-    for key in progress([k for k in base_w.shapes if k not in target_keys], "other tensors", len(base_w.shapes)):
+    others = [k for k in base_w.shapes if k not in target_keys]
+    for key in progress(others, "other tensors", len(others)):
         before, after = base_w.get(key), ft_w.get(key)
         if not torch.equal(before, after):
             diff = (after.to(torch.float64) - before.to(torch.float64)).norm()
             rel = float(diff / before.to(torch.float64).norm()) if before.numel() and before.any() else float("inf")
             changed.append({"key": key, "shape": list(before.shape), "relative_change": rel})
-    changed += [{"key": key, "shape": list(ft_w.shapes[key]), "relative_change": None} for key in new_keys]
-    saved: list[str] = []
-    if save_changed_modules:
-        for item in changed:
-            tensors[f"modules_to_save.{item['key']}"] = ft_w.get(item["key"]).clone()
-        saved = sorted({item["key"].rsplit(".", 1)[0] for item in changed})
-
-    config = adapter_config(layouts, target_modules, groups or "by_name", saved)
-    base_info = {
-        "name_or_path": str(base) if isinstance(base, (str, os.PathLike)) else None,
-        "model_type": base_w.config.get("model_type"),
-        "class": (base_w.config.get("architectures") or [None])[0] if base_w.config else None,
-    }
-    if isinstance(base, nn.Module):
-        base_info["class"] = type(base).__name__
-    adapter = LoTRAdapterFiles(config.to_dict(), layouts, tensors, base_info)
-    report = DecompositionReport(
-        base=base_w.name,
-        finetuned=ft_w.name,
-        output=str(out_dir) if out_dir is not None else None,
-        groups=reports,
-        changed_modules=changed,
-        saved_modules=saved,
-        relative_error=math.sqrt(err_sq / total_sq),
-    )
-    if out_dir is not None:
-        with atomic_dir(out_dir, force=force) as tmp:
-            write_adapter(tmp, adapter)
-    report.seconds = time.perf_counter() - start
-    return Decomposition(adapter, report)
+    return changed + [{"key": key, "shape": list(ft_w.shapes[key]), "relative_change": None} for key in new_keys]

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import builtin_sentiment, read_tsv
 from .nn import LoTRConfig, LoTRModel, get_lotr_model
+from .progress import Progress, no_progress
+from .report import Result
 
 
 def default_model_dir() -> Path:
@@ -51,8 +52,10 @@ def load_classifier(model_dir: str | Path, num_labels: int = 2, seed: int = 0) -
     return tokenizer, model
 
 
-@dataclass
-class DemoReport:
+@dataclass(kw_only=True)
+class DemoReport(Result):
+    """What the demo trained, measured and checked."""
+
     model: str
     task: str
     train_examples: int
@@ -74,6 +77,10 @@ class DemoReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        """The same as :meth:`text` (kept for earlier callers)."""
+        return self.text()
+
+    def text(self) -> str:
         lines = [
             f"model: {self.model}",
             f"task: {self.task} ({self.train_examples} train / {self.test_examples} test sentences)",
@@ -118,7 +125,7 @@ def run_demo(
     eval_data: str | Path | None = None,
     *,
     model_dir: str | Path | None = None,
-    rank: int = 8,
+    rank: int | tuple[int, int] = 8,
     alpha: float = 16.0,
     seconds: float = 60.0,
     max_steps: int = 2000,
@@ -127,10 +134,12 @@ def run_demo(
     max_length: int = 64,
     output: str | Path | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> DemoReport:
     """Train, save, reload and check a LoTR adapter on the packaged MiniLM; see the module doc."""
     model_dir = Path(model_dir) if model_dir else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {model_dir} has no config.json; the demo loads local folders only")
     if data is None:
         train_rows, test_rows = builtin_sentiment(seed)
         task = "built-in sentiment (held-out adjectives)"
@@ -149,16 +158,18 @@ def run_demo(
     lotr = get_lotr_model(model, config)
     head_params = sum(p.numel() for p in model.get_submodule("classifier").parameters())
     lotr_params = lotr.get_nb_trainable_parameters()[0] - head_params
-    lora_params = sum(len(g.modules) * rank * (g.shape[0] + g.shape[1]) for g in lotr.groups.values())
+    # LoRA at the same rank: r = min(r_out, r_in), the rank of the equivalent LoRA
+    lora_params = sum(len(g.modules) * min(g.rank) * (g.shape[0] + g.shape[1]) for g in lotr.groups.values())
 
     accuracy_before = evaluate(lotr, tokenizer, test_rows, max_length=max_length)
     optimizer = torch.optim.AdamW([p for p in lotr.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(seed)
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(total=max_steps, desc="training", unit="step", disable=not progress, mininterval=1.0)
     lotr.train()
-    while len(losses) < max_steps and time.perf_counter() - start < seconds:
+    for _ in (progress or no_progress)(range(max_steps), "training", max_steps):
+        if time.perf_counter() - start >= seconds:
+            break
         batch = rng.sample(train_rows, min(batch_size, len(train_rows)))
         enc, labels = next(_batches(batch, batch_size, tokenizer, max_length))
         loss = lotr(**enc, labels=labels).loss
@@ -166,9 +177,6 @@ def run_demo(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    bar.close()
     elapsed = time.perf_counter() - start
     accuracy_after = evaluate(lotr, tokenizer, test_rows, max_length=max_length)
 

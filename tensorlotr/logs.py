@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .progress import Progress, no_progress
+from .report import Result
 
 EVENT_GLOB = "*tfevents*"
 
@@ -98,10 +100,11 @@ def _typed(values: pd.Series) -> pd.Series:
     return values.astype("category")
 
 
-@dataclass
-class LogsSummary:
+@dataclass(kw_only=True)
+class LogsSummary(Result):
     """What :func:`tb2parquet` read and wrote."""
 
+    output: str
     runs: int
     event_files: int
     tags: int
@@ -114,11 +117,15 @@ class LogsSummary:
     def ratio(self) -> float:
         return self.input_bytes / max(self.output_bytes, 1)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "ratio": self.ratio}
+
     def text(self) -> str:
         return (
-            f"{self.runs} runs, {self.event_files} event files, {self.tags} tags, {self.rows:,} rows; "
-            f"{self.input_bytes / 2**20:.1f} MiB of events -> {self.output_bytes / 2**20:.2f} MiB parquet "
-            f"({self.ratio:.0f}x smaller)" + (f"; {len(self.problems)} problem file(s)" if self.problems else "")
+            f"wrote {self.output}: {self.runs} runs, {self.event_files} event files, {self.tags} tags, "
+            f"{self.rows:,} rows; {self.input_bytes / 2**20:.1f} MiB of events -> "
+            f"{self.output_bytes / 2**20:.2f} MiB parquet ({self.ratio:.0f}x smaller)"
+            + (f"; {len(self.problems)} problem file(s)" if self.problems else "")
         )
 
 
@@ -279,11 +286,12 @@ def tb2parquet(
     """Read the tree with :func:`read_logs` and write one zstd parquet file, atomically."""
     from .io.atomic import atomic_file, check_output
 
-    check_output(out_path, force)
+    check_output(out_path, force, inputs=[log_dir])
     frame, files, problems = _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)
     with atomic_file(out_path, force=force) as tmp:
         write_parquet(frame, tmp)
     return LogsSummary(
+        output=str(out_path),
         runs=len({f.parent for f in files}),
         event_files=len(files),
         tags=int(frame.index.get_level_values("tag").nunique()) if "tag" in frame.index.names else 0,

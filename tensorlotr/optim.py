@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .core import tucker2
-from .core.backend import normalize_rank
+from .core import normalize_rank
 
 
 @torch.no_grad()

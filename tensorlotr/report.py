@@ -1,11 +1,46 @@
-"""Plain-text tables and JSON for the reports that jobs return."""
+"""The one result type of every job, and its renderings: a text table and JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
 from typing import Any
+
+
+class Result:
+    """Base of every job's result (a dataclass): ``to_dict()`` for ``--json``, ``text()`` for the terminal.
+
+    Subclasses add derived values to :meth:`to_dict` and write :meth:`text`. Indexing
+    (``result["groups"]``) reads :meth:`to_dict`, as when jobs returned plain dicts.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: fields, then derived values; ranks and shapes are lists."""
+        return _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    def text(self) -> str:
+        """A readable summary for the terminal."""
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as indented JSON."""
+        return to_json(self.to_dict())
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def format_value(value: Any) -> str:

@@ -5,14 +5,33 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def check_output(path: str | os.PathLike | None, force: bool) -> None:
-    """Raise ``FileExistsError`` early, before any work, if ``path`` exists and ``force`` is off."""
-    if path is not None and Path(path).exists() and not force:
+def check_output(
+    path: str | os.PathLike | None, force: bool, *, inputs: Sequence[str | os.PathLike | None] = ()
+) -> None:
+    """Check an output path early, before any work.
+
+    Refuses ``.`` and ``..``, an output that equals an input, lies inside one or contains one
+    (even with ``force``: replacing it would destroy the input), and an existing output
+    unless ``force`` is set.
+    """
+    if path is None:
+        return
+    if Path(path).name in ("", ".", "..") or os.fspath(path).rstrip("/").endswith(("/.", "/..")):
+        raise ValueError(f"output {os.fspath(path)!r} names the current or a parent folder; give a new folder")
+    target = Path(path).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        given = Path(source).resolve()
+        if target == given or target in given.parents or given in target.parents:
+            relation = "is" if target == given else ("contains" if target in given.parents else "lies inside")
+            raise ValueError(f"output {path} {relation} the input {source}; choose another output")
+    if Path(path).exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
 
 

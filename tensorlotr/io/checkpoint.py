@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..adapter.groups import CONV1D_MODEL_TYPES, is_conv1d
+
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
@@ -96,7 +98,7 @@ def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor]
         state = source_module.state_dict()
         config = getattr(getattr(source_module, "config", None), "to_dict", dict)()
         weights = _StateDict(f"{role} model ({type(source_module).__name__})", state, config)
-        weights.conv1d_modules = _conv1d_names(source_module)
+        weights.conv1d_modules = {n for n, m in source_module.named_modules() if is_conv1d(m)}
         return weights
     if isinstance(source, dict):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
@@ -133,15 +135,3 @@ def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor]
     if config.get("model_type") in CONV1D_MODEL_TYPES:
         weights.conv1d_modules = {k.rsplit(".", 1)[0] for k, shape in weights.shapes.items() if len(shape) == 2}
     return weights
-
-
-#: Model types whose Linear-like layers are transformers' ``Conv1D`` (weight stored (d_in, d_out)).
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt"}
-
-
-def _conv1d_names(model: nn.Module) -> set[str]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return set()
-    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}

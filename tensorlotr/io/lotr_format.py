@@ -1,11 +1,8 @@
 """The LoTR adapter folder: ``lotr_config.json`` and ``lotr_model.safetensors``.
 
-Tensor keys:
-
-- ``factors.<group>.out_factor`` (d_out, r_out) and ``factors.<group>.in_factor`` (d_in, r_in),
-  stored once per group;
-- ``cores.<module path>`` (r_out, r_in), one per adapted module;
-- ``modules_to_save.<parameter path>``, full tensors of the modules trained in full.
+The safetensors file holds the adapter's tensors under the keys that
+:mod:`tensorlotr.adapter.layout` defines (factors once per group, a core per module,
+``modules_to_save`` tensors).
 
 ``lotr_config.json`` holds the user's ``config`` and the resolved ``groups``: for each group
 its modules in stack order, ``shape`` [d_out, d_in], ``rank`` [r_out, r_in] and ``scale``.
@@ -21,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..layout import GroupLayout, LoTRAdapterFiles
+from ..adapter.layout import GroupLayout, LoTRAdapterFiles, expected_shapes
 from .atomic import atomic_file
 
 CONFIG_NAME = "lotr_config.json"
@@ -87,13 +84,7 @@ def read_adapter(path: str | os.PathLike) -> LoTRAdapterFiles:
 
 def _check_tensors(adapter: LoTRAdapterFiles, where: Path) -> None:
     for name, group in adapter.groups.items():
-        (d_out, d_in), (r_out, r_in) = group.shape, group.rank
-        expected = {
-            f"factors.{name}.out_factor": (d_out, r_out),
-            f"factors.{name}.in_factor": (d_in, r_in),
-            **{f"cores.{m}": (r_out, r_in) for m in group.modules},
-        }
-        for key, shape in expected.items():
+        for key, shape in expected_shapes(name, group).items():
             if key not in adapter.tensors:
                 raise ValueError(f"{where} lacks tensor {key!r}")
             tensor = adapter.tensors[key]

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..adapter.groups import module_order
 from .atomic import atomic_file
 
 CONFIG_NAME = "adapter_config.json"
@@ -29,7 +30,6 @@ SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
-_LAYER_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
 
 
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
@@ -44,10 +44,14 @@ def _strip_prefix(key: str) -> str:
     return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
-def module_order(name: str) -> tuple[int, str]:
-    """Sort key: the layer index first (so layer 10 follows layer 9), then the path."""
-    found = _LAYER_INDEX.search(name)
-    return (int(found.group(1)) if found else -1, name)
+def lora_keys(module: str) -> tuple[str, str]:
+    """PEFT's keys of ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r) for the module at path ``module``."""
+    return f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
+
+
+def saved_tensor_key(parameter: str) -> str:
+    """PEFT's key of a ``modules_to_save`` tensor, by parameter path in the base model."""
+    return f"{PREFIX}{parameter}"
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,12 @@ class PeftLoRA:
     def n_params(self) -> int:
         return sum(m.n_params for m in self.modules.values())
 
+    @property
+    def modules_to_save_params(self) -> int:
+        """Elements of the full tensors saved alongside."""
+        keys = [k for k in self._tensors.shapes if _strip_prefix(k) in self.modules_to_save]
+        return sum(math.prod(self._tensors.shapes[k]) for k in keys)
+
     # --- tensors -------------------------------------------------------------------
     def load(self, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
         """``(B_l, A_l, scale_l)`` for ``names``; B (d_out, r), A (r, d_in). Checks for NaN and Inf."""
@@ -238,11 +248,46 @@ class PeftLoRA:
 
     def load_modules_to_save(self) -> dict[str, torch.Tensor]:
         """The full tensors saved alongside, by parameter path in the base model."""
-        keys = [
-            k for k in self._tensors.shapes if (k[len(PREFIX) :] if k.startswith(PREFIX) else k) in self.modules_to_save
-        ]
+        keys = [k for k in self._tensors.shapes if _strip_prefix(k) in self.modules_to_save]
         tensors = self._tensors.get(keys)
-        return {(k[len(PREFIX) :] if k.startswith(PREFIX) else k): t for k, t in zip(keys, tensors, strict=True)}
+        return {_strip_prefix(k): t for k, t in zip(keys, tensors, strict=True)}
+
+
+def lora_config(
+    rank_of_module: dict[str, int],
+    fan_in_fan_out: bool,
+    modules_to_save: list[str],
+    task_type: str | None,
+    base_model: str | None,
+) -> dict[str, Any]:
+    """An ``adapter_config.json`` for an exported LoRA with scale 1 everywhere (``lora_alpha = r``).
+
+    The most common rank is ``r``; modules of other ranks get ``rank_pattern`` and
+    ``alpha_pattern`` entries keyed by their full path.
+    """
+    ranks = list(rank_of_module.values())
+    default_rank = max(sorted(set(ranks)), key=ranks.count)
+    others = {m: r for m, r in rank_of_module.items() if r != default_rank}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": default_rank,
+        "lora_alpha": default_rank,
+        "rank_pattern": others,
+        "alpha_pattern": dict(others),
+        "target_modules": sorted(rank_of_module),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": modules_to_save or None,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
 
 
 def write_peft_lora(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:

@@ -1,6 +1,6 @@
 """Torch bindings: LoTR adapters on transformers models. No file formats live here."""
 
-from .config import LoTRConfig
+from ..adapter import LoTRConfig
 from .layer import LoTRFactors, LoTRLayer
 from .model import LoTRModel, get_lotr_model
 

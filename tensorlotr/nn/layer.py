@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..core.contract import contract
+from ..core import contract
 from .targets import weight_shape
 
 #: U (d_out, r_out), G (r_out, r_in), V (d_in, r_in), x (N, d_in) -> (N, d_out). This operand

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapter import LoTRConfig
+from ..adapter.groups import is_conv1d
+from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, LoTRAdapterFiles, core_key, factor_key, saved_key
 from ..core import Tucker2, tucker2
-from ..layout import GroupLayout, LoTRAdapterFiles
-from .config import LoTRConfig
 from .layer import LoTRFactors, LoTRLayer
-from .targets import build_groups, conv1d_type, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
+from .targets import build_groups, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -75,14 +76,13 @@ class LoTRModel(nn.Module):
     @staticmethod
     def _plan(model: nn.Module, config: LoTRConfig) -> dict[str, GroupLayout]:
         names = resolve_targets(model, config)
-        conv1d = conv1d_type()
         return {
             g.name: GroupLayout(
                 list(g.modules),
                 g.shape,
                 config.rank_of(g.name),
                 config.scale_of(g.name),
-                fan_in_fan_out=conv1d is not None and isinstance(model.get_submodule(g.modules[0]), conv1d),
+                fan_in_fan_out=is_conv1d(model.get_submodule(g.modules[0])),
             )
             for g in build_groups(model, names, config)
         }
@@ -273,12 +273,12 @@ class LoTRModel(nn.Module):
         """The adapter's config, layout and tensors, as written by :meth:`save_pretrained`."""
         tensors: dict[str, torch.Tensor] = {}
         for group_name, factors in self.lotr_factors.items():
-            tensors[f"factors.{group_name}.out_factor"] = factors.out_factor
-            tensors[f"factors.{group_name}.in_factor"] = factors.in_factor
+            tensors[factor_key(group_name, OUT_FACTOR)] = factors.out_factor
+            tensors[factor_key(group_name, IN_FACTOR)] = factors.in_factor
         for name, layer in self.lotr_layers():
-            tensors[f"cores.{name}"] = layer.lotr_core
+            tensors[core_key(name)] = layer.lotr_core
         for key, tensor in self._saved_tensors().items():
-            tensors[f"modules_to_save.{key}"] = tensor
+            tensors[saved_key(key)] = tensor
         base_config = getattr(self.base_model, "config", None)
         base = {
             "model_type": getattr(base_config, "model_type", None),
@@ -342,8 +342,8 @@ class LoTRModel(nn.Module):
     @torch.no_grad()
     def load_adapter_tensors(self, files: LoTRAdapterFiles, source: str = "adapter") -> None:
         for group_name, factors in self.lotr_factors.items():
-            factors.out_factor.copy_(files.factor(group_name, "out_factor"))
-            factors.in_factor.copy_(files.factor(group_name, "in_factor"))
+            factors.out_factor.copy_(files.factor(group_name, OUT_FACTOR))
+            factors.in_factor.copy_(files.factor(group_name, IN_FACTOR))
         for name, layer in self.lotr_layers():
             layer.lotr_core.copy_(files.core(name))
         own = self._saved_tensors(list(files.modules_to_save))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..io.lotr_format import is_lotr_dir
+from ..io import is_lotr_dir
 from .model import LoTRModel
 
 TRAINING_ARGS_NAME = "training_args.bin"

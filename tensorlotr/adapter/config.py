@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.backend import normalize_rank
+from ..core import normalize_rank
 
 INITS = ("zeros", "normal", "svd")
 GROUP_MODES = ("by_name", "shared")

@@ -1,0 +1,166 @@
+"""What a LoTR adapter is, independent of files and modules: its groups and tensors.
+
+This module owns the tensor key names of an adapter, in both directions:
+
+- ``factors.<group>.out_factor`` (d_out, r_out) and ``factors.<group>.in_factor`` (d_in, r_in),
+  once per group;
+- ``cores.<module path>`` (r_out, r_in), one per adapted module;
+- ``modules_to_save.<parameter path>``, full tensors of the modules trained in full.
+
+The torch bindings and the jobs build and consume :class:`LoTRAdapterFiles`;
+:mod:`tensorlotr.io.lotr_format` writes and reads it as ``lotr_config.json`` and
+``lotr_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core import Tucker2
+from .config import LoTRConfig
+
+OUT_FACTOR = "out_factor"
+IN_FACTOR = "in_factor"
+_FACTORS, _CORES, _SAVED = "factors.", "cores.", "modules_to_save."
+
+
+def factor_key(group: str, which: str) -> str:
+    """The key of a group's ``out_factor`` (U) or ``in_factor`` (V)."""
+    if which not in (OUT_FACTOR, IN_FACTOR):
+        raise ValueError(f"which must be {OUT_FACTOR!r} or {IN_FACTOR!r}, got {which!r}")
+    return f"{_FACTORS}{group}.{which}"
+
+
+def core_key(module: str) -> str:
+    """The key of the core ``G_l`` of the module at path ``module``."""
+    return f"{_CORES}{module}"
+
+
+def saved_key(parameter: str) -> str:
+    """The key of a full tensor of ``modules_to_save``, by parameter path in the base model."""
+    return f"{_SAVED}{parameter}"
+
+
+def saved_parameters(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``modules_to_save`` tensors of ``tensors``, by parameter path (the inverse of :func:`saved_key`)."""
+    return {k[len(_SAVED) :]: v for k, v in tensors.items() if k.startswith(_SAVED)}
+
+
+def expected_shapes(name: str, group: GroupLayout) -> dict[str, tuple[int, int]]:
+    """Every tensor key of ``group`` with its shape: both factors and one core per module."""
+    (d_out, d_in), (r_out, r_in) = group.shape, group.rank
+    return {
+        factor_key(name, OUT_FACTOR): (d_out, r_out),
+        factor_key(name, IN_FACTOR): (d_in, r_in),
+        **{core_key(m): (r_out, r_in) for m in group.modules},
+    }
+
+
+@dataclass
+class GroupLayout:
+    """One group as stored: modules in stack order, ``shape`` (d_out, d_in), ``rank`` (r_out, r_in),
+    and the ``scale`` of its updates, ``dW_l = scale * U G_l V^T``."""
+
+    modules: list[str]
+    shape: tuple[int, int]
+    rank: tuple[int, int]
+    scale: float
+    fan_in_fan_out: bool = False  # the modules store their weight (d_in, d_out), as GPT-2's Conv1D
+
+    @property
+    def n_params(self) -> int:
+        """``r_out*d_out + r_in*d_in + L*r_out*r_in``."""
+        (d_out, d_in), (r_out, r_in) = self.shape, self.rank
+        return r_out * d_out + r_in * d_in + len(self.modules) * r_out * r_in
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modules": self.modules,
+            "shape": list(self.shape),
+            "rank": list(self.rank),
+            "scale": self.scale,
+            "fan_in_fan_out": self.fan_in_fan_out,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GroupLayout:
+        return cls(
+            list(data["modules"]),
+            tuple(data["shape"]),
+            tuple(data["rank"]),
+            float(data["scale"]),
+            bool(data.get("fan_in_fan_out", False)),
+        )
+
+
+@dataclass
+class LoTRAdapterFiles:
+    """An adapter in memory: the user's ``config``, the resolved ``groups``, and the tensors by key."""
+
+    config: dict[str, Any]
+    groups: dict[str, GroupLayout]
+    tensors: dict[str, torch.Tensor]
+    base_model: dict[str, Any] = field(default_factory=dict)
+
+    def factor(self, group: str, which: str) -> torch.Tensor:
+        """``U`` (``which="out_factor"``, (d_out, r_out)) or ``V`` (``"in_factor"``, (d_in, r_in)) of ``group``."""
+        return self.tensors[factor_key(group, which)]
+
+    def core(self, module: str) -> torch.Tensor:
+        """The core (r_out, r_in) of the module at path ``module``."""
+        return self.tensors[core_key(module)]
+
+    @property
+    def modules_to_save(self) -> dict[str, torch.Tensor]:
+        """Full tensors of the modules trained in full, by parameter path."""
+        return saved_parameters(self.tensors)
+
+
+class AdapterBuilder:
+    """Collects groups' Tucker-2 tensors into a :class:`LoTRAdapterFiles` (convert and decompose)."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, GroupLayout] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add_group(self, name: str, modules: list[str], tucker: Tucker2, *, fan_in_fan_out: bool) -> None:
+        """Store a group's factors and cores in float32 at scale 1 (the cores absorb every scale)."""
+        core = torch.as_tensor(tucker.core).to(torch.float32)
+        self.tensors[factor_key(name, OUT_FACTOR)] = torch.as_tensor(tucker.out_factor).to(torch.float32).contiguous()
+        self.tensors[factor_key(name, IN_FACTOR)] = torch.as_tensor(tucker.in_factor).to(torch.float32).contiguous()
+        for i, module in enumerate(modules):
+            self.tensors[core_key(module)] = core[i].clone()
+        d_out, d_in = int(tucker.out_factor.shape[0]), int(tucker.in_factor.shape[0])
+        self.groups[name] = GroupLayout(list(modules), (d_out, d_in), tucker.rank, 1.0, fan_in_fan_out)
+
+    def add_saved(self, parameters: dict[str, torch.Tensor]) -> list[str]:
+        """Store full tensors of ``modules_to_save`` by parameter path; returns the module paths."""
+        for key, tensor in parameters.items():
+            self.tensors[saved_key(key)] = tensor
+        return sorted({key.rsplit(".", 1)[0] for key in parameters})
+
+    def build(
+        self,
+        target_modules: Any,
+        groups: str | dict[str, list[str]],
+        modules_to_save: list[str],
+        base_model: dict[str, Any],
+    ) -> LoTRAdapterFiles:
+        """The adapter, with a config of per-group ranks and alpha = min(rank), so every scale is 1."""
+        if not self.groups:
+            raise ValueError("the adapter has no groups")
+        ranks = {name: tuple(g.rank) for name, g in self.groups.items()}
+        first = next(iter(ranks.values()))
+        config = LoTRConfig(
+            rank=first,
+            alpha=float(min(first)),
+            target_modules=target_modules or sorted({m for g in self.groups.values() for m in g.modules}),
+            groups=groups,
+            modules_to_save=modules_to_save or None,
+            rank_pattern=dict(ranks),
+            alpha_pattern={name: float(min(r)) for name, r in ranks.items()},
+        )
+        return LoTRAdapterFiles(config.to_dict(), dict(self.groups), dict(self.tensors), base_model)

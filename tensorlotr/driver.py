@@ -1,0 +1,182 @@
+"""The driver shared by ``convert_lora`` and ``decompose``: a plan of groups in, an adapter and a report out.
+
+The jobs differ only in how they produce each group's :class:`tensorlotr.Tucker2`; they hand
+the driver a function from a :class:`~tensorlotr.adapter.Group` to a :class:`GroupOutcome`.
+The driver runs the plan with progress, stores every group, builds the adapter, writes it
+atomically and reports per group and in total.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .adapter import AdapterBuilder, Group, LoTRAdapterFiles
+from .core import Tucker2
+from .progress import Progress, no_progress
+from .report import Result, format_table
+
+
+@dataclass
+class GroupOutcome:
+    """What a job computed for one group.
+
+    ``norm_sq`` is ``sum_l ||dW_l||_F^2`` and ``error_sq`` is ``sum_l ||dW_l - U G_l V^T||_F^2``;
+    ``details`` are the job's own report columns (LoRA params, route, …).
+    """
+
+    tucker: Tucker2
+    norm_sq: float
+    error_sq: float
+    fan_in_fan_out: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GroupReport:
+    """One group of an adapter a job built. Job-specific columns are ``None`` where they do not apply."""
+
+    group: str
+    layers: int
+    shape: tuple[int, int]
+    rank: tuple[int, int]
+    lotr_params: int
+    relative_error: float
+    seconds: float
+    lora_rank: tuple[int, int] | None = None
+    lora_params: int | None = None
+    energy_kept: float | None = None
+    route: str | None = None
+    passes: int | None = None
+
+
+_COLUMNS = {
+    "group": "group",
+    "layers": "layers",
+    "shape": "shape",
+    "lora_rank": "LoRA rank",
+    "rank": "LoTR rank",
+    "lora_params": "LoRA params",
+    "lotr_params": "LoTR params",
+    "relative_error": "rel. error",
+    "energy_kept": "energy kept",
+    "route": "route",
+}
+
+
+@dataclass(kw_only=True)
+class AdapterReport(Result):
+    """What a job that builds an adapter (convert, decompose) wrote, and what it cost."""
+
+    source: str
+    output: str | None
+    groups: list[GroupReport]
+    modules_to_save: list[str] = field(default_factory=list)
+    relative_error: float = 0.0  # over all groups: sqrt(sum_g err_g^2 / sum_g ||dW_g||^2)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lotr_params(self) -> int:
+        return sum(g.lotr_params for g in self.groups)
+
+    @property
+    def lora_params(self) -> int:
+        return sum(g.lora_params or 0 for g in self.groups)
+
+    def totals(self) -> dict[str, Any]:
+        totals: dict[str, Any] = {"lotr_params": self.lotr_params, "relative_error": self.relative_error}
+        if self.lora_params:
+            totals["lora_params"] = self.lora_params
+            totals["compression"] = self.lora_params / max(self.lotr_params, 1)
+        return totals
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "totals": self.totals()}
+
+    def table(self) -> str:
+        """Per group and in total, as an aligned text table."""
+        used = [key for key in _COLUMNS if any(getattr(g, key) is not None for g in self.groups)]
+        rows = [{_COLUMNS[k]: getattr(g, k) for k in used} for g in self.groups]
+        total = {_COLUMNS[k]: "" for k in used}
+        total.update(group="total", layers=sum(g.layers for g in self.groups))
+        total[_COLUMNS["lotr_params"]] = self.lotr_params
+        total[_COLUMNS["relative_error"]] = self.relative_error
+        if "lora_params" in used:
+            total[_COLUMNS["lora_params"]] = self.lora_params
+        return format_table([*rows, total])
+
+    def summary(self) -> str:
+        """One line: parameters, error, time, output."""
+        text = f"{self.lotr_params:,} LoTR params"
+        if self.lora_params:
+            ratio = self.lora_params / max(self.lotr_params, 1)
+            text = f"{self.lora_params:,} LoRA params -> {text} (compression {ratio:.1f}x)"
+        text += f", relative error {self.relative_error:.3e}, {self.seconds:.2f} s"
+        return text + (f"; wrote {self.output}" if self.output else "")
+
+    def text(self) -> str:
+        return "\n".join([self.table(), *self.notes, self.summary()])
+
+
+@dataclass
+class PlanResult:
+    """The groups of a plan, decomposed: the builder holding them, their reports, and totals."""
+
+    builder: AdapterBuilder
+    groups: list[GroupReport]
+    norm_sq: float  # sum over groups of ||dW_g||^2
+    error_sq: float  # sum over groups of ||dW_g - U G V^T||^2
+
+    @property
+    def relative_error(self) -> float:
+        """Over all groups; 0 when every update is zero."""
+        return math.sqrt(self.error_sq / self.norm_sq) if self.norm_sq > 0 else 0.0
+
+
+def run_plan(
+    plan: Sequence[Group],
+    decompose_group: Callable[[Group], GroupOutcome],
+    *,
+    progress: Progress | None = None,
+    desc: str = "groups",
+) -> PlanResult:
+    """Decompose every group of ``plan`` with ``decompose_group`` and store it."""
+    progress = progress or no_progress
+    builder = AdapterBuilder()
+    reports: list[GroupReport] = []
+    err_sq = total_sq = 0.0
+    for group in progress(plan, desc, len(plan)):
+        start = time.perf_counter()
+        outcome = decompose_group(group)
+        builder.add_group(group.name, list(group.modules), outcome.tucker, fan_in_fan_out=outcome.fan_in_fan_out)
+        error_sq = outcome.error_sq if math.isfinite(outcome.error_sq) else 0.0
+        err_sq += error_sq
+        total_sq += outcome.norm_sq
+        reports.append(
+            GroupReport(
+                group=group.name,
+                layers=len(group.modules),
+                shape=group.shape,
+                rank=outcome.tucker.rank,
+                lotr_params=outcome.tucker.n_params,
+                relative_error=math.sqrt(error_sq / outcome.norm_sq) if outcome.norm_sq > 0 else 0.0,
+                seconds=time.perf_counter() - start,
+                **outcome.details,
+            )
+        )
+    return PlanResult(builder, reports, total_sq, err_sq)
+
+
+def save_adapter(files: LoTRAdapterFiles, out_dir: str | os.PathLike | None, *, force: bool) -> None:
+    """Write ``files`` as a new adapter folder ``out_dir``, atomically (nothing when ``None``)."""
+    if out_dir is None:
+        return
+    from .io import atomic_dir, write_adapter
+
+    with atomic_dir(out_dir, force=force) as tmp:
+        write_adapter(tmp, files)
