@@ -4,10 +4,10 @@ dW_l = U @ G_l @ V.T with U and V shared by all layers of the stack.
 """
 
 from ._version import __version__
+from .adapter import LoTRConfig
 from .convert import convert_lora, export_lora
 from .core import Tucker2, relative_error, relative_error_lowrank, tucker2, tucker2_lowrank
 from .decomposition import decompose
-from .nn import LoTRConfig, LoTRModel, get_lotr_model
 
 __all__ = [
     "LoTRConfig",
@@ -26,9 +26,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name == "LoTRTrainer":  # importing transformers.Trainer takes seconds; only on demand
-        from .nn.trainer import LoTRTrainer
+#: Names of the torch bindings, imported on first use so that the file jobs never load them
+#: (and ``LoTRTrainer``'s transformers.Trainer import, which takes seconds, happens on demand).
+_LAZY = {"LoTRModel": "nn", "get_lotr_model": "nn", "LoTRTrainer": "nn"}
 
-        return LoTRTrainer
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

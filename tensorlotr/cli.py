@@ -28,10 +28,6 @@ from ._version import __version__
 RESERVED_LOG_COLUMNS = ("tag", "step", "value", "wall_time", "run")
 
 
-class CLIError(Exception):
-    """A usage error found by the command line itself (exit code 2)."""
-
-
 class Terminated(BaseException):
     """Raised by the SIGTERM handler so that partial outputs are removed on the way out."""
 
@@ -406,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
         return 143
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         _report(prog, exc, args)
         return 2
     except Exception as exc:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .adapter import Group, group_modules
-from .core import lowrank_norm_sq, relative_error_lowrank, tucker2_lowrank
+from .core import lowrank_norm_sq, normalize_rank, relative_error_lowrank, tucker2_lowrank
 from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
 from .io import is_lotr_dir, read_adapter
 from .io.atomic import atomic_dir, check_output
@@ -72,6 +72,7 @@ def convert_lora(
         error (computed in factored form), then the totals.
     """
     start = time.perf_counter()
+    requested = normalize_rank(rank)
     check_output(out_dir, force, inputs=[peft_dir])
     lora = PeftLoRA(peft_dir)
     plan = group_modules({m.name: m.shape for m in lora.modules.values()}, groups)
@@ -81,14 +82,18 @@ def convert_lora(
         bs, as_, scales = lora.load(names)
         bs = [b.float() if b.dtype != torch.float64 else b for b in bs]
         as_ = [a.float() if a.dtype != torch.float64 else a for a in as_]
-        tucker = tucker2_lowrank(bs, as_, rank, scale=scales, energy=energy, n_iter=n_iter)
+        # the stack has rank at most sum_l r_l in both modes: never pad beyond it
+        (d_out, d_in), total = group.shape, sum(lora.modules[n].rank for n in names)
+        exact = (min(d_out, len(names) * d_in, total), min(d_in, len(names) * d_out, total))
+        clipped = None if requested is None else (min(requested[0], exact[0]), min(requested[1], exact[1]))
+        tucker = tucker2_lowrank(bs, as_, clipped, scale=scales, energy=energy, n_iter=n_iter)
         norm_sq = lowrank_norm_sq(bs, as_, scales)
         error = relative_error_lowrank(tucker, bs, as_, scales)
         lora_rank = max(lora.modules[n].rank for n in names)
         details = {"lora_rank": (lora_rank, lora_rank), "lora_params": sum(lora.modules[n].n_params for n in names)}
         return GroupOutcome(tucker, norm_sq, error**2 * norm_sq, lora.fan_in_fan_out, details)
 
-    done = run_plan(plan, convert_group, progress=progress, desc="converting")
+    done = run_plan(plan, convert_group, progress=progress, desc="converting", rank=None if energy else requested)
     modules_to_save = done.builder.add_saved(lora.load_modules_to_save())
     base = {"name_or_path": lora.config.get("base_model_name_or_path"), "task_type": lora.config.get("task_type")}
     files = done.builder.build(lora.config.get("target_modules"), groups, modules_to_save, base)
@@ -100,6 +105,7 @@ def convert_lora(
         modules_to_save=modules_to_save,
         relative_error=done.relative_error,
         seconds=time.perf_counter() - start,
+        notes=done.notes,
     )
 
 

@@ -1,18 +1,11 @@
 """Decompose fine-tuned deltas (fine-tuned minus base) into a LoTR adapter, streaming.
 
-For each group (one projection type across layers, dW_l = W_ft,l - W_base,l of shape
-(d_out, d_in)) the deltas are read one layer at a time and never stacked:
-
-- **Exact route** (``max(d_out, d_in) <= gram_max_dim``, default 1024): pass 1 accumulates
-  the Gram matrices ``sum_l dW_l dW_l^T`` and ``sum_l dW_l^T dW_l`` in float64; their
-  eigenvectors are the HOSVD factors. Pass 2 forms the cores ``G_l = U^T dW_l V``. Each
-  HOOI sweep adds two passes. Memory: two d x d Grams plus one layer.
-- **Randomized route** (larger d): pass 1 sketches both unfoldings with Gaussian test
-  matrices, ``Y_out = sum_l dW_l Omega_l`` and ``Y_in = sum_l dW_l^T Psi_l`` (k = rank +
-  oversample columns); each of ``n_power`` power iterations adds a pass
-  (``Y_out = sum_l dW_l dW_l^T Q_out``). Pass 2 projects every layer onto the two sketch
-  bases, ``S_l = Q_out^T dW_l Q_in`` (k x k), and the small stack is decomposed in memory
-  with :func:`tensorlotr.tucker2` (HOOI sweeps included). Memory: O(d k) plus one layer.
+For each group (one projection type across layers, ``dW_l = W_ft,l - W_base,l`` of shape
+(d_out, d_in)) the deltas are read one layer at a time, in passes, and never stacked: this
+module reads the two checkpoints (:class:`_Deltas`), and
+:func:`tensorlotr.core.tucker2_streaming` decomposes the stream (an exact Gram route for
+``d <= gram_max_dim``, a randomized sketch route above it). The shared driver stores the
+groups, writes the adapter and reports.
 
 Errors are exact for what was computed: ``||dW - U G V^T||^2 = ||dW||^2 - ||G||^2`` with
 orthonormal factors and ``G = U^T dW V``, summed in float64.
@@ -249,7 +242,7 @@ def decompose(
         details = {"energy_kept": kept_sq / norm_sq if norm_sq > 0 else 1.0, "route": route, "passes": deltas.passes}
         return GroupOutcome(tucker, norm_sq, max(norm_sq - kept_sq, 0.0), deltas.transposed, details)
 
-    done = run_plan(plan, decompose_group, progress=progress, desc="decomposing")
+    done = run_plan(plan, decompose_group, progress=progress, desc="decomposing", rank=None if energy else pair)
     if done.norm_sq == 0.0:
         raise ValueError(
             f"{ft_w.name} equals {base_w.name} in every targeted module: all deltas are zero, nothing to decompose"
@@ -277,6 +270,7 @@ def decompose(
         modules_to_save=saved,
         relative_error=done.relative_error,
         seconds=time.perf_counter() - start,
+        notes=done.notes,
     )
     return Decomposition(adapter, report)
 

@@ -131,6 +131,7 @@ class PlanResult:
     groups: list[GroupReport]
     norm_sq: float  # sum over groups of ||dW_g||^2
     error_sq: float  # sum over groups of ||dW_g - U G V^T||^2
+    notes: list[str] = field(default_factory=list)
 
     @property
     def relative_error(self) -> float:
@@ -144,8 +145,13 @@ def run_plan(
     *,
     progress: Progress | None = None,
     desc: str = "groups",
+    rank: tuple[int, int] | None = None,
 ) -> PlanResult:
-    """Decompose every group of ``plan`` with ``decompose_group`` and store it."""
+    """Decompose every group of ``plan`` with ``decompose_group`` and store it.
+
+    ``rank`` is the rank the user asked for: a group that ends below it (its exact rank is
+    smaller) gets a note in the report.
+    """
     progress = progress or no_progress
     builder = AdapterBuilder()
     reports: list[GroupReport] = []
@@ -169,7 +175,12 @@ def run_plan(
                 **outcome.details,
             )
         )
-    return PlanResult(builder, reports, total_sq, err_sq)
+    notes = [
+        f"group {g.group}: rank {rank[0]}x{rank[1]} is above its exact rank; kept {g.rank[0]}x{g.rank[1]}"
+        for g in reports
+        if rank is not None and tuple(g.rank) != tuple(rank)
+    ]
+    return PlanResult(builder, reports, total_sq, err_sq, notes)
 
 
 def save_adapter(files: LoTRAdapterFiles, out_dir: str | os.PathLike | None, *, force: bool) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from .core import tucker2
-from .core import normalize_rank
+from .core import normalize_rank, tucker2
 
 
 @torch.no_grad()
