@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +12,10 @@ from ..core import normalize_rank
 
 INITS = ("zeros", "normal", "svd")
 GROUP_MODES = ("by_name", "shared")
+#: ``target_modules`` shorthand for every linear layer but the output head, as PEFT defines it.
+ALL_LINEAR = "all-linear"
+#: PEFT's task types (``peft.TaskType``).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 #: Targets used when ``target_modules`` is None, by ``model.config.model_type`` (as PEFT's defaults).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -43,10 +49,16 @@ class LoTRConfig:
         with ``lora_alpha = alpha`` keeps the same scaling).
     target_modules : list of str or str, optional
         Module name suffixes (``"query"`` matches ``….attention.self.query``), or one
-        regular expression matched against the full name, as in PEFT. ``None`` picks a
-        default for known model types.
+        regular expression matched against the full name, as in PEFT. ``"all-linear"``
+        targets every ``nn.Linear`` / ``Conv1D`` but the output head (and, with
+        ``task_type="SEQ_CLS"``, the classifier). ``None`` picks a default for known model types.
+    exclude_modules : list of str or str, optional
+        Modules never adapted: suffixes, or one regex matched in full, as ``target_modules``.
     layers_to_transform : int or list of int, optional
-        Only modules whose layer index (the first number in the name) is listed.
+        Only modules whose layer index is listed: the number after ``layers_pattern`` in the
+        path, or the first number in it.
+    layers_pattern : str or list of str, optional
+        The name of the layer list (``"layers"``, ``"h"``), as in PEFT.
     groups : "by_name", "shared" or dict of str to list of str
         How targets are stacked into tensors. ``"by_name"``: one tensor per target name
         across layers (all ``query`` projections form one stack). ``"shared"``: one tensor
@@ -63,7 +75,17 @@ class LoTRConfig:
         Modules (name suffixes) trained in full and saved with the adapter, e.g.
         ``["classifier"]``.
     rank_pattern, alpha_pattern : dict of str, optional
-        Per-group overrides of ``rank`` and ``alpha``, keyed by group name.
+        Overrides of ``rank`` and ``alpha``, keyed as PEFT keys them, by a module-name regex
+        matched at the end of the path (``"q_proj"``, ``"layers.0.self_attn.q_proj"``),
+        or by group name. A group's modules share one rank, so a key must give all of a
+        group's modules the same value.
+    task_type : str, optional
+        PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, …), kept in the config.
+    inference_mode : bool
+        Saved adapters are loaded frozen when true, as in PEFT.
+    extra : dict
+        Keys of a saved config this version does not know, kept (and saved again) rather
+        than dropped; loading such a config warns.
     """
 
     rank: Rank = 8
@@ -76,14 +98,33 @@ class LoTRConfig:
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, Rank] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    exclude_modules: list[str] | str | None = None
+    layers_pattern: list[str] | str | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rank = normalize_rank(self.rank)  # type: ignore[assignment]
         self.rank_pattern = {k: normalize_rank(v) for k, v in self.rank_pattern.items()}  # type: ignore[misc]
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = list(self.exclude_modules)
+        if isinstance(self.layers_pattern, (list, tuple)):
+            self.layers_pattern = list(self.layers_pattern)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform, as in PEFT")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {self.task_type!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in pattern:
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ValueError(f"{name} key {key!r} is not a valid regular expression: {exc}") from None
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.groups, str) and self.groups not in GROUP_MODES:
@@ -95,29 +136,80 @@ class LoTRConfig:
                     raise ValueError(f"group names must be non-empty and contain no '.', got {name!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if float(self.alpha) <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        alphas = [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]
+        for what, value in alphas:
+            if not 0.0 < float(value) < float("inf"):  # NaN fails too
+                raise ValueError(f"{what} must be a positive finite number, got {value!r}")
 
-    def rank_of(self, group: str) -> tuple[int, int]:
-        """``(r_out, r_in)`` of ``group``."""
-        return self.rank_pattern.get(group, self.rank)  # type: ignore[return-value]
+    def rank_of(self, group: str, modules: tuple[str, ...] | list[str] = ()) -> tuple[int, int]:
+        """``(r_out, r_in)`` of ``group``, whose module paths are ``modules``."""
+        return self._pattern_value(self.rank_pattern, self.rank, group, modules, "rank_pattern")  # type: ignore[return-value]
 
-    def scale_of(self, group: str) -> float:
+    def scale_of(self, group: str, modules: tuple[str, ...] | list[str] = ()) -> float:
         """``alpha / min(r_out, r_in)`` of ``group``."""
-        return float(self.alpha_pattern.get(group, self.alpha)) / min(self.rank_of(group))
+        alpha = self._pattern_value(self.alpha_pattern, self.alpha, group, modules, "alpha_pattern")
+        return float(alpha) / min(self.rank_of(group, modules))
+
+    @staticmethod
+    def _pattern_value(pattern: dict[str, Any], default: Any, group: str, modules: Any, what: str) -> Any:
+        """A group's value from ``pattern``: by group name, else by PEFT's module-regex rule."""
+        if group in pattern:
+            return pattern[group]
+        values = {}
+        for module in modules:
+            key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", module)), None)
+            values[module] = pattern[key] if key is not None else default
+        distinct = {repr(v): v for v in values.values()}
+        if len(distinct) > 1:
+            listing = ", ".join(f"{m}: {v}" for m, v in values.items())
+            raise ValueError(
+                f"{what} gives the modules of group {group!r} different values ({listing}); the modules of a group "
+                "share one value, so split them into groups of their own with groups={{...}}"
+            )
+        return next(iter(distinct.values())) if distinct else default
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; ranks become lists."""
+        """A JSON-ready dict; ranks become lists; keys kept in ``extra`` come back at the top level."""
         out = dataclasses.asdict(self)
+        extra = out.pop("extra")
         out["rank"] = list(self.rank)  # type: ignore[arg-type]
         out["rank_pattern"] = {k: list(v) for k, v in self.rank_pattern.items()}
-        return out
+        return {**extra, **out}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoTRConfig:
-        """The inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> LoTRConfig:
+        """The inverse of :meth:`to_dict`.
+
+        Unknown keys raise ``ValueError``, or with ``strict=False`` are kept in ``extra``
+        with a warning that names them (what loading a saved adapter does).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a LoTRConfig must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown and strict:
+            raise ValueError(f"unknown LoTRConfig fields: {unknown}")
         if unknown:
-            raise ValueError(f"unknown LoTRConfig fields: {sorted(unknown)}")
-        return cls(**data)
+            warnings.warn(
+                f"LoTRConfig: keeping fields this version does not know: {unknown}", UserWarning, stacklevel=2
+            )
+        extra = {**data.get("extra", {}), **{k: data[k] for k in unknown}}
+        return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
+
+    def save_pretrained(self, save_directory: str | Any) -> Any:
+        """Write this config as ``lotr_config.json`` in ``save_directory`` (no tensors)."""
+        from ..io.lotr_format import write_config
+
+        return write_config(save_directory, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Any, **hub_kwargs: Any) -> LoTRConfig:
+        """The config of a saved adapter (or config) folder, or of a Hub repo id.
+
+        ``hub_kwargs`` (``subfolder``, ``revision``, ``token``, ``cache_dir``,
+        ``local_files_only``) go to the Hub; see :func:`tensorlotr.io.hub.resolve_folder`.
+        """
+        from ..io.hub import resolve_folder
+        from ..io.lotr_format import read_config
+
+        return cls.from_dict(read_config(resolve_folder(path_or_id, what="LoTR config", **hub_kwargs)), strict=False)

@@ -45,10 +45,49 @@ def oriented_shape(stored: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, 
     return (d1, d0) if fan_in_fan_out else (d0, d1)
 
 
-def layer_index(name: str) -> int | None:
-    """The first number component of a module path: ``encoder.layer.3.query`` -> 3."""
-    found = _LAYER_INDEX.search(name)
+def layer_index(name: str, layers_pattern: str | Iterable[str] | None = None) -> int | None:
+    """The layer index of a module path: ``encoder.layer.3.query`` -> 3.
+
+    With ``layers_pattern`` (``"layer"``, ``["h", "layers"]``), the number right after one of
+    those path components, as PEFT reads it; otherwise the first number component.
+    """
+    if layers_pattern is None:
+        found = _LAYER_INDEX.search(name)
+        return int(found.group(1)) if found else None
+    names = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+    alternatives = "|".join(re.escape(n) for n in names)
+    found = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
     return int(found.group(1)) if found else None
+
+
+def select_modules(
+    candidates: Iterable[str],
+    target_modules: str | Iterable[str],
+    *,
+    exclude_modules: str | Iterable[str] | None = None,
+    layers_to_transform: Iterable[int] | None = None,
+    layers_pattern: str | Iterable[str] | None = None,
+    heads: Iterable[str] = (),
+) -> list[str]:
+    """The module paths among ``candidates`` that an adapter targets, in the given order.
+
+    ``target_modules`` follows :func:`matches`; ``"all-linear"`` takes every candidate but
+    ``heads`` (the output head, which the caller finds). ``exclude_modules`` uses the same
+    matching rule; ``layers_to_transform`` keeps the listed layer indices (see :func:`layer_index`).
+    """
+    all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+    skipped = set(heads) if all_linear else set()
+    layers = None if layers_to_transform is None else set(layers_to_transform)
+    chosen = []
+    for name in candidates:
+        if name in skipped or not (all_linear or matches(name, target_modules)):
+            continue
+        if exclude_modules is not None and matches(name, exclude_modules):
+            continue
+        if layers is not None and layer_index(name, layers_pattern) not in layers:
+            continue
+        chosen.append(name)
+    return chosen
 
 
 def layer_pattern(name: str) -> str:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapter.config import DEFAULT_TARGETS, LoTRConfig
-from ..adapter.groups import Group, group_modules, is_conv1d, layer_index, matches, no_match_message, oriented_shape
+from ..adapter.config import ALL_LINEAR, DEFAULT_TARGETS, LoTRConfig
+from ..adapter.groups import Group, group_modules, is_conv1d, matches, no_match_message, oriented_shape, select_modules
+
+#: Classifier heads that ``"all-linear"`` leaves out of SEQ_CLS models (PEFT's list).
+SEQ_CLS_HEADS = ("classifier", "score")
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -36,12 +39,15 @@ def resolve_targets(model: nn.Module, config: LoTRConfig) -> list[str]:
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(f"target_modules is required for model type {model_type!r}")
         patterns = DEFAULT_TARGETS[model_type]
+    modules = dict(model.named_modules())
+    all_linear = isinstance(patterns, str) and patterns.lower() == ALL_LINEAR
+    candidates = [n for n, m in modules.items() if n and (is_supported(m) or not all_linear)]
     names = []
-    for name, module in model.named_modules():
-        if not name or not matches(name, patterns):
-            continue
-        if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
-            continue
+    for name in select_modules(
+        candidates, patterns, exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern, heads=_output_heads(model, config.task_type),
+    ):  # fmt: skip
+        module = modules[name]
         if not is_supported(module):
             if any(is_supported(child) for child in module.modules()):
                 continue  # a container whose name matches; its Linear children may match too
@@ -52,6 +58,16 @@ def resolve_targets(model: nn.Module, config: LoTRConfig) -> list[str]:
     if not names:
         raise ValueError(_no_match_message(model, patterns, config.layers_to_transform))
     return names
+
+
+def _output_heads(model: nn.Module, task_type: str | None) -> list[str]:
+    """Module paths that ``"all-linear"`` leaves out: the output embeddings and, for SEQ_CLS, the classifier."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    heads = [name for name, module in model.named_modules() if output is not None and module is output]
+    if task_type == "SEQ_CLS":
+        heads += [name for name in SEQ_CLS_HEADS if isinstance(getattr(model, name, None), nn.Module)]
+    return heads
 
 
 def _no_match_message(model: nn.Module, patterns: str | list[str], layers: list[int] | None) -> str:
