@@ -179,7 +179,31 @@ def _cmd_export(args: argparse.Namespace) -> Any:
     from .convert import export_lora
 
     _check_outputs(args.out_dir, [args.lotr_dir], args.force)
-    return export_lora(args.lotr_dir, args.out_dir, force=args.force)
+    return export_lora(args.lotr_dir, args.out_dir, adapter=args.adapter, force=args.force)
+
+
+def _cmd_zoo_compress(args: argparse.Namespace) -> Any:
+    from .progress import tqdm_progress
+    from .zoo import compress_zoo
+
+    if len(args.paths) < 2:
+        raise ValueError("zoo compress needs at least one SOURCE and the OUT_DIR")
+    *sources, out_dir = args.paths
+    _check_outputs(out_dir, sources, args.force)
+    return compress_zoo(
+        sources, out_dir, names=args.names, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
+        groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
+    )  # fmt: skip
+
+
+def _cmd_zoo_add(args: argparse.Namespace) -> Any:
+    from .progress import tqdm_progress
+    from .zoo import add_to_zoo
+
+    return add_to_zoo(
+        args.zoo_dir, args.source, name=args.name, refit=args.refit, rank=args.rank, energy=args.energy,
+        n_iter=args.hooi_iters, progress=None if args.json else tqdm_progress,
+    )  # fmt: skip
 
 
 def _cmd_decompose(args: argparse.Namespace) -> Any:
@@ -299,7 +323,33 @@ def build_parser() -> argparse.ArgumentParser:
     export = _command(sub, "export-lora", "export a LoTR adapter as an exact PEFT LoRA folder", _cmd_export)
     export.add_argument("lotr_dir", type=Path, metavar="LOTR_DIR", help="a LoTR adapter folder (lotr_config.json)")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the PEFT LoRA folder to write")
+    export.add_argument("--adapter", metavar="NAME", help="the adapter to export when LOTR_DIR is a zoo")
     _common(export)
+
+    zoo = sub.add_parser("zoo", help="many LoRAs of one base in one shared Tucker-2 basis", description="LoRA zoos")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    compress = _command(
+        zoo_sub, "compress", "compress PEFT LoRA (or LoTR) folders of one base into a zoo", _cmd_zoo_compress
+    )
+    compress.add_argument(
+        "paths", type=Path, nargs="+", metavar="SOURCE... OUT_DIR",
+        help="the adapter folders, then the zoo folder to write",
+    )  # fmt: skip
+    compress.add_argument(
+        "--names", action=_ListAction, nargs="+", metavar="A,B,…", help="adapter names (folder names)"
+    )
+    _rank_flags(
+        compress, "Tucker ranks of every group, shared by all adapters (default: exact, lossless)",
+        "keep this fraction of each group's squared singular values, over all adapters",
+    )  # fmt: skip
+    _common(compress)
+    add = _command(zoo_sub, "add", "fold a new adapter into a zoo (projected onto its basis)", _cmd_zoo_add)
+    add.add_argument("zoo_dir", type=Path, metavar="ZOO_DIR", help="the zoo folder, rewritten in place")
+    add.add_argument("source", type=Path, metavar="LORA_DIR", help="a PEFT LoRA (or LoTR) folder for the same base")
+    add.add_argument("--name", metavar="NAME", help="the adapter's name (default: the folder name)")
+    add.add_argument("--refit", action="store_true", help="recompress the whole zoo instead of projecting")
+    _rank_flags(add, "with --refit: the zoo's new rank (default: its current one)", "with --refit: energy kept")
+    _common(add, None)
 
     dec = _command(sub, "decompose", "decompose fine-tuned minus base weights into a LoTR adapter", _cmd_decompose)
     dec.add_argument("base_dir", type=Path, metavar="BASE_DIR", help="the base model folder (safetensors or .bin)")
@@ -388,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(parser, args)
     prog = f"tensorlotr {args.command}"
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _is_main_thread() else None
+    show_warning, warnings.showwarning = warnings.showwarning, _warning_line(prog)
     try:
         _print(args.func(args), args)
         sys.stdout.flush()
@@ -409,8 +460,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(prog, exc, args)
         return 1
     finally:
+        warnings.showwarning = show_warning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _warning_line(prog: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command line: one line, ``tensorlotr CMD: warning: …``."""
+
+    def show(message: Warning | str, *_args: Any, **_kwargs: Any) -> None:
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    return show
 
 
 def _report(prog: str, exc: BaseException, args: argparse.Namespace) -> None:

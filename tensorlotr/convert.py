@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from .adapter import Group, group_modules
+from .adapter import Group, LoTRAdapterFiles, group_modules
 from .core import lowrank_norm_sq, normalize_rank, relative_error_lowrank, tucker2_lowrank
 from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
 from .io import is_lotr_dir, read_adapter
 from .io.atomic import atomic_dir, check_output
 from .io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from .io.peft_lora import PeftLoRA, lora_config, lora_keys, saved_tensor_key, write_peft_lora
+from .io.zoo_format import is_zoo_dir, read_zoo
 from .progress import Progress
 from .report import Result, format_table
 
@@ -74,6 +75,12 @@ def convert_lora(
     start = time.perf_counter()
     requested = normalize_rank(rank)
     check_output(out_dir, force, inputs=[peft_dir])
+    if is_zoo_dir(peft_dir):
+        raise ValueError(
+            f"{peft_dir} is a LoTR zoo, not a PEFT LoRA; export-lora --adapter NAME gives one of its LoRAs"
+        )
+    if is_lotr_dir(peft_dir):
+        raise ValueError(f"{peft_dir} is a LoTR adapter already, not a PEFT LoRA")
     lora = PeftLoRA(peft_dir)
     plan = group_modules({m.name: m.shape for m in lora.modules.values()}, groups)
 
@@ -141,7 +148,9 @@ class ExportReport(Result):
         return f"wrote PEFT LoRA {self.output}: {self.modules} modules ({ranks}), {self.lora_params:,} params"
 
 
-def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, force: bool = False) -> ExportReport:
+def export_lora(
+    lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, adapter: str | None = None, force: bool = False
+) -> ExportReport:
     """Write a LoTR adapter as a PEFT LoRA folder, exactly.
 
     ``dW_l = scale U G_l V^T`` becomes a LoRA of rank ``r = min(r_out, r_in)``: with
@@ -152,9 +161,11 @@ def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, fo
     Parameters
     ----------
     lotr : path or LoTRModel
-        A LoTR adapter folder or a model with adapters attached.
+        A LoTR adapter folder, a zoo folder (with ``adapter``) or a model with adapters attached.
     out_dir : path
         Written atomically; an existing folder needs ``force``.
+    adapter : str, optional
+        Which adapter of a zoo to export (exact with respect to the zoo).
 
     Returns
     -------
@@ -163,8 +174,9 @@ def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, fo
     """
     source_dir = lotr if isinstance(lotr, (str, os.PathLike)) else None
     check_output(out_dir, force, inputs=[source_dir])
-    files = read_adapter(lotr) if isinstance(lotr, (str, os.PathLike)) else lotr.adapter_files()
+    files = _adapter_files(lotr, adapter)
     source = str(lotr) if isinstance(lotr, (str, os.PathLike)) else type(lotr).__name__
+    source += f" (adapter {adapter})" if adapter else ""
     tensors: dict[str, torch.Tensor] = {}
     rank_of_module: dict[str, int] = {}
     fan_in_fan_out = False
@@ -199,6 +211,20 @@ def export_lora(lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, fo
     )
 
 
+def _adapter_files(lotr: str | os.PathLike | Any, adapter: str | None) -> LoTRAdapterFiles:
+    """The adapter to export: a LoTR folder, one adapter of a zoo folder, or a model's adapter."""
+    if not isinstance(lotr, (str, os.PathLike)):
+        return lotr.adapter_files() if adapter is None else lotr.adapter_files(adapter)
+    if is_zoo_dir(lotr):
+        zoo = read_zoo(lotr)
+        if adapter is None:
+            raise ValueError(f"{lotr} is a zoo of {len(zoo.adapters)} adapters; choose one with --adapter NAME")
+        return zoo.adapter(adapter)
+    if adapter is not None:
+        raise ValueError(f"{lotr} is a single LoTR adapter, not a zoo; drop --adapter")
+    return read_adapter(lotr)
+
+
 @dataclass(kw_only=True)
 class InspectReport(Result):
     """What :func:`inspect_adapter` found: per group layers, shape, rank ``[r_out, r_in]``, params, dtype.
@@ -230,9 +256,13 @@ class InspectReport(Result):
         return "\n".join(lines)
 
 
-def inspect_adapter(path: str | os.PathLike) -> InspectReport:
-    """Groups, shapes, ranks, parameters and dtype of a LoTR or PEFT LoRA folder."""
+def inspect_adapter(path: str | os.PathLike) -> Result:
+    """Groups, shapes, ranks, parameters and dtype of a LoTR or PEFT LoRA folder; per adapter, for a zoo."""
     folder = Path(path)
+    if is_zoo_dir(folder):
+        from .zoo import inspect_zoo
+
+        return inspect_zoo(folder)
     if is_lotr_dir(folder):
         files = read_adapter(folder)
         groups = [

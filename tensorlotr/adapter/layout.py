@@ -150,17 +150,125 @@ class AdapterBuilder:
         base_model: dict[str, Any],
     ) -> LoTRAdapterFiles:
         """The adapter, with a config of per-group ranks and alpha = min(rank), so every scale is 1."""
-        if not self.groups:
-            raise ValueError("the adapter has no groups")
-        ranks = {name: tuple(g.rank) for name, g in self.groups.items()}
-        first = next(iter(ranks.values()))
-        config = LoTRConfig(
-            rank=first,
-            alpha=float(min(first)),
-            target_modules=target_modules or sorted({m for g in self.groups.values() for m in g.modules}),
-            groups=groups,
-            modules_to_save=modules_to_save or None,
-            rank_pattern=dict(ranks),
-            alpha_pattern={name: float(min(r)) for name, r in ranks.items()},
-        )
+        config = built_config(self.groups, target_modules, groups, modules_to_save)
         return LoTRAdapterFiles(config.to_dict(), dict(self.groups), dict(self.tensors), base_model)
+
+
+def built_config(
+    layouts: dict[str, GroupLayout],
+    target_modules: Any,
+    groups: str | dict[str, list[str]],
+    modules_to_save: list[str],
+) -> LoTRConfig:
+    """The config of an adapter built from decompositions: per-group ranks, every scale 1 (alpha = min(rank))."""
+    if not layouts:
+        raise ValueError("the adapter has no groups")
+    ranks = {name: tuple(g.rank) for name, g in layouts.items()}
+    first = next(iter(ranks.values()))
+    return LoTRConfig(
+        rank=first,
+        alpha=float(min(first)),
+        target_modules=target_modules or sorted({m for g in layouts.values() for m in g.modules}),
+        groups=groups,
+        modules_to_save=modules_to_save or None,
+        rank_pattern=dict(ranks),
+        alpha_pattern={name: float(min(r)) for name, r in ranks.items()},
+    )
+
+
+# --- the zoo: many adapters of one base sharing each group's factors ------------------------------
+
+
+def zoo_core_key(adapter: str, module: str) -> str:
+    """The key of adapter ``adapter``'s core for the module at path ``module``, in a zoo."""
+    return f"adapters.{adapter}.{_CORES}{module}"
+
+
+def zoo_saved_key(adapter: str, parameter: str) -> str:
+    """The key of adapter ``adapter``'s ``modules_to_save`` tensor ``parameter``, in a zoo."""
+    return f"adapters.{adapter}.{_SAVED}{parameter}"
+
+
+@dataclass
+class ZooAdapter:
+    """One adapter of a zoo: where it came from, its modules by group, and what compression cost it.
+
+    ``groups`` maps a zoo group to this adapter's modules in it (a subset of the group's,
+    in stack order); a group the adapter lacks is absent and costs nothing.
+    """
+
+    source: str
+    groups: dict[str, list[str]]
+    lora_params: int = 0
+    relative_error: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)
+
+    @property
+    def modules(self) -> list[str]:
+        return [m for modules in self.groups.values() for m in modules]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "groups": self.groups,
+            "lora_params": self.lora_params,
+            "relative_error": self.relative_error,
+            "modules_to_save": self.modules_to_save,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZooAdapter:
+        return cls(
+            str(data["source"]),
+            {str(g): list(m) for g, m in data["groups"].items()},
+            int(data.get("lora_params", 0)),
+            float(data.get("relative_error", 0.0)),
+            list(data.get("modules_to_save", [])),
+        )
+
+
+@dataclass
+class ZooFiles:
+    """A zoo in memory: each group's shared factors, and per adapter its cores (scale 1).
+
+    ``groups`` hold the union of every adapter's modules (``scale`` 1). Tensors: the shared
+    factors under :func:`factor_key`, the cores under :func:`zoo_core_key`, and each adapter's
+    ``modules_to_save`` under :func:`zoo_saved_key`.
+    """
+
+    groups: dict[str, GroupLayout]
+    adapters: dict[str, ZooAdapter]
+    tensors: dict[str, torch.Tensor]
+    base_model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        """Everything stored: the shared factors once, every adapter's cores and saved tensors."""
+        return sum(t.numel() for t in self.tensors.values())
+
+    def core_params(self, name: str) -> int:
+        """Parameters that adapter ``name`` adds to the zoo: its cores and saved tensors."""
+        prefix = f"adapters.{name}."
+        return sum(t.numel() for k, t in self.tensors.items() if k.startswith(prefix))
+
+    def adapter(self, name: str) -> LoTRAdapterFiles:
+        """Adapter ``name`` as a plain LoTR adapter (its groups, the shared factors, its cores)."""
+        if name not in self.adapters:
+            raise KeyError(f"the zoo has no adapter {name!r}; adapters: {sorted(self.adapters)}")
+        entry = self.adapters[name]
+        groups, tensors = {}, {}
+        for group, modules in entry.groups.items():
+            layout = self.groups[group]
+            groups[group] = GroupLayout(list(modules), layout.shape, layout.rank, 1.0, layout.fan_in_fan_out)
+            for which in (OUT_FACTOR, IN_FACTOR):
+                tensors[factor_key(group, which)] = self.tensors[factor_key(group, which)]
+            for module in modules:
+                tensors[core_key(module)] = self.tensors[zoo_core_key(name, module)]
+        prefix = f"adapters.{name}.{_SAVED}"
+        for key, tensor in self.tensors.items():
+            if key.startswith(prefix):
+                tensors[saved_key(key[len(prefix) :])] = tensor
+        targets = sorted({m.rsplit(".", 1)[-1] for m in entry.modules})
+        patterns = {g: list(m) for g, m in entry.groups.items()}
+        config = built_config(groups, targets, patterns, entry.modules_to_save)
+        return LoTRAdapterFiles(config.to_dict(), groups, tensors, dict(self.base_model))

@@ -57,7 +57,7 @@ def resolve_folder(
     if local.is_absolute() or repo_id.startswith((".", "~")) or repo_id.count("/") > 1 or not repo_id:
         raise FileNotFoundError(f"{what} folder {repo_id} does not exist")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     offline = local_files_only or is_offline()
     patterns = [f"{subfolder}/{p}" for p in ADAPTER_PATTERNS] if subfolder else list(ADAPTER_PATTERNS)

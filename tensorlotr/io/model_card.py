@@ -75,7 +75,7 @@ def card_body(adapter: LoTRAdapterFiles, adapter_name: str = "default") -> str:
             "[tensorlotr](https://github.com/tensorlotr/tensorlotr). Each group stacks one projection "
             "across layers as a Tucker-2 tensor, `dW_l = U G_l V^T`, with `U` and `V` shared by the layers.",
             "",
-            "| group | layers | shape (d_out x d_in) | rank (r_out x r_in) | LoTR params | LoRA params at the same rank |",
+            "| group | layers | shape (d_out x d_in) | rank (r_out x r_in) | LoTR params | LoRA params, same rank |",
             "|---|---|---|---|---|---|",
             *rows,
             "",

@@ -1,0 +1,99 @@
+"""The zoo folder: ``zoo_config.json`` and ``zoo_model.safetensors``.
+
+The weights file holds each group's shared factors once and every adapter's cores, under
+the keys of :mod:`tensorlotr.adapter.layout`. The config lists the groups (shape, rank)
+and the adapters (source, modules by group, size and error at compression).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, ZooAdapter, ZooFiles, factor_key, zoo_core_key
+from .atomic import atomic_file
+
+ZOO_CONFIG_NAME = "zoo_config.json"
+ZOO_WEIGHTS_NAME = "zoo_model.safetensors"
+ZOO_FORMAT_VERSION = 1
+
+
+def is_zoo_dir(path: str | os.PathLike) -> bool:
+    """True for a folder holding ``zoo_config.json``."""
+    return (Path(path) / ZOO_CONFIG_NAME).is_file()
+
+
+def write_zoo(out_dir: str | os.PathLike, zoo: ZooFiles) -> Path:
+    """Write ``zoo``'s two files into ``out_dir`` (weights first; each renamed into place)."""
+    document = {
+        "format": "tensorlotr-zoo",
+        "format_version": ZOO_FORMAT_VERSION,
+        "groups": {name: g.to_dict() for name, g in zoo.groups.items()},
+        "adapters": {name: a.to_dict() for name, a in zoo.adapters.items()},
+        "base_model": zoo.base_model,
+    }
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in zoo.tensors.items()}
+    with atomic_file(folder / ZOO_WEIGHTS_NAME, force=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "tensorlotr-zoo": str(ZOO_FORMAT_VERSION)})
+    with atomic_file(folder / ZOO_CONFIG_NAME, force=True) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+    return folder
+
+
+def read_zoo(path: str | os.PathLike) -> ZooFiles:
+    """Read and check a zoo folder; errors name the file and what is wrong."""
+    folder = Path(path)
+    config_path, weights_path = folder / ZOO_CONFIG_NAME, folder / ZOO_WEIGHTS_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing; is {folder} a LoTR zoo folder?")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing")
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != "tensorlotr-zoo":
+        raise ValueError(f"{config_path} is not a tensorlotr zoo")
+    if document.get("format_version", 0) > ZOO_FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has format version {document['format_version']}; this reads {ZOO_FORMAT_VERSION}"
+        )
+    try:
+        groups = {name: GroupLayout.from_dict(g) for name, g in document["groups"].items()}
+        adapters = {name: ZooAdapter.from_dict(a) for name, a in document["adapters"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{config_path}: malformed groups or adapters ({exc!r})") from None
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{weights_path} cannot be read as safetensors: {exc}") from None
+    zoo = ZooFiles(groups, adapters, tensors, document.get("base_model") or {})
+    _check(zoo, weights_path)
+    return zoo
+
+
+def _check(zoo: ZooFiles, where: Path) -> None:
+    for name, group in zoo.groups.items():
+        (d_out, d_in), (r_out, r_in) = group.shape, group.rank
+        expected = {factor_key(name, OUT_FACTOR): (d_out, r_out), factor_key(name, IN_FACTOR): (d_in, r_in)}
+        for adapter, entry in zoo.adapters.items():
+            for module in entry.groups.get(name, []):
+                if module not in group.modules:
+                    raise ValueError(f"{where}: adapter {adapter!r} lists {module!r}, which group {name!r} lacks")
+                expected[zoo_core_key(adapter, module)] = (r_out, r_in)
+        for key, shape in expected.items():
+            tensor = zoo.tensors.get(key)
+            if tensor is None:
+                raise ValueError(f"{where} lacks tensor {key!r}")
+            if tuple(tensor.shape) != shape or not tensor.is_floating_point():
+                raise ValueError(f"{where}: tensor {key!r} is {tuple(tensor.shape)} {tensor.dtype}, expected {shape}")
+    for adapter, entry in zoo.adapters.items():
+        unknown = set(entry.groups) - set(zoo.groups)
+        if unknown:
+            raise ValueError(f"{where}: adapter {adapter!r} names groups the zoo lacks: {sorted(unknown)}")
