@@ -12,6 +12,8 @@ from ..core import normalize_rank
 
 INITS = ("zeros", "normal", "svd")
 GROUP_MODES = ("by_name", "shared")
+#: Dtypes the adapter's factors and cores may be kept in (``adapter_dtype``).
+ADAPTER_DTYPES = ("float32", "float64", "bfloat16", "float16")
 #: ``target_modules`` shorthand for every linear layer but the output head, as PEFT defines it.
 ALL_LINEAR = "all-linear"
 #: PEFT's task types (``peft.TaskType``).
@@ -83,6 +85,10 @@ class LoTRConfig:
         PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, …), kept in the config.
     inference_mode : bool
         Saved adapters are loaded frozen when true, as in PEFT.
+    adapter_dtype : str, optional
+        Dtype of the factors and cores: ``"float32"``, ``"float64"``, ``"bfloat16"`` or
+        ``"float16"``. ``None``: float32 (float64 on a float64 base), as PEFT keeps adapter
+        weights in float32 whatever the base's dtype.
     extra : dict
         Keys of a saved config this version does not know, kept (and saved again) rather
         than dropped; loading such a config warns.
@@ -102,6 +108,7 @@ class LoTRConfig:
     layers_pattern: list[str] | str | None = None
     task_type: str | None = None
     inference_mode: bool = False
+    adapter_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +134,8 @@ class LoTRConfig:
                     raise ValueError(f"{name} key {key!r} is not a valid regular expression: {exc}") from None
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES} or None, got {self.adapter_dtype!r}")
         if isinstance(self.groups, str) and self.groups not in GROUP_MODES:
             raise ValueError(f"groups must be one of {GROUP_MODES} or a dict of patterns, got {self.groups!r}")
         if isinstance(self.groups, dict):

@@ -17,8 +17,8 @@ from ..adapter import LoTRConfig
 from ..adapter.groups import is_conv1d
 from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, LoTRAdapterFiles, core_key, factor_key, saved_key
 from ..core import Tucker2, tucker2
-from .layer import LoTRFactors, LoTRLayer
-from .targets import build_groups, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
+from .layer import LoTRFactors, LoTRLayer, share_input_products
+from .targets import build_groups, dense_weight, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -107,6 +107,8 @@ class LoTRModel(nn.Module):
         for group_name, group in self.groups.items():
             first = self.base_model.get_submodule(group.modules[0])
             dtype = torch.float64 if first.weight.dtype == torch.float64 else torch.float32
+            if self.lotr_config.adapter_dtype is not None:
+                dtype = getattr(torch, self.lotr_config.adapter_dtype)
             factors = LoTRFactors(*group.shape, group.rank, dtype=dtype).to(first.weight.device)
             if initialise:
                 self._initialise(factors, group)
@@ -116,6 +118,7 @@ class LoTRModel(nn.Module):
                 parent = self.base_model.get_submodule(parent_name)
                 layer = LoTRLayer(getattr(parent, child), factors, group.scale, self.lotr_config.dropout)
                 setattr(parent, child, layer.to(first.weight.device))
+        self._sharing_hooks = share_input_products(self.base_model)
 
     def _initialise(self, factors: LoTRFactors, group: GroupLayout) -> None:
         init = self.lotr_config.init
@@ -134,8 +137,7 @@ class LoTRModel(nn.Module):
 
     @staticmethod
     def _dense_weight(module: nn.Module) -> torch.Tensor:
-        weight = module.weight.detach()
-        return weight if isinstance(module, nn.Linear) else weight.T
+        return dense_weight(module).detach()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -237,6 +239,9 @@ class LoTRModel(nn.Module):
         for name, layer in list(self.lotr_layers()):
             parent_name, child = _split_name(name)
             setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+        for handle in self._sharing_hooks:
+            handle.remove()
+        self._sharing_hooks = []
         self.lotr_factors = nn.ModuleDict()
         return self.base_model
 

@@ -6,6 +6,9 @@ The rules (matching, layer index, grouping, Conv1D orientation) live in
 
 from __future__ import annotations
 
+import sys
+
+import torch
 from torch import nn
 
 from ..adapter.config import ALL_LINEAR, DEFAULT_TARGETS, LoTRConfig
@@ -20,9 +23,88 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def quantization(module: nn.Module) -> str | None:
+    """``"4bit"`` for a bitsandbytes ``Linear4bit`` (nf4 or fp4), ``"8bit"`` for ``Linear8bitLt``, else None.
+
+    bitsandbytes is looked up among the loaded modules only: a model holding its layers has imported it.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "4bit"
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return "8bit"
+    return None
+
+
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a Linear or Conv1D."""
+    """``(d_out, d_in)`` of a Linear or Conv1D.
+
+    A bitsandbytes 4-bit weight is stored packed, two values a byte, as ``(d_out * d_in / 2, 1)``
+    (or repacked for the CPU kernels), so its shape is the module's ``out_features`` x ``in_features``.
+    """
+    if quantization(module) == "4bit":
+        return int(module.out_features), int(module.in_features)
     return oriented_shape(tuple(module.weight.shape), is_conv1d(module))
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an adaptable module as a floating (d_out, d_in) matrix, dequantized if need be.
+
+    4-bit weights are dequantized with their ``quant_state`` (nf4 or fp4, as quantized); 8-bit
+    weights from their int8 rows and row scales (``SCB``). Before quantization (a weight that has
+    not been moved to a device yet) the stored floating weight is returned.
+    """
+    kind = quantization(module)
+    weight = module.weight
+    if kind == "4bit" and getattr(weight, "bnb_quantized", False):
+        import bitsandbytes as bnb
+
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights in place for its CPU inference kernel; undo it as its
+            # own Linear4bit._save_to_state_dict does before reading them
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "8bit" and weight.dtype == torch.int8:
+        import bitsandbytes as bnb
+
+        row_scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, row_scales)
+    return weight.T if is_conv1d(module) else weight
+
+
+@torch.no_grad()
+def set_dense_weight(module: nn.Module, dense: torch.Tensor) -> None:
+    """Store the (d_out, d_in) matrix ``dense`` as ``module``'s weight, quantized again for bitsandbytes layers.
+
+    A 4-bit layer gets a new ``Params4bit`` with the same quant type, block size and storage,
+    quantized on the weight's device (as PEFT merges into 4-bit layers); an 8-bit layer a new
+    ``Int8Params`` (its cached int8 state is reset). Other layers are written in place, in their dtype.
+    """
+    kind = quantization(module)
+    weight = module.weight
+    if kind == "4bit" and getattr(weight, "bnb_quantized", False):
+        import bitsandbytes as bnb
+
+        state = weight.quant_state
+        module.weight = bnb.nn.Params4bit(
+            dense.to(state.dtype).cpu(), requires_grad=False, blocksize=weight.blocksize,
+            compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+            quant_storage=weight.quant_storage, module=module,
+        ).to(weight.device)  # fmt: skip
+    elif kind == "8bit" and weight.dtype == torch.int8:
+        import bitsandbytes as bnb
+
+        module.weight = bnb.nn.Int8Params(
+            dense.cpu(), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
+        ).to(weight.device)
+        module.state.reset_grads()
+    else:
+        weight.copy_((dense.T if is_conv1d(module) else dense).to(weight.dtype))
 
 
 def resolve_targets(model: nn.Module, config: LoTRConfig) -> list[str]:
