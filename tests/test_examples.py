@@ -17,3 +17,30 @@ def test_lora_roundtrip_example(tmp_path):
     diffs = [float(x) for x in re.findall(r"max \|logit difference\|: ([0-9.e+-]+)", done.stdout)]
     assert len(diffs) == 2 and max(diffs) < 1e-5
     assert (tmp_path / "exported" / "adapter_config.json").is_file()
+
+
+def test_decompose_finetuned_example(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "decompose_finetuned.py"), "--workdir", str(tmp_path), "--steps", "5"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    pattern = r"(full rank|energy 0\.9): max \|logit difference\| vs the fine-tuned model: (\S+)"
+    diffs = dict(re.findall(pattern, done.stdout))
+    assert float(diffs["full rank"]) < 1e-4  # exact at full rank
+    assert float(diffs["energy 0.9"]) > float(diffs["full rank"])  # truncation costs accuracy
+    for name in ("lotr", "lotr-e90"):
+        assert (tmp_path / name / "lotr_config.json").is_file()
+
+
+def test_logs_to_parquet_example(tmp_path):
+    import pandas as pd
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "logs_to_parquet.py"), "--workdir", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "24 runs, 24 event files, 2 tags, 1,320 rows" in done.stdout
+    curves = pd.read_parquet(tmp_path / "sweep.parquet")
+    assert list(curves.index.names) == ["dataset", "model", "method", "lr", "rank", "tag", "step", "seed"]
+    assert len(curves) == 24 * (50 + 5)  # a loss per step and an accuracy every 10 steps, per run
+    assert "final eval/accuracy" in done.stdout
