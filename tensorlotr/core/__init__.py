@@ -6,7 +6,8 @@ surface: code outside ``tensorlotr.core`` imports from here only.
 Modules, each importing only those above it: ``backend`` and ``contract`` (no core
 imports), ``svd`` (rank choice, singular vectors, HOOI, the dense HOSVD on arrays),
 ``lowrank`` (LoRA-factored stacks), ``tensor`` (``Tucker2``), ``hosvd`` (``tucker2``,
-``tucker2_lowrank``), ``error`` and ``streaming`` (stacks read one layer at a time).
+``tucker2_lowrank``), ``error`` and ``streaming`` (stacks read one layer at a time), ``weighted``
+(the output-aware Tucker-2, weighted by the layers' input second moments).
 """
 
 from .backend import check_energy, normalize_rank
@@ -17,6 +18,7 @@ from .lowrank import lowrank_layers, lowrank_norm_sq
 from .streaming import LayerStack, tucker2_streaming
 from .svd import choose_rank
 from .tensor import Tucker2
+from .weighted import tucker2_weighted, weighted_error_lowrank, weighted_residuals_lowrank
 
 __all__ = [
     "LayerStack",
@@ -33,4 +35,7 @@ __all__ = [
     "tucker2",
     "tucker2_lowrank",
     "tucker2_streaming",
+    "tucker2_weighted",
+    "weighted_error_lowrank",
+    "weighted_residuals_lowrank",
 ]
