@@ -49,20 +49,23 @@ def read_tsv(path: str | Path, limit: int | None = None) -> list[tuple[str, int]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     rows: list[tuple[str, int]] = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None or len(header) < 2:
-            raise ValueError(f"{path}: expected a header 'sentence<TAB>label'")
-        for line_no, row in enumerate(reader, start=2):
-            if len(row) < 2:
-                raise ValueError(f"{path}:{line_no}: expected 2 tab-separated columns, got {len(row)}")
-            try:
-                rows.append((row[0], int(row[1])))
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: label {row[1]!r} is not an integer") from None
-            if limit is not None and len(rows) >= limit:
-                break
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, None)
+            if header is None or len(header) < 2:
+                raise ValueError(f"{path}: expected a header 'sentence<TAB>label'")
+            for line_no, row in enumerate(reader, start=2):
+                if len(row) < 2:
+                    raise ValueError(f"{path}:{line_no}: expected 2 tab-separated columns, got {len(row)}")
+                try:
+                    rows.append((row[0], int(row[1])))
+                except ValueError:
+                    raise ValueError(f"{path}:{line_no}: label {row[1]!r} is not an integer") from None
+                if limit is not None and len(rows) >= limit:
+                    break
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -230,6 +230,9 @@ def decompose(
     new_keys = _check_architectures(base_w, ft_w)
     transposed = base_w.conv1d_modules | ft_w.conv1d_modules
     shapes = _targets(base_w, target_modules, transposed)
+    extra = [m for m in (k.removesuffix(".weight") for k in new_keys) if matches(m, target_modules)]
+    if extra:
+        raise ValueError(f"{ft_w.name} has targeted modules that {base_w.name} lacks: {extra[:3]}; an extra layer?")
     plan = group_modules(shapes, groups or "by_name")
 
     def decompose_group(group: Group) -> GroupOutcome:

@@ -27,6 +27,8 @@ from .progress import Progress, no_progress
 from .report import Result
 
 EVENT_GLOB = "*tfevents*"
+#: Names that ``names`` may not take: the output's own columns, and ``run``.
+RESERVED_COLUMNS = ("tag", "step", "value", "wall_time", "run")
 
 
 class EventFileWarning(UserWarning):
@@ -159,7 +161,8 @@ def read_logs(
         The root of the tree; every folder holding event files is a run.
     names : sequence of str, optional
         Column names for the path segments below ``log_dir``, outermost first. Extra
-        segments get ``segment_<k>``; missing ones are NA.
+        segments get ``segment_<k>``; missing ones are NA. They must be unique and not in
+        :data:`RESERVED_COLUMNS` (``ValueError`` otherwise, before anything is read).
     tags : str, optional
         A regular expression; only tags it matches (``re.search``) are kept.
     index : sequence of str, optional
@@ -182,6 +185,36 @@ def read_logs(
     return _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)[0]
 
 
+def check_arguments(names: Sequence[str] | None, tags: str | None, index: Sequence[str] | None) -> None:
+    """Raise ``ValueError`` naming the value at fault, before any file is read.
+
+    ``names`` must be non-empty strings, unique, not one of :data:`RESERVED_COLUMNS` and not
+    ``segment_<k>`` for another position ``k`` (the name an unnamed segment gets); ``tags``
+    must be a valid regular expression; ``index`` may not repeat a column.
+    """
+    if names is not None:
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"names must be a list of non-empty strings, got {names!r}")
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise ValueError(f"names must be unique; repeated: {repeated}")
+        reserved = sorted(set(names) & set(RESERVED_COLUMNS))
+        if reserved:
+            raise ValueError(f"names {reserved} clash with the output's own columns {list(RESERVED_COLUMNS)}")
+        clashing = [n for k, n in enumerate(names) if re.fullmatch(r"segment_\d+", n) and n != f"segment_{k}"]
+        if clashing:
+            raise ValueError(f"names {clashing} clash with the segment_<k> columns of unnamed path segments")
+    if tags is not None:
+        try:
+            re.compile(tags)
+        except re.error as exc:
+            raise ValueError(f"tags {tags!r} is not a valid regular expression: {exc}") from None
+    if index is not None:
+        repeated = sorted({c for c in index if list(index).count(c) > 1})
+        if repeated:
+            raise ValueError(f"index columns must be unique; repeated: {repeated}")
+
+
 def _read_tree(
     root: Path,
     names: Sequence[str] | None,
@@ -193,6 +226,7 @@ def _read_tree(
     progress: Progress | None,
 ) -> tuple[pd.DataFrame, list[Path], list[str]]:
     """:func:`read_logs`, also returning the event files read and the problems found."""
+    check_arguments(names, tags, index)
     files = find_event_files(root)
     progress = progress or no_progress
     problems: list[str] = []
@@ -286,6 +320,7 @@ def tb2parquet(
     """Read the tree with :func:`read_logs` and write one zstd parquet file, atomically."""
     from .io.atomic import atomic_file, check_output
 
+    check_arguments(names, tags, index)
     check_output(out_path, force, inputs=[log_dir])
     frame, files, problems = _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)
     with atomic_file(out_path, force=force) as tmp:

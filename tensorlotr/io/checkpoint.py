@@ -3,14 +3,14 @@
 A folder may hold ``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` (read with
 ``torch.load(weights_only=True, mmap=True)``, never unpickling anything but tensors).
+The shards an index names must lie inside the folder: a name like ``../../etc/passwd`` is
+refused before anything is opened.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..adapter.groups import CONV1D_MODEL_TYPES, is_conv1d
+from .jsonfile import read_json_object
 
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -109,13 +110,9 @@ def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor]
     if not folder.is_dir():
         raise FileNotFoundError(f"{role} model folder {folder} does not exist")
     config_path = folder / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json_object(config_path) if config_path.exists() else {}
     if (folder / SAFE_INDEX).is_file():
-        try:
-            weight_map = json.loads((folder / SAFE_INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{folder / SAFE_INDEX} is not a safetensors index: {exc}") from None
-        files = {key: folder / shard for key, shard in weight_map.items()}
+        files = {key: folder / shard for key, shard in _weight_map(folder / SAFE_INDEX).items()}
         absent = sorted({str(p) for p in files.values() if not p.is_file()})
         if absent:
             raise FileNotFoundError(f"{role} model: shards listed in {SAFE_INDEX} are missing: {absent[:3]}")
@@ -125,13 +122,29 @@ def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor]
     elif (folder / BIN_NAME).is_file():
         try:
             state = torch.load(str(folder / BIN_NAME), map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        except Exception as exc:  # an untrusted file: whatever the unpickler raises, refuse it
             raise ValueError(
                 f"{folder / BIN_NAME} is not a plain dict of tensors; refusing to unpickle it: {exc}"
             ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{folder / BIN_NAME} does not hold a dict of tensors")
         weights = _StateDict(str(folder), state, config)
     else:
         raise FileNotFoundError(f"{role} model folder {folder} holds no {SAFE_NAME}, {SAFE_INDEX} or {BIN_NAME}")
     if config.get("model_type") in CONV1D_MODEL_TYPES:
         weights.conv1d_modules = {k.rsplit(".", 1)[0] for k, shape in weights.shapes.items() if len(shape) == 2}
     return weights
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a safetensors index: tensor key to shard file, each inside the folder."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} is not a safetensors index: it has no 'weight_map' of tensor keys to file names")
+    for shard in sorted(set(weight_map.values())):
+        name = PurePosixPath(shard)
+        if name.is_absolute() or ".." in name.parts:
+            raise ValueError(
+                f"{index}: shard {shard!r} lies outside the model folder {index.parent}; refusing to read it"
+            )
+    return weight_map

@@ -11,8 +11,11 @@ its modules in stack order, ``shape`` [d_out, d_in], ``rank`` [r_out, r_in] and 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..adapter.layout import GroupLayout, LoTRAdapterFiles, expected_shapes
 from .atomic import atomic_file
+from .jsonfile import read_json_object
 
 CONFIG_NAME = "lotr_config.json"
 WEIGHTS_NAME = "lotr_model.safetensors"
@@ -33,8 +37,11 @@ def write_adapter(out_dir: str | os.PathLike, adapter: LoTRAdapterFiles) -> Path
     the config, so a reader never sees a half-written file. Other files in the folder
     (a Trainer checkpoint's, say) are left alone, as PEFT's ``save_pretrained`` does. For
     a whole new folder that must not replace an existing one, wrap this in
-    :func:`tensorlotr.io.atomic_dir`.
+    :func:`tensorlotr.io.atomic_dir`. A group whose scale is NaN or Inf is refused.
     """
+    for name, group in adapter.groups.items():
+        if not math.isfinite(group.scale):
+            raise ValueError(f"group {name!r} has scale {group.scale}; refusing to write a non-finite scale")
     document = {
         "format": "tensorlotr",
         "format_version": FORMAT_VERSION,
@@ -66,20 +73,54 @@ def read_adapter(path: str | os.PathLike) -> LoTRAdapterFiles:
         raise FileNotFoundError(f"{config_path} is missing; is {folder} a LoTR adapter folder?")
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
-    try:
-        document = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-    if document.get("format") != "tensorlotr" or int(document.get("format_version", 0)) > FORMAT_VERSION:
+    document = read_json_object(config_path)
+    version = document.get("format_version", 0)
+    if document.get("format") != "tensorlotr" or not _is_int(version) or version > FORMAT_VERSION:
         raise ValueError(f"{config_path} is not a tensorlotr adapter of format version <= {FORMAT_VERSION}")
+    groups = _read_groups(document.get("groups"), config_path)
+    for key in ("config", "base_model"):
+        if not isinstance(document.get(key, {}), dict):
+            raise ValueError(f"{config_path}: {key!r} must be an object, got {document[key]!r}")
+    if "config" not in document:
+        raise ValueError(f"{config_path} has no 'config'")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{weights_path} cannot be read as safetensors: {exc}") from None
-    groups = {name: GroupLayout.from_dict(g) for name, g in document["groups"].items()}
     adapter = LoTRAdapterFiles(document["config"], groups, tensors, document.get("base_model", {}))
     _check_tensors(adapter, weights_path)
     return adapter
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_groups(groups: Any, where: Path) -> dict[str, GroupLayout]:
+    """The ``groups`` of a ``lotr_config.json``, checked field by field; errors name the file and group."""
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{where}: 'groups' must be a non-empty object of group layouts, got {groups!r}")
+    layouts = {}
+    owner: dict[str, str] = {}
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise ValueError(f"{where}: group {name!r} must be an object, got {group!r}")
+        modules, shape, rank, scale = (group.get(k) for k in ("modules", "shape", "rank", "scale"))
+        if not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
+            raise ValueError(f"{where}: group {name!r}: 'modules' must be a non-empty list of names, got {modules!r}")
+        for key, pair in (("shape", shape), ("rank", rank)):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(n) and n > 0 for n in pair)):
+                raise ValueError(f"{where}: group {name!r}: {key!r} must be two positive integers, got {pair!r}")
+        if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
+            raise ValueError(f"{where}: group {name!r}: 'scale' must be a finite number, got {scale!r}")
+        if not isinstance(group.get("fan_in_fan_out", False), bool):
+            raise ValueError(f"{where}: group {name!r}: 'fan_in_fan_out' must be true or false")
+        for module in modules:
+            if module in owner:
+                raise ValueError(f"{where}: module {module!r} is in groups {owner[module]!r} and {name!r}")
+            owner[module] = name
+        layouts[name] = GroupLayout.from_dict(group)
+    return layouts
 
 
 def _check_tensors(adapter: LoTRAdapterFiles, where: Path) -> None:
@@ -90,5 +131,33 @@ def _check_tensors(adapter: LoTRAdapterFiles, where: Path) -> None:
             tensor = adapter.tensors[key]
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
+            if not tensor.is_floating_point():
+                raise ValueError(f"{where}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{where}: tensor {key!r} contains NaN or Inf values")
+
+
+def write_config(out_dir: str | os.PathLike, config: dict) -> Path:
+    """Write a config-only ``lotr_config.json`` (no groups, no tensors) into ``out_dir``."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"format": "tensorlotr", "format_version": FORMAT_VERSION, "config": config}
+    with atomic_file(folder / CONFIG_NAME, force=True) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+    return folder / CONFIG_NAME
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The ``config`` of ``path/lotr_config.json`` (an adapter or a config-only folder)."""
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing; is {path} a LoTR adapter folder?")
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != "tensorlotr":
+        raise ValueError(f"{config_path} is not a tensorlotr config")
+    if not isinstance(document.get("config"), dict):
+        raise ValueError(f"{config_path} has no 'config' object")
+    return document["config"]

@@ -4,14 +4,18 @@ The reader indexes the tensors without loading them, checks the structure, and l
 factors of a few modules at a time, so converting a 7B checkpoint never holds all of it.
 Only safetensors and ``torch.load(weights_only=True)`` are used: nothing that is not plain
 tensors is unpickled.
+
+The config means what it means to PEFT: ``peft_type`` and ``target_modules`` are required,
+a missing ``r`` or ``lora_alpha`` takes ``LoraConfig``'s default (8), ``lora_alpha: 0`` is a
+scale of 0, and every LoRA module must match ``target_modules`` as PEFT matches it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
-import pickle
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,12 +28,22 @@ from safetensors.torch import save_file
 
 from ..adapter.groups import module_order
 from .atomic import atomic_file
+from .jsonfile import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
+#: ``LoraConfig``'s defaults for a config that omits them.
+DEFAULT_R = 8
+DEFAULT_ALPHA = 8
+#: The LoRA factor dtypes that are read; any other (integers, bool, float8) is refused.
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_SAFE_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool",
+}  # fmt: skip
 
 
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
@@ -38,6 +52,19 @@ def pattern_key(patterns: Iterable[str], module: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
     return None
+
+
+def is_target(module: str, target_modules: str | list[str]) -> bool:
+    """PEFT's rule: a string is a regex matched in full (``"all-linear"``: any module); a list
+    holds module paths or name suffixes."""
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, module) is not None
+    return module in target_modules or any(module.endswith("." + t) for t in target_modules)
+
+
+def _is_saved(key: str, modules_to_save: list[str]) -> bool:
+    """Whether the parameter ``key`` belongs to a module named in ``modules_to_save`` (by name suffix)."""
+    return any(f".{module}." in f".{key}" for module in modules_to_save)
 
 
 def _strip_prefix(key: str) -> str:
@@ -75,6 +102,82 @@ class LoRAModule:
         return self.rank * (self.d_in + self.d_out)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The fields of ``adapter_config.json`` that the reader uses, checked, with PEFT's defaults."""
+
+    target_modules: str | list[str]
+    r: int
+    alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    use_rslora: bool
+    fan_in_fan_out: bool
+    modules_to_save: list[str]
+
+    @classmethod
+    def read(cls, config: dict[str, Any], path: Path) -> _Settings:
+        """Check ``config`` (read from ``path``); errors name the file, the field and the value."""
+        if "peft_type" not in config:
+            raise ValueError(f"{path} has no peft_type; is it a PEFT adapter config?")
+        if config["peft_type"] != "LORA":
+            raise ValueError(f"{path}: peft_type is {config['peft_type']!r}, not 'LORA'")
+        targets = config.get("target_modules")
+        if targets is None:
+            raise ValueError(f"{path} has no target_modules; PEFT cannot tell which modules the LoRA adapts")
+        if isinstance(targets, str):
+            _check_regex(targets, f"{path}: target_modules")
+        elif not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+            raise ValueError(f"{path}: target_modules must be a regex or a non-empty list of names, got {targets!r}")
+        r = config.get("r", DEFAULT_R)
+        if not _is_int(r) or r <= 0:
+            raise ValueError(f"{path}: r must be a positive integer, got {r!r}")
+        alpha = config.get("lora_alpha", DEFAULT_ALPHA)
+        if not _is_finite_number(alpha):
+            raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+        patterns = {}
+        for field_name, valid, wanted in (
+            ("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+            ("alpha_pattern", _is_finite_number, "finite numbers"),
+        ):
+            pattern = config.get(field_name) or {}
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{path}: {field_name} must be an object, got {pattern!r}")
+            for key, value in pattern.items():
+                _check_regex(rf"(.*\.)?({key})$", f"{path}: {field_name} key {key!r}")
+                if not valid(value):
+                    raise ValueError(f"{path}: {field_name} values must be {wanted}, got {key!r}: {value!r}")
+            patterns[field_name] = pattern
+        flags = {}
+        for flag in ("use_rslora", "fan_in_fan_out"):
+            value = config.get(flag)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{path}: {flag} must be true or false, got {value!r}")
+            flags[flag] = bool(value)
+        saved = config.get("modules_to_save") or []
+        if not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+            raise ValueError(f"{path}: modules_to_save must be a list of module names, got {saved!r}")
+        return cls(
+            targets, r, float(alpha), patterns["rank_pattern"], patterns["alpha_pattern"], flags["use_rslora"],
+            flags["fan_in_fan_out"], saved,
+        )  # fmt: skip
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{what} is not a valid regular expression: {exc}") from None
+
+
 class _Tensors:
     """Lazy access to the tensors of a safetensors file, or a weights-only ``.bin``."""
 
@@ -85,13 +188,17 @@ class _Tensors:
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     self.shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
-                    self.dtypes = {k: _DTYPES.get(handle.get_slice(k).get_dtype(), "?") for k in handle.keys()}  # noqa: SIM118
+                    self.dtypes = {
+                        k: _SAFE_DTYPES.get(dtype, dtype.lower())
+                        for k in handle.keys()  # noqa: SIM118
+                        for dtype in [handle.get_slice(k).get_dtype()]
+                    }
             except (SafetensorError, OSError) as exc:
                 raise ValueError(f"{path} cannot be read as safetensors (truncated or corrupt?): {exc}") from None
         else:
             try:
                 loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as exc:
+            except Exception as exc:  # an untrusted file: whatever the unpickler raises, refuse it
                 raise ValueError(
                     f"{path} is not a plain dict of tensors; refusing to unpickle it (weights_only=True): {exc}"
                 ) from None
@@ -129,14 +236,10 @@ class PeftLoRA:
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a folder")
         config_path = self.path / CONFIG_NAME
-        if not config_path.is_file():
+        if not config_path.exists():
             raise FileNotFoundError(f"{config_path} is missing; is {self.path} a PEFT adapter folder?")
-        try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-        if self.config.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{config_path}: peft_type is {self.config.get('peft_type')!r}, not 'LORA'")
+        self.config: dict[str, Any] = read_json_object(config_path)
+        self._settings = _Settings.read(self.config, config_path)
         weights = self.path / SAFE_WEIGHTS_NAME
         if not weights.is_file():
             weights = self.path / BIN_WEIGHTS_NAME
@@ -181,44 +284,68 @@ class PeftLoRA:
         if self.config.get("lora_bias"):
             unsupported.setdefault("lora_bias", list(pairs) or ["(all)"])
         for module, keys in pairs.items():
-            if "lora_A" in keys and len(shapes[keys["lora_A"]]) != 2:
+            if any(len(shapes[k]) in (3, 4, 5) for k in keys.values()):
                 unsupported.setdefault("convolution LoRA", []).append(module)
         if unsupported:
             detail = "; ".join(f"{kind}: {sorted(set(mods))[:6]}" for kind, mods in unsupported.items())
             raise ValueError(f"{where}: LoTR cannot represent this adapter ({detail})")
         if not pairs:
             raise ValueError(f"{where} holds no LoRA tensors (lora_A / lora_B)")
-
-        rank_pattern: dict[str, int] = self.config.get("rank_pattern") or {}
-        alpha_pattern: dict[str, float] = self.config.get("alpha_pattern") or {}
-        default_r = self.config.get("r")
-        default_alpha = self.config.get("lora_alpha", default_r)
-        rslora = bool(self.config.get("use_rslora", False))
+        settings = self._settings
+        for key in (k for keys in pairs.values() for k in keys.values()):
+            if self._tensors.dtypes[key] not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"{where}: tensor {key!r} has dtype {self._tensors.dtypes[key]}; LoRA factors must be one of "
+                    f"{', '.join(FLOAT_DTYPES)}"
+                )
+        stray = [m for m in sorted(pairs, key=module_order) if not is_target(m, settings.target_modules)]
+        if stray:
+            raise ValueError(
+                f"{where}: modules {stray[:3]} hold LoRA tensors but match none of the target_modules "
+                f"{settings.target_modules!r} of {CONFIG_NAME}"
+            )
+        unsaved = [k for k in extra if not _is_saved(k, settings.modules_to_save)]
+        if unsaved:
+            raise ValueError(
+                f"{where}: tensors {unsaved[:3]} are neither LoRA factors nor in the modules_to_save "
+                f"{settings.modules_to_save} of {CONFIG_NAME}"
+            )
         modules = {}
         for module in sorted(pairs, key=module_order):
             keys = pairs[module]
             missing = {"lora_A", "lora_B"} - set(keys)
             if missing:
                 raise ValueError(f"{where}: module {module!r} lacks {sorted(missing)[0]}.weight")
+            for key in keys.values():
+                if len(shapes[key]) != 2 or min(shapes[key]) <= 0:
+                    raise ValueError(f"{where}: tensor {key!r} has shape {shapes[key]}; LoRA factors are non-empty 2-d")
             (r_a, d_in), (d_out, r_b) = shapes[keys["lora_A"]], shapes[keys["lora_B"]]
             if r_a != r_b:
                 raise ValueError(
                     f"{where}: module {module!r} has lora_A {shapes[keys['lora_A']]} and lora_B "
                     f"{shapes[keys['lora_B']]}, whose ranks differ"
                 )
-            key = pattern_key(rank_pattern, module)
-            expected_r = rank_pattern[key] if key is not None else default_r
-            if expected_r is not None and int(expected_r) != r_a:
-                raise ValueError(f"{where}: module {module!r} has rank {r_a} but {CONFIG_NAME} says r={expected_r}")
-            key = pattern_key(alpha_pattern, module)
-            alpha = float(alpha_pattern[key] if key is not None else (default_alpha or r_a))
-            scale = alpha / math.sqrt(r_a) if rslora else alpha / r_a
+            key = pattern_key(settings.rank_pattern, module)
+            expected_r = settings.rank_pattern[key] if key is not None else settings.r
+            if expected_r != r_a:
+                given = "r" if key is None else f"rank_pattern[{key!r}]"
+                implied = (
+                    "" if key is not None or "r" in self.config else f" (PEFT's default, as {CONFIG_NAME} has no r)"
+                )
+                raise ValueError(
+                    f"{where}: module {module!r} has rank {r_a} but {CONFIG_NAME} says {given}={expected_r}{implied}"
+                )
+            key = pattern_key(settings.alpha_pattern, module)
+            alpha = settings.alpha_pattern[key] if key is not None else settings.alpha
+            scale = alpha / math.sqrt(r_a) if settings.use_rslora else alpha / r_a
+            if not math.isfinite(scale):
+                raise ValueError(f"{where}: module {module!r} has a non-finite scale {scale} (lora_alpha={alpha})")
             modules[module] = LoRAModule(module, d_out, d_in, r_a, scale, keys["lora_A"], keys["lora_B"])
         return modules, extra
 
     @property
     def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out", False))
+        return self._settings.fan_in_fan_out
 
     @property
     def dtype(self) -> str:
@@ -294,9 +421,13 @@ def write_peft_lora(out_dir: str | os.PathLike, config: dict[str, Any], tensors:
     """Write a PEFT LoRA folder: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     ``tensors`` are keyed as PEFT saves them (``base_model.model.<module>.lora_A.weight`` …).
-    Each file is written to a temporary name and renamed into place.
+    Each file is written to a temporary name and renamed into place. Tensors holding NaN or
+    Inf values (a NaN scale, say) are refused, naming the key.
     """
     folder = Path(out_dir)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"tensor {key!r} holds NaN or Inf values; refusing to write it to {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(folder / SAFE_WEIGHTS_NAME, force=True) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
