@@ -19,7 +19,6 @@ ALL_LINEAR = "all-linear"
 #: PEFT's task types (``peft.TaskType``).
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
-#: Targets used when ``target_modules`` is None, by ``model.config.model_type`` (as PEFT's defaults).
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
@@ -33,6 +32,11 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "gemma": ["q_proj", "v_proj"],
     "opt": ["q_proj", "v_proj"],
 }
+"""Targets used when ``target_modules`` is None, by ``model.config.model_type`` (as PEFT's defaults).
+
+>>> DEFAULT_TARGETS["llama"]
+['q_proj', 'v_proj']
+"""
 
 Rank = int | tuple[int, int]
 
@@ -92,6 +96,20 @@ class LoTRConfig:
     extra : dict
         Keys of a saved config this version does not know, kept (and saved again) rather
         than dropped; loading such a config warns.
+
+    Examples
+    --------
+    Ranks ``(r_out, r_in) = (16, 8)``: each group's ``U`` is (d_out, 16), ``V`` is (d_in, 8)
+    and each layer's core is (16, 8); the update is scaled by ``alpha / min(16, 8)``.
+
+    >>> from tensorlotr import LoTRConfig
+    >>> config = LoTRConfig(rank=(16, 8), alpha=16, target_modules=["query", "value"])
+    >>> config.rank_of("query"), config.scale_of("query")
+    ((16, 8), 2.0)
+    >>> config.to_dict()["rank"]
+    [16, 8]
+    >>> LoTRConfig.from_dict(config.to_dict()) == config
+    True
     """
 
     rank: Rank = 8

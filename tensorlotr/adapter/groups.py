@@ -50,6 +50,13 @@ def layer_index(name: str, layers_pattern: str | Iterable[str] | None = None) ->
 
     With ``layers_pattern`` (``"layer"``, ``["h", "layers"]``), the number right after one of
     those path components, as PEFT reads it; otherwise the first number component.
+
+    >>> layer_index("encoder.layer.3.attention.self.query")
+    3
+    >>> layer_index("model.layers.12.mlp.experts.7.up_proj", layers_pattern="layers")
+    12
+    >>> layer_index("classifier") is None
+    True
     """
     if layers_pattern is None:
         found = _LAYER_INDEX.search(name)
@@ -91,12 +98,20 @@ def select_modules(
 
 
 def layer_pattern(name: str) -> str:
-    """The module path with its layer index replaced by ``*``."""
+    """The module path with its layer index replaced by ``*``: the name of its stack.
+
+    >>> layer_pattern("encoder.layer.3.attention.self.query")
+    'encoder.layer.*.attention.self.query'
+    """
     return _LAYER_INDEX.sub("*", name, count=1)
 
 
 def module_order(name: str) -> tuple[int, str]:
-    """Sort key: the layer index first (so layer 10 follows layer 9), then the path."""
+    """Sort key: the layer index first (so layer 10 follows layer 9), then the path.
+
+    >>> sorted(["model.layers.10.q_proj", "model.layers.9.q_proj"], key=module_order)
+    ['model.layers.9.q_proj', 'model.layers.10.q_proj']
+    """
     index = layer_index(name)
     return (-1 if index is None else index, name)
 
@@ -105,6 +120,13 @@ def matches(name: str, patterns: str | Iterable[str]) -> bool:
     """PEFT's rule: a string is a regex matched in full; a list holds name suffixes.
 
     List items that look like regular expressions are also tried as one.
+
+    >>> matches("encoder.layer.0.attention.self.query", ["query", "value"])
+    True
+    >>> matches("model.layers.0.self_attn.q_proj", r".*\\.(q|v)_proj")
+    True
+    >>> matches("model.layers.0.self_attn.k_proj", ["q_proj"])
+    False
     """
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
@@ -139,7 +161,15 @@ def no_match_message(patterns: str | Iterable[str], candidates: Iterable[str], w
 
 @dataclass(frozen=True)
 class Group:
-    """One stack: the modules whose updates share ``U`` (d_out, r_out) and ``V`` (d_in, r_in)."""
+    """One stack: the modules whose updates share ``U`` (d_out, r_out) and ``V`` (d_in, r_in).
+
+    ``shape`` is every module's ``(d_out, d_in)``; ``modules`` are in model order, one layer
+    each, so the group's stack is ``(len(modules), d_out, d_in)``. :func:`group_modules`
+    makes them.
+
+    >>> Group("query", ("encoder.layer.0.attention.self.query",), (384, 384)).shape
+    (384, 384)
+    """
 
     name: str
     modules: tuple[str, ...]
@@ -176,7 +206,23 @@ def group_modules(shapes: dict[str, tuple[int, int]], mode: str | dict[str, list
     list of Group
         In model order of their first module; each group's modules in model order.
 
-    Raises ``ValueError`` naming the modules and shapes when an explicit group mixes shapes.
+    Raises
+    ------
+    ValueError
+        Naming the modules and shapes when an explicit group mixes shapes, or a module
+        that is in no group or in several.
+
+    Examples
+    --------
+    Two layers of a BERT's query and value projections, each (d_out, d_in) = (384, 384):
+
+    >>> shapes = {f"encoder.layer.{i}.attention.self.{p}": (384, 384) for i in (0, 1) for p in ("query", "value")}
+    >>> [(g.name, len(g.modules), g.shape) for g in group_modules(shapes)]
+    [('query', 2, (384, 384)), ('value', 2, (384, 384))]
+    >>> [(g.name, len(g.modules)) for g in group_modules(shapes, "shared")]
+    [('query+value', 4)]
+    >>> [g.name for g in group_modules(shapes, {"attn": ["query", "value"]})]
+    ['attn']
     """
     names = list(shapes)
     by_key: dict[tuple[str, tuple[int, int]], list[str]] = {}

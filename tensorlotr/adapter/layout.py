@@ -28,19 +28,31 @@ _FACTORS, _CORES, _SAVED = "factors.", "cores.", "modules_to_save."
 
 
 def factor_key(group: str, which: str) -> str:
-    """The key of a group's ``out_factor`` (U) or ``in_factor`` (V)."""
+    """The key of a group's ``out_factor`` (U, (d_out, r_out)) or ``in_factor`` (V, (d_in, r_in)).
+
+    >>> factor_key("query", "out_factor")
+    'factors.query.out_factor'
+    """
     if which not in (OUT_FACTOR, IN_FACTOR):
         raise ValueError(f"which must be {OUT_FACTOR!r} or {IN_FACTOR!r}, got {which!r}")
     return f"{_FACTORS}{group}.{which}"
 
 
 def core_key(module: str) -> str:
-    """The key of the core ``G_l`` of the module at path ``module``."""
+    """The key of the core ``G_l`` (r_out, r_in) of the module at path ``module``.
+
+    >>> core_key("encoder.layer.0.attention.self.query")
+    'cores.encoder.layer.0.attention.self.query'
+    """
     return f"{_CORES}{module}"
 
 
 def saved_key(parameter: str) -> str:
-    """The key of a full tensor of ``modules_to_save``, by parameter path in the base model."""
+    """The key of a full tensor of ``modules_to_save``, by parameter path in the base model.
+
+    >>> saved_key("classifier.weight")
+    'modules_to_save.classifier.weight'
+    """
     return f"{_SAVED}{parameter}"
 
 
@@ -62,7 +74,14 @@ def expected_shapes(name: str, group: GroupLayout) -> dict[str, tuple[int, int]]
 @dataclass
 class GroupLayout:
     """One group as stored: modules in stack order, ``shape`` (d_out, d_in), ``rank`` (r_out, r_in),
-    and the ``scale`` of its updates, ``dW_l = scale * U G_l V^T``."""
+    and the ``scale`` of its updates, ``dW_l = scale * U G_l V^T``.
+
+    >>> layout = GroupLayout(["layer.0.query", "layer.1.query"], shape=(6, 5), rank=(3, 2), scale=1.0)
+    >>> layout.n_params  # 3*6 + 2*5 + 2*3*2
+    40
+    >>> GroupLayout.from_dict(layout.to_dict()) == layout
+    True
+    """
 
     modules: list[str]
     shape: tuple[int, int]
@@ -98,7 +117,24 @@ class GroupLayout:
 
 @dataclass
 class LoTRAdapterFiles:
-    """An adapter in memory: the user's ``config``, the resolved ``groups``, and the tensors by key."""
+    """An adapter in memory: the user's ``config``, the resolved ``groups``, and the tensors by key.
+
+    The tensors are each group's ``U`` (d_out, r_out) and ``V`` (d_in, r_in), one core
+    (r_out, r_in) per module, and the ``modules_to_save`` tensors; :class:`AdapterBuilder`
+    builds one, :func:`tensorlotr.io.write_adapter` saves it and
+    :func:`tensorlotr.io.read_adapter` loads it.
+
+    >>> import torch
+    >>> layout = GroupLayout(["layer.0.query"], shape=(6, 5), rank=(3, 2), scale=1.0)
+    >>> tensors = {
+    ...     factor_key("query", "out_factor"): torch.zeros(6, 3),
+    ...     factor_key("query", "in_factor"): torch.zeros(5, 2),
+    ...     core_key("layer.0.query"): torch.zeros(3, 2),
+    ... }
+    >>> files = LoTRAdapterFiles({}, {"query": layout}, tensors)
+    >>> tuple(files.factor("query", "in_factor").shape), tuple(files.core("layer.0.query").shape)
+    ((5, 2), (3, 2))
+    """
 
     config: dict[str, Any]
     groups: dict[str, GroupLayout]
@@ -120,7 +156,23 @@ class LoTRAdapterFiles:
 
 
 class AdapterBuilder:
-    """Collects groups' Tucker-2 tensors into a :class:`LoTRAdapterFiles` (convert and decompose)."""
+    """Collects groups' Tucker-2 tensors into a :class:`LoTRAdapterFiles` (convert and decompose).
+
+    A group of 2 layers of (d_out, d_in) = (6, 5) at rank (3, 2):
+
+    >>> import numpy as np
+    >>> import tensorlotr as tlr
+    >>> tucker = tlr.tucker2(np.random.default_rng(0).standard_normal((2, 6, 5)), rank=(3, 2))
+    >>> builder = AdapterBuilder()
+    >>> builder.add_group("query", ["layer.0.query", "layer.1.query"], tucker, fan_in_fan_out=False)
+    >>> files = builder.build(["query"], "by_name", [], {})
+    >>> tuple(files.factor("query", "out_factor").shape), tuple(files.factor("query", "in_factor").shape)
+    ((6, 3), (5, 2))
+    >>> tuple(files.core("layer.0.query").shape)
+    (3, 2)
+    >>> files.config["rank_pattern"]
+    {'query': [3, 2]}
+    """
 
     def __init__(self) -> None:
         self.groups: dict[str, GroupLayout] = {}
