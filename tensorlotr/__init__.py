@@ -8,6 +8,7 @@ from .adapter import LoTRConfig
 from .convert import convert_lora, export_lora
 from .core import Tucker2, relative_error, relative_error_lowrank, tucker2, tucker2_lowrank
 from .decomposition import decompose
+from .zoo import add_to_zoo, compress_zoo
 
 __all__ = [
     "LoTRConfig",
@@ -15,6 +16,8 @@ __all__ = [
     "LoTRTrainer",
     "Tucker2",
     "__version__",
+    "add_to_zoo",
+    "compress_zoo",
     "convert_lora",
     "decompose",
     "export_lora",
