@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(export)
 
     zoo = sub.add_parser("zoo", help="many LoRAs of one base in one shared Tucker-2 basis", description="LoRA zoos")
-    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True, help="compress or add")
     compress = _command(
         zoo_sub, "compress", "compress PEFT LoRA (or LoTR) folders of one base into a zoo", _cmd_zoo_compress
     )
