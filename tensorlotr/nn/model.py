@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -26,24 +27,78 @@ def _split_name(name: str) -> tuple[str, str]:
     return parent, child
 
 
-def _call_base(lotr: LoTRModel, *args: Any, **kwargs: Any) -> Any:
-    return lotr.base_model(*args, **kwargs)
-
-
 def _bound_forward(lotr: LoTRModel, model: nn.Module) -> functools.partial:
-    """``lotr``'s forward, carrying the base model's signature so ``Trainer`` keeps the right inputs."""
-    forward = functools.partial(_call_base, lotr)
+    """``lotr.forward`` bound to ``lotr``, carrying the base model's signature.
+
+    ``transformers.Trainer`` keeps the dataset columns that ``inspect.signature(model.forward)``
+    names (``remove_unused_columns``), so the bound forward shows the base model's inputs.
+    """
+    forward = functools.partial(type(lotr).forward, lotr)
     with contextlib.suppress(TypeError, ValueError):  # a forward without a signature keeps (*args, **kwargs)
         forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
     return forward
+
+
+def _refuse_adapted(model: nn.Module) -> None:
+    """Raise ``ValueError`` when ``model`` already carries LoTR adapters: a second wrap would freeze the first."""
+    if isinstance(model, LoTRModel):
+        raise ValueError(
+            f"the model is already a LoTRModel with adapter groups {sorted(model.groups)}; attach a new adapter "
+            "to a fresh base model, or remove this one first with unload() or merge_and_unload()"
+        )
+    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, LoTRLayer)]
+    if adapted:
+        ranks = sorted({module.factors.rank for _, module in adapted})
+        names = ", ".join(repr(name) for name, _ in adapted[:3]) + (", ..." if len(adapted) > 3 else "")
+        raise ValueError(
+            f"the model already carries a LoTR adapter: {len(adapted)} LoTRLayer modules ({names}) of rank "
+            f"{', '.join(map(str, ranks))}; attach a new adapter to a fresh base model, or remove the existing one "
+            "first with unload() or merge_and_unload() on its LoTRModel"
+        )
+
+
+def _check_rank(group: str, n_layers: int, shape: tuple[int, int], rank: tuple[int, int]) -> None:
+    """Refuse a rank above the largest a stack of ``n_layers`` matrices of ``shape`` (d_out, d_in) can have."""
+    (d_out, d_in), (r_out, r_in) = shape, rank
+    max_out, max_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
+    if r_out > max_out or r_in > max_in:
+        raise ValueError(
+            f"group {group!r} ({n_layers} layers of {d_out}x{d_in}, d_out x d_in) cannot take rank ({r_out}, {r_in}): "
+            f"the largest sensible rank is ({max_out}, {max_in}) = (min(d_out, L*d_in), min(d_in, L*d_out)); "
+            f"lower rank, or set rank_pattern[{group!r}]"
+        )
+
+
+def _refuse_meta_weights(model: nn.Module, groups: dict[str, GroupLayout]) -> None:
+    """``init="svd"`` decomposes the pretrained weights: they must hold data."""
+    for group_name, group in groups.items():
+        for name in group.modules:
+            if model.get_submodule(name).weight.is_meta:
+                raise ValueError(
+                    f"init='svd' decomposes the pretrained weights of group {group_name!r}, but {name!r} is on the "
+                    "meta device (a model built under accelerate's init_empty_weights(), say); "
+                    "load the base weights first, or use init='zeros'"
+                )
+
+
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor``: a DTensor (FSDP2) is all-gathered, a collective every process must join."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+    return tensor
 
 
 class LoTRModel(nn.Module):
     """A model whose targeted Linear / Conv1D layers carry LoTR adapters.
 
     The base model's parameters are frozen. Each group's factors ``U`` and ``V`` are
-    registered once, in ``lotr_factors``; each adapted layer owns its core. Attributes
-    the wrapper lacks are looked up on the base model, as with PEFT's ``PeftModel``.
+    registered once, in ``lotr_factors``; each adapted layer owns its core. Each module of
+    ``modules_to_save`` is replaced in the base model by a trainable copy, and the original
+    is kept, frozen, in ``original_modules`` (PEFT's ``ModulesToSaveWrapper`` semantics).
+    Attributes the wrapper lacks are looked up on the base model, as with PEFT's ``PeftModel``.
 
     Build it with :func:`get_lotr_model` or :meth:`from_pretrained`.
     """
@@ -56,35 +111,57 @@ class LoTRModel(nn.Module):
         layout: dict[str, GroupLayout] | None = None,
         source: str = "the adapter",
     ) -> None:
+        _refuse_adapted(model)
+        initialise = layout is None
+        groups = self._plan(model, config) if layout is None else layout
+        if initialise and config.init == "svd":
+            _refuse_meta_weights(model, groups)
         super().__init__()
         self.base_model = model
         self.lotr_config = config
         self.lotr_factors = nn.ModuleDict()
         for param in model.parameters():
             param.requires_grad_(False)
-        initialise = layout is None
-        self.groups: dict[str, GroupLayout] = self._plan(model, config) if layout is None else layout
+        self.groups: dict[str, GroupLayout] = groups
         self._check_layout(model, source)
         self._inject(initialise)
         self.modules_to_save = resolve_modules_to_save(model, config.modules_to_save)
+        self.original_modules = nn.ModuleList()
+        self._copy_paths: list[str] = []
+        self._copy_modules_to_save()
         for tensor in self._saved_tensors().values():
             if isinstance(tensor, nn.Parameter):
                 tensor.requires_grad_(True)
         self.forward = _bound_forward(self, model)
 
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        """Run the base model with its adapters; ``labels`` are passed on when given.
+
+        Naming ``labels`` here lets ``transformers.Trainer`` find the labels in the class's
+        signature, so ``evaluate()`` computes ``eval_loss``. Each instance's ``forward`` is
+        this method bound, with the base model's signature (see :func:`_bound_forward`).
+        """
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model(*args, **kwargs)
+
     # --- construction -------------------------------------------------------------
     @staticmethod
     def _plan(model: nn.Module, config: LoTRConfig) -> dict[str, GroupLayout]:
+        """The groups ``config`` makes of ``model``; ranks the shapes cannot take are refused before any tensor."""
         names = resolve_targets(model, config)
+        groups = build_groups(model, names, config)
+        for g in groups:
+            _check_rank(g.name, len(g.modules), g.shape, config.rank_of(g.name, g.modules))
         return {
             g.name: GroupLayout(
                 list(g.modules),
                 g.shape,
-                config.rank_of(g.name),
-                config.scale_of(g.name),
+                config.rank_of(g.name, g.modules),
+                config.scale_of(g.name, g.modules),
                 fan_in_fan_out=is_conv1d(model.get_submodule(g.modules[0])),
             )
-            for g in build_groups(model, names, config)
+            for g in groups
         }
 
     def _check_layout(self, model: nn.Module, source: str) -> None:
@@ -139,11 +216,43 @@ class LoTRModel(nn.Module):
     def _dense_weight(module: nn.Module) -> torch.Tensor:
         return dense_weight(module).detach()
 
+    def _copy_modules_to_save(self) -> None:
+        """Put a trainable copy of each module of ``modules_to_save`` in its place; keep the original aside.
+
+        Training changes only the copy, so :meth:`disable_adapter` can run the original, and
+        a weight the original shares with another module (a GPT-2 or Llama ``lm_head`` tied
+        to the input embeddings) is never changed through it. For an adapted module the copy
+        is of its base layer and shares the frozen weight: only its other tensors (a bias) train.
+        """
+        for name in self.modules_to_save:
+            path, module = name, self.base_model.get_submodule(name)
+            shared: dict[int, Any] = {}
+            if isinstance(module, LoTRLayer):
+                path, module = f"{name}.base_layer", module.base_layer
+                shared[id(module.weight)] = module.weight
+            inner = [f"{path}.{n}" for n, m in module.named_modules() if isinstance(m, LoTRLayer)]
+            if inner:
+                raise ValueError(
+                    f"modules_to_save names {name!r}, which contains adapted modules ({', '.join(inner[:3])}); "
+                    "list its other submodules instead, or leave them out of target_modules"
+                )
+            self._swap(path, copy.deepcopy(module, shared))
+            self.original_modules.append(module)
+            self._copy_paths.append(path)
+
+    def _swap(self, path: str, module: nn.Module) -> nn.Module:
+        """Put ``module`` at ``path`` in the base model; return the module it replaces."""
+        parent_name, child = _split_name(path)
+        parent = self.base_model.get_submodule(parent_name)
+        previous = getattr(parent, child)
+        setattr(parent, child, module)
+        return previous
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in {"base_model", "lotr_factors"}:
+            if name in {"base_model", "lotr_factors", "original_modules"}:
                 raise
             return getattr(self.base_model, name)
 
@@ -205,7 +314,7 @@ class LoTRModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model without the adapters inside the ``with`` block.
 
-        ``modules_to_save`` are trained in place, so they stay as trained.
+        The original ``modules_to_save`` run in place of their trained copies, as in PEFT.
         """
         layers = [layer for _, layer in self.lotr_layers()]
         if any(layer.merged for layer in layers):
@@ -213,9 +322,13 @@ class LoTRModel(nn.Module):
         states = [layer.active for layer in layers]
         for layer in layers:
             layer.active = False
+        originals = zip(self._copy_paths, self.original_modules, strict=True)
+        copies = [self._swap(path, original) for path, original in originals]
         try:
             yield
         finally:
+            for path, trained in zip(self._copy_paths, copies, strict=True):
+                self._swap(path, trained)
             for layer, state in zip(layers, states, strict=True):
                 layer.active = state
 
@@ -235,55 +348,78 @@ class LoTRModel(nn.Module):
         return self.unload()
 
     def unload(self) -> nn.Module:
-        """Return the base model with the adapter layers removed (merged ones stay merged)."""
+        """Return the base model with the adapter layers removed (merged ones stay merged).
+
+        The trained copies of ``modules_to_save`` stay in the model and the originals are dropped, as in PEFT.
+        """
         for name, layer in list(self.lotr_layers()):
-            parent_name, child = _split_name(name)
-            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+            self._swap(name, layer.base_layer)
         for handle in self._sharing_hooks:
             handle.remove()
         self._sharing_hooks = []
         self.lotr_factors = nn.ModuleDict()
+        self.original_modules = nn.ModuleList()
+        self._copy_paths = []
         return self.base_model
 
     # --- saving and loading ---------------------------------------------------------
-    def _saved_tensors(self, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of ``modules_to_save`` by parameter path in the base model.
+    def _saved_paths(self) -> dict[str, str]:
+        """The paths in the base model of the ``modules_to_save`` tensors (their trained copies), by plain path.
 
         An adapted module may be listed too (its bias changed in a full fine-tune, say):
         then its other tensors are saved under their plain names (``….dense.bias``) and its
-        frozen base weight and core are left out. With ``keys``, exactly those are resolved.
+        frozen base weight and core are left out.
         """
-        own = dict(self.base_model.named_parameters())
-        own.update(dict(self.base_model.named_buffers()))
+        names = [name for name, _ in self.base_model.named_parameters(remove_duplicate=False)]
+        names += [name for name, _ in self.base_model.named_buffers(remove_duplicate=False)]
         adapted = {name for name, _ in self.lotr_layers()}
-
-        def plain(key: str) -> str:
-            return key.replace(".base_layer.", ".")
-
-        if keys is not None:
-            by_plain = {plain(k): v for k, v in own.items() if not k.endswith(".lotr_core")}
-            return {k: by_plain[k] for k in keys if k in by_plain}
         out = {}
         for module_name in self.modules_to_save:
             prefix = module_name + "."
-            for key, tensor in own.items():
-                if not key.startswith(prefix) or key.endswith(".lotr_core"):
+            for name in names:
+                if not name.startswith(prefix) or name.endswith(".lotr_core"):
                     continue
-                if module_name in adapted and key == prefix + "base_layer.weight":
+                if module_name in adapted and name == prefix + "base_layer.weight":
                     continue
-                out[plain(key)] = tensor
+                out[name.replace(".base_layer.", ".")] = name
         return out
 
-    def adapter_files(self) -> LoTRAdapterFiles:
-        """The adapter's config, layout and tensors, as written by :meth:`save_pretrained`."""
-        tensors: dict[str, torch.Tensor] = {}
+    def _saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``modules_to_save`` (their trained copies) by plain parameter path."""
+        return {key: getattr(*self._slot(path)) for key, path in self._saved_paths().items()}
+
+    def _slot(self, path: str) -> tuple[nn.Module, str]:
+        """The module of the base model that holds the tensor at ``path``, and the tensor's attribute name."""
+        owner, _, attr = path.rpartition(".")
+        return self.base_model.get_submodule(owner), attr
+
+    def _adapter_slots(self) -> dict[str, tuple[nn.Module, str]]:
+        """Every adapter tensor by its key in :class:`LoTRAdapterFiles`, as (owning module, attribute name)."""
+        slots: dict[str, tuple[nn.Module, str]] = {}
         for group_name, factors in self.lotr_factors.items():
-            tensors[factor_key(group_name, OUT_FACTOR)] = factors.out_factor
-            tensors[factor_key(group_name, IN_FACTOR)] = factors.in_factor
+            slots[factor_key(group_name, OUT_FACTOR)] = (factors, "out_factor")
+            slots[factor_key(group_name, IN_FACTOR)] = (factors, "in_factor")
         for name, layer in self.lotr_layers():
-            tensors[core_key(name)] = layer.lotr_core
-        for key, tensor in self._saved_tensors().items():
-            tensors[saved_key(key)] = tensor
+            slots[core_key(name)] = (layer, "lotr_core")
+        for key, path in self._saved_paths().items():
+            slots[saved_key(key)] = self._slot(path)
+        return slots
+
+    def adapter_files(self) -> LoTRAdapterFiles:
+        """The adapter's config, layout and tensors, as written by :meth:`save_pretrained`.
+
+        Tensors sharded by FSDP2 (DTensors) are all-gathered, so every process must call this.
+        Raises ``ValueError`` for a tensor on the meta device, which holds no data.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        for key, (owner, attr) in self._adapter_slots().items():
+            tensor = _gathered(getattr(owner, attr))
+            if tensor.is_meta:
+                raise ValueError(
+                    f"adapter tensor {key!r} is on the meta device and holds no data; load the adapter "
+                    "(from_pretrained, load_adapter) or build it on a base model with weights before saving it"
+                )
+            tensors[key] = tensor
         base_config = getattr(self.base_model, "config", None)
         base = {
             "model_type": getattr(base_config, "model_type", None),
@@ -296,14 +432,17 @@ class LoTRModel(nn.Module):
         """Write ``lotr_config.json`` and ``lotr_model.safetensors`` into ``save_directory``.
 
         Shared factors are stored once per group. Files are replaced atomically; other
-        files in the folder are kept (as PEFT does).
+        files in the folder are kept (as PEFT does). In a multi-process run every process
+        calls this (FSDP2 gathers the sharded tensors then) and only the one with
+        ``is_main_process`` writes.
         """
         if any(layer.merged for _, layer in self.lotr_layers()):
             raise RuntimeError("unmerge_adapter() before save_pretrained(): the cores are saved separately")
+        files = self.adapter_files()
         if is_main_process:
             from ..io.lotr_format import write_adapter  # the file format lives in io; the model hands it data
 
-            write_adapter(save_directory, self.adapter_files())
+            write_adapter(save_directory, files)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False) -> LoTRModel:
@@ -346,20 +485,43 @@ class LoTRModel(nn.Module):
 
     @torch.no_grad()
     def load_adapter_tensors(self, files: LoTRAdapterFiles, source: str = "adapter") -> None:
-        for group_name, factors in self.lotr_factors.items():
-            factors.out_factor.copy_(files.factor(group_name, OUT_FACTOR))
-            factors.in_factor.copy_(files.factor(group_name, IN_FACTOR))
-        for name, layer in self.lotr_layers():
-            layer.lotr_core.copy_(files.core(name))
-        own = self._saved_tensors(list(files.modules_to_save))
-        for key, tensor in files.modules_to_save.items():
-            if key not in own:
-                raise ValueError(f"{source} saves {key!r} (modules_to_save), which the model lacks")
-            if own[key].shape != tensor.shape:
+        """Copy the tensors of ``files`` into the adapter.
+
+        An adapter tensor on the meta device (the base was built under ``init_empty_weights``,
+        say) is replaced by the file's, on the CPU in the adapter tensor's dtype. Raises
+        ``ValueError`` for a tensor of the wrong shape, a ``modules_to_save`` tensor the model
+        lacks, and an adapter tensor the file does not hold that would stay on the meta device.
+        """
+        slots = self._adapter_slots()
+        for key in files.modules_to_save:
+            if saved_key(key) not in slots:
                 raise ValueError(
-                    f"{source} saves {key!r} of shape {tuple(tensor.shape)}, but the model's is {tuple(own[key].shape)}"
+                    f"{source} saves {key!r} (modules_to_save), which the model lacks or which is in none of "
+                    f"its modules_to_save {self.modules_to_save}"
                 )
-            own[key].copy_(tensor)
+        for key, (owner, attr) in slots.items():
+            current = getattr(owner, attr)
+            value = files.tensors.get(key)
+            if value is None:
+                if key in {saved_key(k) for k in self._saved_paths()}:
+                    continue  # a tensor of a saved module the file leaves out keeps the base model's value
+                raise ValueError(f"{source} lacks tensor {key!r}")
+            if tuple(current.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"{source} holds {key!r} of shape {tuple(value.shape)}, but the model's is {tuple(current.shape)}"
+                )
+            if current.is_meta:
+                value = value.detach().to(dtype=current.dtype).clone()
+                is_param = isinstance(current, nn.Parameter)
+                setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad) if is_param else value)
+            else:
+                current.copy_(value)
+        left = [key for key, (owner, attr) in slots.items() if getattr(owner, attr).is_meta]
+        if left:
+            raise ValueError(
+                f"{source} holds no values for {len(left)} adapter tensors on the meta device "
+                f"({', '.join(left[:3])}); load the base model's weights before attaching the adapter"
+            )
 
 
 def get_lotr_model(model: nn.Module, config: LoTRConfig) -> LoTRModel:

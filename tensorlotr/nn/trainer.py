@@ -2,45 +2,107 @@
 
 A plain ``Trainer`` trains a :class:`LoTRModel` too, but it saves the model's full state
 dict at each checkpoint (and safetensors refuses tied weights, as in GPT-2's LM head).
-``LoTRTrainer`` writes ``lotr_config.json`` and ``lotr_model.safetensors`` instead, and
-resumes from them.
+``LoTRTrainer`` writes ``lotr_config.json`` and ``lotr_model.safetensors`` instead, through
+the ``_save`` override that ``Trainer.save_model`` calls; it takes the label names from the
+base model's class, reloads the best adapter at the end of training with a callback
+(``load_best_model_at_end``), and resumes from adapter checkpoints.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import can_return_loss, find_labels
 
 from ..io import is_lotr_dir
 from .model import LoTRModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
+_NO_BEST_MODEL = re.compile(r"Could not locate the best model at (?P<path>.+?), if you are running")
+
+
+class _LoTRBestModelFilter(logging.Filter):
+    """Drop ``Trainer``'s "Could not locate the best model" warning for LoTR adapter checkpoints.
+
+    ``Trainer._load_best_model`` looks for full weights only and warns before
+    :class:`LoadBestAdapterCallback` loads the adapter; the warning would say the opposite
+    of what happens.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = _NO_BEST_MODEL.match(record.getMessage())
+        return found is None or not is_lotr_dir(os.path.dirname(found.group("path")))
+
+
+logging.getLogger("transformers.trainer").addFilter(_LoTRBestModelFilter())
+
+
+def _as_lotr(model: Any) -> LoTRModel | None:
+    return model if isinstance(model, LoTRModel) else None
+
+
+class LoadBestAdapterCallback(TrainerCallback):
+    """At the end of training, load the adapter of ``state.best_model_checkpoint`` (``load_best_model_at_end``).
+
+    ``Trainer`` itself only reloads full weights or PEFT adapters; this callback reloads a
+    LoTR adapter checkpoint into the trained :class:`LoTRModel`, on every process.
+    """
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **_: Any
+    ) -> None:
+        lotr = _as_lotr(model)
+        best = state.best_model_checkpoint
+        if lotr is not None and args.load_best_model_at_end and best is not None and is_lotr_dir(best):
+            lotr.load_adapter(best)
 
 
 class LoTRTrainer(Trainer):
     """``transformers.Trainer`` whose checkpoints hold the LoTR adapter, not the base model."""
 
-    def _lotr_model(self, model: Any = None) -> LoTRModel | None:
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        return model if isinstance(model, LoTRModel) else None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        lotr = self._lotr_model()
+        if lotr is not None:
+            base = type(lotr.get_base_model())  # its forward names the labels: start_positions for QA, say
+            if self.args.label_names is None:
+                self.label_names = find_labels(base)
+            self.can_return_loss = can_return_loss(base)
+            self.add_callback(LoadBestAdapterCallback())
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def _lotr_model(self, model: Any = None) -> LoTRModel | None:
+        return _as_lotr(self.accelerator.unwrap_model(model if model is not None else self.model))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter, the processing class and the training arguments into ``output_dir``.
+
+        Every process calls this (``Trainer.save_model``); only the one that ``should_save`` writes.
+        DeepSpeed and FSDP runs through ``Trainer``'s plugins keep ``Trainer``'s own saving.
+        """
         lotr = self._lotr_model()
         if lotr is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super().save_model(output_dir, _internal_call)
+            return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        lotr.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return None
-        lotr.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resume from an adapter checkpoint.
+
+        ``Trainer.train(resume_from_checkpoint=...)`` calls this before any callback runs, and
+        ``Trainer``'s own version refuses a folder without full weights, so no public hook can
+        do it; other checkpoints go to ``Trainer``.
+        """
         lotr = self._lotr_model(model)
         if lotr is not None and is_lotr_dir(resume_from_checkpoint):
             lotr.load_adapter(resume_from_checkpoint)

@@ -1,0 +1,146 @@
+"""modules_to_save with PEFT's semantics: a trained copy beside the original."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import VOCAB, inputs, tiny_bert, tiny_gpt2, twin
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tensorlotr as tlr
+from tensorlotr.nn import LoTRLayer
+
+
+def tied_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+TIED = {  # model factory, adapter targets, input embedding path
+    "gpt2": (tiny_gpt2, ["c_attn"], "transformer.wte"),
+    "llama": (tied_llama, ["q_proj", "v_proj"], "model.embed_tokens"),
+}
+
+
+def logits(model, seed: int = 1) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(seed=seed)).logits
+
+
+def train_steps(lotr: tlr.LoTRModel, steps: int = 3) -> None:
+    optimizer = torch.optim.Adam([p for p in lotr.parameters() if p.requires_grad], lr=5e-2)
+    lotr.train()
+    for step in range(steps):
+        loss = lotr(**inputs(seed=step)).logits.float().pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    lotr.eval()
+
+
+def test_disable_adapter_runs_the_original_head():
+    model = tiny_bert()
+    base = logits(model)
+    head = model.classifier
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, target_modules=["query"], modules_to_save=["classifier"]))
+    assert model.classifier is not head and lotr.original_modules[0] is head
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert not any(p.requires_grad for p in head.parameters())
+    head_before = {k: v.clone() for k, v in head.state_dict().items()}
+    train_steps(lotr)
+    trained = logits(lotr)
+    assert (trained - base).abs().max() > 1e-3
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(value, head_before[key], atol=0, rtol=0)
+    with lotr.disable_adapter():
+        assert lotr.base_model.classifier is head
+        torch.testing.assert_close(logits(lotr), base, atol=0, rtol=0)
+    torch.testing.assert_close(logits(lotr), trained, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(TIED))
+def test_tied_embeddings_never_change_through_the_copy(arch, tmp_path):
+    factory, targets, embedding = TIED[arch]
+    model = factory()
+    pristine = twin(model)
+    base = logits(model)
+    embed = model.get_submodule(embedding).weight
+    assert model.lm_head.weight is embed  # tied
+    embed_before = embed.detach().clone()
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, target_modules=targets, modules_to_save=["lm_head"]))
+    assert model.lm_head.weight is not embed and model.get_submodule(embedding).weight is embed
+    train_steps(lotr)
+    torch.testing.assert_close(embed.detach(), embed_before, atol=0, rtol=0)
+    assert lotr.original_modules[0].weight is embed  # the original head is still tied
+    assert (model.lm_head.weight.detach() - embed_before).abs().max() > 1e-3
+    with lotr.disable_adapter():
+        torch.testing.assert_close(logits(lotr), base, atol=0, rtol=0)
+
+    lotr.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "lotr_model.safetensors"))
+    assert "modules_to_save.lm_head.weight" in saved  # the plain parameter path, as before and as PEFT
+    assert not any(k.startswith("modules_to_save.") and k != "modules_to_save.lm_head.weight" for k in saved)
+    loaded = tlr.LoTRModel.from_pretrained(pristine, tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(lotr), atol=0, rtol=0)
+    torch.testing.assert_close(pristine.get_submodule(embedding).weight.detach(), embed_before, atol=0, rtol=0)
+    with loaded.disable_adapter():
+        torch.testing.assert_close(logits(loaded), base, atol=0, rtol=0)
+
+
+def test_adapted_module_in_modules_to_save_trains_its_bias_only(tmp_path):
+    model = tiny_bert()
+    base = logits(model)
+    config = tlr.LoTRConfig(rank=4, target_modules=["query"], modules_to_save=["query"])
+    lotr = tlr.get_lotr_model(model, config)
+    layer = model.bert.encoder.layer[0].attention.self.query
+    original = lotr.original_modules[0]
+    assert isinstance(layer, LoTRLayer) and layer.base_layer is not original
+    assert layer.base_layer.weight is original.weight and not original.weight.requires_grad
+    assert layer.base_layer.bias.requires_grad and not original.bias.requires_grad
+    bias_before = original.bias.detach().clone()
+    train_steps(lotr)
+    torch.testing.assert_close(original.bias.detach(), bias_before, atol=0, rtol=0)
+    assert (layer.base_layer.bias.detach() - bias_before).abs().max() > 1e-3
+    with lotr.disable_adapter():
+        torch.testing.assert_close(logits(lotr), base, atol=0, rtol=0)
+    trained = logits(lotr)
+    lotr.merge_adapter()
+    torch.testing.assert_close(logits(lotr), trained, atol=1e-5, rtol=0)
+    lotr.unmerge_adapter()
+
+    lotr.save_pretrained(tmp_path)
+    keys = [k for k in load_file(str(tmp_path / "lotr_model.safetensors")) if k.startswith("modules_to_save.")]
+    assert sorted(keys) == [f"modules_to_save.bert.encoder.layer.{i}.attention.self.query.bias" for i in range(3)]
+    loaded = tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)
+    torch.testing.assert_close(logits(loaded), trained, atol=0, rtol=0)
+
+
+def test_merge_and_unload_keeps_the_trained_copies():
+    model = tiny_bert()
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, target_modules=["query"], modules_to_save=["classifier"]))
+    train_steps(lotr)
+    trained = logits(lotr)
+    copy = model.classifier
+    plain = lotr.merge_and_unload()
+    assert plain.classifier is copy and len(lotr.original_modules) == 0
+    assert not any(isinstance(m, LoTRLayer) for m in plain.modules())
+    torch.testing.assert_close(logits(plain), trained, atol=1e-5, rtol=0)
+
+
+def test_modules_to_save_around_adapted_modules_is_refused():
+    config = tlr.LoTRConfig(rank=2, target_modules=["query"], modules_to_save=["layer.0.attention"])
+    with pytest.raises(ValueError, match=r"modules_to_save names 'bert.encoder.layer.0.attention'.*adapted modules"):
+        tlr.get_lotr_model(tiny_bert(), config)
+
+
+def test_saved_tensor_of_a_module_outside_modules_to_save_is_refused(tmp_path):
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(rank=2, target_modules=["query"]))
+    files = lotr.adapter_files()
+    files.tensors["modules_to_save.classifier.weight"] = torch.zeros(2, 32)
+    with pytest.raises(ValueError, match=r"saves 'classifier.weight' \(modules_to_save\).*none of its modules_to_save"):
+        tlr.LoTRModel.from_adapter_files(tiny_bert(), files)
