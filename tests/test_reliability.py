@@ -558,3 +558,16 @@ def test_outputs_honour_the_umask(umask, folder, file, lora, tmp_path):
     for out in (tmp_path / "lotr", tmp_path / "exported"):
         assert out.stat().st_mode & 0o777 == folder
         assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(os.listdir(out), file)
+
+
+def test_updates_too_large_for_float32_are_refused(lora, tmp_path, capsys):
+    """Found by the fuzz: a finite 3e38 overflowed inside the SVD, an internal error (exit 1) naming nothing."""
+    weights = lora / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key][0, 0] = 3e38
+    save_file(tensors, str(weights))
+    assert run(["convert", str(lora), str(tmp_path / "out")]) == 2
+    line = error_line(capsys.readouterr().err, "convert")
+    assert key.removeprefix("base_model.model.").removesuffix(".lora_B.weight") in line and "too large" in line
+    assert not (tmp_path / "out").exists()

@@ -364,13 +364,26 @@ class PeftLoRA:
 
     # --- tensors -------------------------------------------------------------------
     def load(self, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-        """``(B_l, A_l, scale_l)`` for ``names``; B (d_out, r), A (r, d_in). Checks for NaN and Inf."""
+        """``(B_l, A_l, scale_l)`` for ``names``; B (d_out, r), A (r, d_in).
+
+        Refuses NaN and Inf values, and updates too large to decompose without overflow in
+        the compute dtype (float64 factors stay float64, others are computed in float32):
+        ``|scale| ||B|| ||A||`` must stay below ``sqrt(finfo.max) / 1000``.
+        """
         keys = [k for n in names for k in (self.modules[n].key_b, self.modules[n].key_a)]
         tensors = self._tensors.get(keys)
         bs, as_ = tensors[0::2], tensors[1::2]
         for name, b, a in zip(names, bs, as_, strict=True):
             if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
                 raise ValueError(f"{self.weights_path}: module {name!r} has NaN or Inf values")
+            compute = torch.float64 if b.dtype == a.dtype == torch.float64 else torch.float32
+            limit = math.sqrt(torch.finfo(compute).max) / 1e3
+            bound = abs(self.modules[name].scale) * float(b.double().norm()) * float(a.double().norm())
+            if bound > limit:
+                raise ValueError(
+                    f"{self.weights_path}: module {name!r} has an update of norm up to {bound:.3g}, too large to "
+                    f"decompose in {str(compute).removeprefix('torch.')} (at most {limit:.3g})"
+                )
         return bs, as_, [self.modules[n].scale for n in names]
 
     def load_modules_to_save(self) -> dict[str, torch.Tensor]:

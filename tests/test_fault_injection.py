@@ -1,0 +1,137 @@
+"""A convert killed while it replaces its output: OUT_DIR keeps the complete old output.
+
+A child process runs the command line with a hook that pauses at one point of the write;
+the test then kills it (SIGKILL, SIGTERM or SIGINT) there. Whatever the signal, OUT_DIR must
+hold the complete old output once the next run has gone, with no temporary folder left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_reliability import error_line, hidden, run, snapshot, write_lora
+
+from tensorlotr.io.lotr_format import read_adapter
+
+#: The child: the command line, with a pause (``READY`` written, then a long sleep) at ``STAGE``.
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+
+    import tensorlotr.io.atomic as atomic
+    import tensorlotr.io.lotr_format as lotr_format
+    from tensorlotr.cli import main
+
+    stage, ready = sys.argv[1], Path(sys.argv[2])
+
+    def pause():
+        ready.write_text("ready")
+        time.sleep(300)
+
+    if stage == "writing":  # the weights are written into the temporary folder, the config is not
+        save_file = lotr_format.save_file
+
+        def paused_save(*args, **kwargs):
+            save_file(*args, **kwargs)
+            pause()
+
+        lotr_format.save_file = paused_save
+    elif stage == "exchange":  # the new output is complete and about to be swapped in
+        exchange = atomic._exchange
+
+        def paused_exchange(first, second):
+            pause()
+            return exchange(first, second)
+
+        atomic._exchange = paused_exchange
+    elif stage == "renames":  # no exchange: the old output is renamed aside, the new one not yet in place
+        atomic._exchange = lambda first, second: False
+        rename = os.rename
+
+        def paused_rename(src, dst):
+            if Path(src).name.startswith(".out.tmp-"):
+                pause()
+            rename(src, dst)
+
+        os.rename = paused_rename
+    sys.exit(main(sys.argv[3:]))
+    """
+)
+
+
+def _interrupt(stage: str, signum: int, args: list[str], folder: Path) -> subprocess.CompletedProcess:
+    """Run ``tensorlotr ARGS`` in a child, send ``signum`` once it pauses at ``stage``, and wait for it."""
+    ready = folder / "ready"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, stage, str(ready), *args],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ready.exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            out, err = child.communicate()
+            pytest.fail(f"the child never reached {stage} (exit code {child.returncode}): {err}")
+        time.sleep(0.05)
+    child.send_signal(signum)
+    out, err = child.communicate(timeout=120)
+    ready.unlink()
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fault") / "lora"
+    write_lora(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("stage", "signum"),
+    [
+        ("writing", signal.SIGKILL),
+        ("exchange", signal.SIGKILL),
+        ("renames", signal.SIGKILL),
+        ("writing", signal.SIGTERM),
+        ("exchange", signal.SIGTERM),
+        ("renames", signal.SIGTERM),
+        ("exchange", signal.SIGINT),
+    ],
+)
+def test_killed_while_replacing_the_output(stage, signum, lora, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(["convert", str(lora), str(out), "--rank", "2", "--json"]) == 0
+    old = snapshot(out)
+    done = _interrupt(stage, signum, ["convert", str(lora), str(out), "--force", "--json"], tmp_path)
+    if signum == signal.SIGKILL:  # no chance to clean up: the leftovers wait for the next run
+        assert done.returncode == -signal.SIGKILL
+        assert any(name.startswith(".out.tmp-") for name in hidden(tmp_path))
+        if stage == "renames":  # the old output is complete, aside
+            [aside] = [tmp_path / n for n in hidden(tmp_path) if n.startswith(".out.old-")]
+            assert not out.exists() and snapshot(aside) == old
+        else:
+            assert snapshot(out) == old
+    else:
+        code, word = {signal.SIGTERM: (143, "terminated"), signal.SIGINT: (130, "interrupted")}[signum]
+        assert done.returncode == code, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == f"tensorlotr convert: {word}"
+        assert "Traceback" not in done.stderr
+        assert snapshot(out) == old and hidden(tmp_path) == []
+    capsys.readouterr()
+    # the next run: it recovers and cleans up, then refuses the existing output without --force
+    assert run(["convert", str(lora), str(out), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in error_line(err, "convert")
+    assert ("left by an interrupted run" in err) == (signum == signal.SIGKILL)
+    assert snapshot(out) == old and hidden(tmp_path) == []
+    assert run(["convert", str(lora), str(out), "--force", "--json"]) == 0
+    assert read_adapter(out).groups["q_proj"].rank == (12, 12) and hidden(tmp_path) == []
