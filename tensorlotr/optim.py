@@ -22,7 +22,15 @@ from .core import normalize_rank, tucker2
 
 @torch.no_grad()
 def project_low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """Best rank-``rank`` approximation of ``matrix`` (d_out, d_in), by truncated SVD."""
+    """Best rank-``rank`` approximation of ``matrix`` (d_out, d_in), by truncated SVD.
+
+    Computed in float64; the result is (d_out, d_in) in ``matrix``'s dtype.
+
+    >>> import torch
+    >>> projected = project_low_rank(torch.randn(6, 5), rank=2)
+    >>> tuple(projected.shape), int(torch.linalg.matrix_rank(projected))
+    ((6, 5), 2)
+    """
     u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
     r = min(rank, s.shape[0])
     return ((u[:, :r] * s[:r]) @ vh[:r]).to(matrix.dtype)
@@ -30,7 +38,18 @@ def project_low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 
 @torch.no_grad()
 def project_tucker2(matrices: list[torch.Tensor], rank: tuple[int, int]) -> list[torch.Tensor]:
-    """Tucker-2 projection of the stack of ``matrices`` (each d_out x d_in) at ``rank``."""
+    """Tucker-2 projection of the stack of ``matrices`` (each d_out x d_in) at ``rank``.
+
+    The L matrices become ``U G_l V^T`` with ``U`` (d_out, r_out) and ``V`` (d_in, r_in)
+    shared, by the HOSVD of :func:`tensorlotr.tucker2`; ``rank`` is ``(r_out, r_in)`` or an int.
+
+    >>> import torch
+    >>> projected = project_tucker2([torch.randn(6, 5) for _ in range(3)], rank=(2, 3))
+    >>> mode1 = torch.cat(projected, dim=1)                 # (d_out, L*d_in): spans U
+    >>> mode2 = torch.cat([p.T for p in projected], dim=1)  # (d_in, L*d_out): spans V
+    >>> int(torch.linalg.matrix_rank(mode1)), int(torch.linalg.matrix_rank(mode2))
+    (2, 3)
+    """
     stack = torch.stack([m.to(torch.float64) for m in matrices])
     dense = tucker2(stack, rank).to_dense()
     return [dense[i].to(m.dtype) for i, m in enumerate(matrices)]
@@ -86,8 +105,39 @@ def _make(base: type[torch.optim.Optimizer], mixin: type, name: str, doc: str) -
     return type(name, (mixin, base), {"__init__": init, "__doc__": doc, "__module__": __name__})
 
 
-_LR_DOC = "{base} on full matrices, each projected back onto rank ``rank`` after every step."
-_LOTR_DOC = "{base} on a stack of matrices per param group, projected onto Tucker-2 rank ``rank`` after every step."
+_LR_DOC = """{base} on full matrices, each projected back onto rank ``rank`` after every step.
+
+Every parameter is one matrix (d_out, d_in); after ``step()`` it is its best rank-``rank``
+approximation (truncated SVD). A param group's own ``"rank"`` overrides ``rank``; the other
+keyword arguments go to ``torch.optim.{base}``.
+
+>>> import torch
+>>> from tensorlotr.optim import LowRank{base}
+>>> weight = torch.nn.Parameter(torch.randn(6, 5))
+>>> optimizer = LowRank{base}([weight], rank=2, lr=1e-2)
+>>> weight.sum().backward()
+>>> optimizer.step()
+>>> int(torch.linalg.matrix_rank(weight.detach()))
+2
+"""
+_LOTR_DOC = """{base} on a stack of matrices per param group, projected onto Tucker-2 rank ``rank`` after every step.
+
+Each param group holds L matrices of one shape (d_out, d_in), a stack (L, d_out, d_in);
+after ``step()`` they are ``U G_l V^T`` with ``U`` (d_out, r_out) and ``V`` (d_in, r_in)
+shared, the HOSVD projection at ``rank = (r_out, r_in)`` (an int for both). A param
+group's own ``"rank"`` overrides ``rank``; the other keyword arguments go to ``torch.optim.{base}``.
+
+>>> import torch
+>>> from tensorlotr.optim import LoTR{base}
+>>> stack = [torch.nn.Parameter(torch.randn(6, 5)) for _ in range(3)]
+>>> optimizer = LoTR{base}([dict(params=stack)], rank=(2, 3), lr=1e-2)
+>>> sum(w.sum() for w in stack).backward()
+>>> optimizer.step()
+>>> mode1 = torch.cat([w.detach() for w in stack], dim=1)     # (d_out, L*d_in): spans U
+>>> mode2 = torch.cat([w.detach().T for w in stack], dim=1)   # (d_in, L*d_out): spans V
+>>> int(torch.linalg.matrix_rank(mode1)), int(torch.linalg.matrix_rank(mode2))
+(2, 3)
+"""
 
 LowRankAdam = _make(torch.optim.Adam, _LowRankProjection, "LowRankAdam", _LR_DOC.format(base="Adam"))
 LowRankAdamW = _make(torch.optim.AdamW, _LowRankProjection, "LowRankAdamW", _LR_DOC.format(base="AdamW"))
@@ -98,7 +148,17 @@ LoTRSGD = _make(torch.optim.SGD, _TuckerProjection, "LoTRSGD", _LOTR_DOC.format(
 
 
 class OptimizerList(torch.optim.Optimizer):
-    """Several optimizers stepped as one; ``param_groups`` is the concatenation of theirs."""
+    """Several optimizers stepped as one; ``param_groups`` is the concatenation of theirs.
+
+    For ``transformers.Trainer(optimizers=(OptimizerList(...), LRSchedulerList(...)))``:
+    say a plain optimizer for the head and a projected one for the full corrections.
+
+    >>> import torch
+    >>> head, correction = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(6, 5))
+    >>> optimizer = OptimizerList(torch.optim.SGD([head], lr=0.1), LowRankSGD([correction], rank=2, lr=0.1))
+    >>> optimizer, len(optimizer.param_groups)
+    (OptimizerList(SGD, LowRankSGD), 2)
+    """
 
     def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
         if not optimizers:
@@ -155,7 +215,18 @@ class OptimizerList(torch.optim.Optimizer):
 
 
 class LRSchedulerList:
-    """Several learning-rate schedulers stepped as one (one per optimizer of an ``OptimizerList``)."""
+    """Several learning-rate schedulers stepped as one (one per optimizer of an ``OptimizerList``).
+
+    >>> import torch
+    >>> a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(6, 5))
+    >>> optimizer = OptimizerList(torch.optim.SGD([a], lr=0.1), LowRankSGD([b], rank=2, lr=0.1))
+    >>> halve = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in optimizer.optimizers]
+    >>> schedule = LRSchedulerList(*halve)
+    >>> optimizer.step()
+    >>> schedule.step()
+    >>> schedule.get_last_lr()
+    [0.05, 0.05]
+    """
 
     def __init__(self, *schedulers: Any) -> None:
         if not schedulers:

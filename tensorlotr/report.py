@@ -14,6 +14,19 @@ class Result:
 
     Subclasses add derived values to :meth:`to_dict` and write :meth:`text`. Indexing
     (``result["groups"]``) reads :meth:`to_dict`, as when jobs returned plain dicts.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Count(Result):
+    ...     name: str
+    ...     shape: tuple[int, int]
+    ...     def text(self) -> str:
+    ...         return f"{self.name}: {format_value(self.shape)}"
+    >>> result = Count("query", (384, 384))
+    >>> print(result)
+    query: 384x384
+    >>> result["shape"]  # shapes and ranks become lists
+    [384, 384]
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,7 +57,11 @@ def _plain(value: Any) -> Any:
 
 
 def format_value(value: Any) -> str:
-    """A table cell: floats in short scientific or fixed form, ints with thousands separators."""
+    """A table cell: floats in short scientific or fixed form, ints with thousands separators.
+
+    >>> [format_value(v) for v in (1234567, 0.00012, 0.5, (384, 384), True)]
+    ['1,234,567', '1.200e-04', '0.5000', '384x384', 'yes']
+    """
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
@@ -61,7 +78,14 @@ def format_value(value: Any) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows of dicts as an aligned text table; numbers are right-aligned."""
+    """Rows of dicts as an aligned text table; numbers are right-aligned.
+
+    >>> print(format_table([{"group": "query", "params": 6528}, {"group": "value", "params": 6528}]))
+    group  params
+    -----  ------
+    query   6,528
+    value   6,528
+    """
     if not rows:
         return "(empty)"
     columns = list(columns or rows[0].keys())
@@ -78,7 +102,17 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
 
 def to_json(report: Any) -> str:
-    """A report as indented JSON; tuples become lists, non-finite floats become strings."""
+    """A report as indented JSON; tuples become lists, non-finite floats become strings.
+
+    >>> print(to_json({"rank": (8, 8), "error": float("nan")}))
+    {
+      "rank": [
+        8,
+        8
+      ],
+      "error": "nan"
+    }
+    """
 
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
