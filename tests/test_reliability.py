@@ -571,3 +571,35 @@ def test_updates_too_large_for_float32_are_refused(lora, tmp_path, capsys):
     line = error_line(capsys.readouterr().err, "convert")
     assert key.removeprefix("base_model.model.").removesuffix(".lora_B.weight") in line and "too large" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_regexes_on_the_command_line_are_one_line_errors(pair, capsys):
+    (pair / "logs").mkdir()
+    assert run(["tb2parquet", str(pair / "logs"), str(pair / "x.parquet"), "--tags", "("]) == 2
+    assert "invalid regular expression '('" in error_line(capsys.readouterr().err, "tb2parquet")
+    args = ["decompose", str(pair / "base"), str(pair / "ft"), str(pair / "o"), "--target-modules", "re:("]
+    assert run(args) == 2
+    assert "invalid regular expression '('" in error_line(capsys.readouterr().err, "decompose")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("config.json", "[1]", "config.json holds an array, not a JSON object"),
+        ("config.json", "{", "config.json is not valid JSON"),
+        ("model.safetensors.index.json", '{"weight_map": [1]}', "model.safetensors.index.json is not a safetensors"),
+    ],
+)
+def test_bad_model_folder_json_names_the_file(name, text, message, pair, capsys):
+    (pair / "ft" / name).write_text(text)
+    args = ["decompose", str(pair / "base"), str(pair / "ft"), str(pair / "o"), "--target-modules", "q_proj"]
+    assert run(args) == 2
+    assert f"{pair / 'ft'}/{message}" in error_line(capsys.readouterr().err, "decompose")
+
+
+def test_utf16_data_file_names_the_file(tmp_path):
+    from tensorlotr.data import read_tsv
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\t1\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"train\.tsv is not UTF-8 text"):
+        read_tsv(tmp_path / "train.tsv")
