@@ -31,6 +31,14 @@ def builtin_sentiment(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[
 
     Template sentences; the test set uses adjectives never seen in training, so accuracy
     measures what the pretrained model knows of sentiment words, not memorisation.
+    Labels: 1 positive, 0 negative.
+
+    >>> train, test = builtin_sentiment(seed=0)
+    >>> len(train), len(test)
+    (1200, 600)
+    >>> sentence, label = train[0]
+    >>> isinstance(sentence, str), label in (0, 1)
+    (True, True)
     """
     rng = random.Random(seed)
     splits: tuple[list[tuple[str, int]], list[tuple[str, int]]] = ([], [])
@@ -44,7 +52,15 @@ def builtin_sentiment(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[
 
 
 def read_tsv(path: str | Path, limit: int | None = None) -> list[tuple[str, int]]:
-    """``sentence<TAB>label`` rows of a GLUE-style TSV with a header; labels are ints."""
+    """``sentence<TAB>label`` rows of a GLUE-style TSV with a header; labels are ints.
+
+    ``limit`` keeps the first rows only. Errors name the file and line.
+
+    >>> from pathlib import Path
+    >>> _ = Path("reviews.tsv").write_text("sentence\\tlabel\\na moving film\\t1\\na dull script\\t0\\n")
+    >>> read_tsv("reviews.tsv")
+    [('a moving film', 1), ('a dull script', 0)]
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
