@@ -97,6 +97,20 @@ def test_meta_base_loads_every_adapter_tensor_from_the_file(saved):
         tlr.LoTRModel.from_adapter_files(meta_bert(), files)
 
 
+def test_loading_changes_nothing_unless_every_tensor_fits(saved):
+    _, trained = saved
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(**CONFIG))
+    before = {k: v.clone() for k, v in adapter_tensors(lotr).items()}
+    files = trained.adapter_files()
+    files.tensors["modules_to_save.classifier.weight"] = torch.zeros(3, 32)
+    with pytest.raises(
+        ValueError, match=r"'modules_to_save\.classifier\.weight' of shape \(3, 32\).*model's is \(2, 32\)"
+    ):
+        lotr.load_adapter_tensors(files)
+    for key, tensor in adapter_tensors(lotr).items():
+        torch.testing.assert_close(tensor, before[key], atol=0, rtol=0)
+
+
 def test_svd_init_on_a_meta_base_is_refused():
     config = tlr.LoTRConfig(rank=4, target_modules=["query"], init="svd")
     with pytest.raises(

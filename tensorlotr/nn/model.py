@@ -493,23 +493,26 @@ class LoTRModel(nn.Module):
         lacks, and an adapter tensor the file does not hold that would stay on the meta device.
         """
         slots = self._adapter_slots()
+        optional = {saved_key(k) for k in self._saved_paths()}  # a saved module's tensor the file leaves out stays
         for key in files.modules_to_save:
             if saved_key(key) not in slots:
                 raise ValueError(
                     f"{source} saves {key!r} (modules_to_save), which the model lacks or which is in none of "
                     f"its modules_to_save {self.modules_to_save}"
                 )
+        loads = []
         for key, (owner, attr) in slots.items():
-            current = getattr(owner, attr)
-            value = files.tensors.get(key)
+            current, value = getattr(owner, attr), files.tensors.get(key)
             if value is None:
-                if key in {saved_key(k) for k in self._saved_paths()}:
-                    continue  # a tensor of a saved module the file leaves out keeps the base model's value
+                if key in optional:
+                    continue
                 raise ValueError(f"{source} lacks tensor {key!r}")
             if tuple(current.shape) != tuple(value.shape):
                 raise ValueError(
                     f"{source} holds {key!r} of shape {tuple(value.shape)}, but the model's is {tuple(current.shape)}"
                 )
+            loads.append((owner, attr, current, value))
+        for owner, attr, current, value in loads:  # nothing changes unless every tensor fits
             if current.is_meta:
                 value = value.detach().to(dtype=current.dtype).clone()
                 is_param = isinstance(current, nn.Parameter)
