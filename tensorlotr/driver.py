@@ -27,6 +27,13 @@ class GroupOutcome:
 
     ``norm_sq`` is ``sum_l ||dW_l||_F^2`` and ``error_sq`` is ``sum_l ||dW_l - U G_l V^T||_F^2``;
     ``details`` are the job's own report columns (LoRA params, route, …).
+
+    >>> import numpy as np
+    >>> from tensorlotr.core import tucker2
+    >>> stack = np.random.default_rng(0).standard_normal((2, 6, 5))  # (L, d_out, d_in)
+    >>> outcome = GroupOutcome(tucker2(stack), norm_sq=float((stack**2).sum()), error_sq=0.0)
+    >>> outcome.tucker.rank  # the exact rank: U (6, 6), V (5, 5)
+    (6, 5)
     """
 
     tucker: Tucker2
@@ -38,7 +45,16 @@ class GroupOutcome:
 
 @dataclass
 class GroupReport:
-    """One group of an adapter a job built. Job-specific columns are ``None`` where they do not apply."""
+    """One group of an adapter a job built. Job-specific columns are ``None`` where they do not apply.
+
+    ``shape`` is each layer's ``(d_out, d_in)`` and ``rank`` ``(r_out, r_in)``.
+
+    >>> row = GroupReport(
+    ...     group="query", layers=6, shape=(384, 384), rank=(8, 8), lotr_params=6528, relative_error=0.0, seconds=0.1
+    ... )
+    >>> row.lotr_params == 8 * 384 + 8 * 384 + 6 * 8 * 8
+    True
+    """
 
     group: str
     layers: int
@@ -70,7 +86,18 @@ _COLUMNS = {
 
 @dataclass(kw_only=True)
 class AdapterReport(Result):
-    """What a job that builds an adapter (convert, decompose) wrote, and what it cost."""
+    """What a job that builds an adapter (convert, decompose) wrote, and what it cost.
+
+    >>> row = GroupReport(
+    ...     group="query", layers=6, shape=(384, 384), rank=(8, 8), lotr_params=6528, relative_error=0.01,
+    ...     seconds=0.1, lora_rank=(8, 8), lora_params=36864,
+    ... )
+    >>> report = AdapterReport(source="my-lora", output=None, groups=[row], relative_error=0.01)
+    >>> round(report.totals()["compression"], 2)
+    5.65
+    >>> print(report.summary())
+    36,864 LoRA params -> 6,528 LoTR params (compression 5.6x), relative error 1.000e-02, 0.00 s
+    """
 
     source: str
     output: str | None
@@ -125,7 +152,13 @@ class AdapterReport(Result):
 
 @dataclass
 class PlanResult:
-    """The groups of a plan, decomposed: the builder holding them, their reports, and totals."""
+    """The groups of a plan, decomposed: the builder holding them, their reports, and totals.
+
+    :func:`run_plan` returns one (see its example).
+
+    >>> PlanResult(AdapterBuilder(), [], norm_sq=4.0, error_sq=1.0).relative_error
+    0.5
+    """
 
     builder: AdapterBuilder
     groups: list[GroupReport]
@@ -151,6 +184,24 @@ def run_plan(
 
     ``rank`` is the rank the user asked for: a group that ends below it (its exact rank is
     smaller) gets a note in the report.
+
+    A plan of one group, two layers of (d_out, d_in) = (6, 5), decomposed at rank (3, 2):
+
+    >>> import numpy as np
+    >>> from tensorlotr.adapter import Group
+    >>> from tensorlotr.core import relative_error, tucker2
+    >>> stacks = {"query": np.random.default_rng(0).standard_normal((2, 6, 5))}
+    >>> plan = [Group("query", ("layer.0.query", "layer.1.query"), (6, 5))]
+    >>> def decompose_group(group):
+    ...     stack = stacks[group.name]
+    ...     tucker = tucker2(stack, rank=(3, 2))
+    ...     norm_sq = float((stack**2).sum())
+    ...     return GroupOutcome(tucker, norm_sq, relative_error(tucker, stack) ** 2 * norm_sq)
+    >>> done = run_plan(plan, decompose_group)
+    >>> done.groups[0].rank, done.groups[0].lotr_params  # U (6, 3), V (5, 2), two cores (3, 2)
+    ((3, 2), 40)
+    >>> 0 < done.relative_error < 1
+    True
     """
     progress = progress or no_progress
     builder = AdapterBuilder()
