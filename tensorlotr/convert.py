@@ -16,7 +16,18 @@ from typing import Any
 import torch
 
 from .adapter import Group, LoTRAdapterFiles, group_modules
-from .core import lowrank_norm_sq, normalize_rank, relative_error_lowrank, tucker2_lowrank
+from .calibration import (
+    REPORT_NAME,
+    Calibration,
+    CalibrationStats,
+    ErrorSums,
+    add_report_columns,
+    as_calibration,
+    compression_document,
+    error_sums,
+    group_tucker,
+)
+from .core import lowrank_norm_sq, normalize_rank, relative_error_lowrank, tucker2_lowrank, tucker2_weighted
 from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
 from .io import is_lotr_dir, read_adapter
 from .io.atomic import atomic_dir, check_output
@@ -42,6 +53,7 @@ def convert_lora(
     groups: str | dict[str, list[str]] = "by_name",
     force: bool = False,
     progress: Progress | None = None,
+    calibration: Calibration | CalibrationStats | None = None,
 ) -> ConversionReport:
     """Convert a PEFT LoRA folder into a LoTR adapter folder.
 
@@ -65,6 +77,13 @@ def convert_lora(
     groups : "by_name", "shared" or dict
         As :class:`tensorlotr.LoTRConfig`'s ``groups``: by default one group per module
         path with the layer index removed (and per shape).
+    calibration : Calibration or CalibrationStats, optional
+        Output-aware compression (see ``docs/calibration.md``): each group minimises the
+        error of its outputs on the calibration inputs, ``sum_l ||(dW_l - U G_l V^T) C_l^{1/2}||``
+        (:func:`tensorlotr.core.tucker2_weighted`), instead of the weight error; with
+        ``heal_steps`` the adapter is then healed against the LoRA (:mod:`tensorlotr.heal`).
+        The report adds each group's calibrated output error (before and after the heal),
+        and the output folder gets ``compression_report.json``, which ``inspect`` shows.
 
     Returns
     -------
@@ -83,6 +102,9 @@ def convert_lora(
         raise ValueError(f"{peft_dir} is a LoTR adapter already, not a PEFT LoRA")
     lora = PeftLoRA(peft_dir)
     plan = group_modules({m.name: m.shape for m in lora.modules.values()}, groups)
+    cal = as_calibration(calibration)
+    stats = cal.statistics(list(lora.modules), progress) if cal is not None else None
+    sums: dict[str, ErrorSums] = {}
 
     def convert_group(group: Group) -> GroupOutcome:
         names = list(group.modules)
@@ -93,19 +115,32 @@ def convert_lora(
         (d_out, d_in), total = group.shape, sum(lora.modules[n].rank for n in names)
         exact = (min(d_out, len(names) * d_in, total), min(d_in, len(names) * d_out, total))
         clipped = None if requested is None else (min(requested[0], exact[0]), min(requested[1], exact[1]))
-        tucker = tucker2_lowrank(bs, as_, clipped, scale=scales, energy=energy, n_iter=n_iter)
+        factors = stats.factors(names) if stats is not None else None
+        if cal is None or factors is None:
+            tucker = tucker2_lowrank(bs, as_, clipped, scale=scales, energy=energy, n_iter=n_iter)
+        else:  # output-aware: float64, as the calibration statistics
+            b64, a64 = [b.double() for b in bs], [a.double() for a in as_]
+            tucker = tucker2_weighted(
+                b64, a64, factors, clipped, scale=scales, energy=energy, damping=cal.damping, n_iter=cal.n_iter
+            )
         norm_sq = lowrank_norm_sq(bs, as_, scales)
         error = relative_error_lowrank(tucker, bs, as_, scales)
         lora_rank = max(lora.modules[n].rank for n in names)
         details = {"lora_rank": (lora_rank, lora_rank), "lora_params": sum(lora.modules[n].n_params for n in names)}
+        if factors is not None:
+            sums[group.name] = error_sums(tucker, bs, as_, scales, factors)
+            details["output_error"] = sums[group.name].output_error
         return GroupOutcome(tucker, norm_sq, error**2 * norm_sq, lora.fan_in_fan_out, details)
 
     done = run_plan(plan, convert_group, progress=progress, desc="converting", rank=None if energy else requested)
     modules_to_save = done.builder.add_saved(lora.load_modules_to_save())
     base = {"name_or_path": lora.config.get("base_model_name_or_path"), "task_type": lora.config.get("task_type")}
     files = done.builder.build(lora.config.get("target_modules"), groups, modules_to_save, base)
-    save_adapter(files, out_dir, force=force)
-    return ConversionReport(
+    heal = None
+    if cal is not None and cal.heal_steps:
+        files, heal = _heal(files, lora, cal, done.groups, progress)
+        done.notes.append(heal.text())
+    report = ConversionReport(
         source=str(peft_dir),
         output=str(out_dir) if out_dir is not None else None,
         groups=done.groups,
@@ -113,7 +148,37 @@ def convert_lora(
         relative_error=done.relative_error,
         seconds=time.perf_counter() - start,
         notes=done.notes,
+        output_error=sum(sums.values(), ErrorSums()).output_error if sums else None,
+        calibration=stats.summary() if stats is not None else None,
+        heal=heal.to_dict() if heal is not None else None,
     )
+    documents = {REPORT_NAME: compression_document(report)} if cal is not None else None
+    save_adapter(files, out_dir, force=force, documents=documents)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _heal(files: LoTRAdapterFiles, lora: PeftLoRA, cal: Calibration, rows: list[Any], progress: Progress | None):
+    """Heal the converted adapter against the LoRA; set each group's errors after the heal in ``rows``."""
+    from .heal import LoRATeacher, heal_adapter  # the torch bindings, only when healing
+
+    names = list(lora.modules)
+    bs, as_, scales = lora.load(names)
+    teacher = LoRATeacher(
+        {n: (b.float(), a.float(), s) for n, b, a, s in zip(names, bs, as_, scales, strict=True)},
+        lora.load_modules_to_save(),
+    )
+    assert cal.base_model is not None and cal.inputs is not None and cal.stats is not None
+    healed, report = heal_adapter(
+        cal.base_model, files, teacher, cal.inputs, steps=cal.heal_steps, lr=cal.heal_lr,
+        train_factors=cal.heal_factors, held_out=cal.held_out, progress=progress,
+    )  # fmt: skip
+    for row in rows:
+        modules = healed.groups[row.group].modules
+        b, a, s = lora.load(modules)
+        sums = error_sums(group_tucker(healed, row.group), b, a, s, cal.stats.factors(modules))
+        row.healed_error, row.healed_output_error = sums.weight_error, sums.output_error
+    return healed, report
 
 
 def _task_type(model_class: str | None) -> str | None:
@@ -276,6 +341,7 @@ def inspect_adapter(path: str | os.PathLike) -> Result:
             }
             for name, g in files.groups.items()
         ]
+        add_report_columns(groups, folder, "groups", "group")
         saved = files.modules_to_save
         return InspectReport(
             format="lotr",

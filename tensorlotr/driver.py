@@ -18,7 +18,7 @@ from typing import Any
 from .adapter import AdapterBuilder, Group, LoTRAdapterFiles
 from .core import Tucker2
 from .progress import Progress, no_progress
-from .report import Result, format_table
+from .report import Result, format_table, to_json
 
 
 @dataclass
@@ -68,6 +68,9 @@ class GroupReport:
     energy_kept: float | None = None
     route: str | None = None
     passes: int | None = None
+    output_error: float | None = None  # relative calibrated output error (output-aware compression)
+    healed_error: float | None = None  # relative weight error after the heal
+    healed_output_error: float | None = None  # relative calibrated output error after the heal
 
 
 _COLUMNS = {
@@ -79,6 +82,9 @@ _COLUMNS = {
     "lora_params": "LoRA params",
     "lotr_params": "LoTR params",
     "relative_error": "rel. error",
+    "output_error": "output error",
+    "healed_error": "healed rel. error",
+    "healed_output_error": "healed output error",
     "energy_kept": "energy kept",
     "route": "route",
 }
@@ -106,6 +112,9 @@ class AdapterReport(Result):
     relative_error: float = 0.0  # over all groups: sqrt(sum_g err_g^2 / sum_g ||dW_g||^2)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    output_error: float | None = None  # over all groups, with calibration: sqrt(sum res^2 / sum ||dW Z||^2)
+    calibration: dict[str, Any] | None = None  # samples, tokens and seconds of the calibration pass
+    heal: dict[str, Any] | None = None  # tensorlotr.heal.HealReport.to_dict()
 
     @property
     def lotr_params(self) -> int:
@@ -117,6 +126,8 @@ class AdapterReport(Result):
 
     def totals(self) -> dict[str, Any]:
         totals: dict[str, Any] = {"lotr_params": self.lotr_params, "relative_error": self.relative_error}
+        if self.output_error is not None:
+            totals["output_error"] = self.output_error
         if self.lora_params:
             totals["lora_params"] = self.lora_params
             totals["compression"] = self.lora_params / max(self.lotr_params, 1)
@@ -143,7 +154,10 @@ class AdapterReport(Result):
         if self.lora_params:
             ratio = self.lora_params / max(self.lotr_params, 1)
             text = f"{self.lora_params:,} LoRA params -> {text} (compression {ratio:.1f}x)"
-        text += f", relative error {self.relative_error:.3e}, {self.seconds:.2f} s"
+        text += f", relative error {self.relative_error:.3e}"
+        if self.output_error is not None:
+            text += f", calibrated output error {self.output_error:.3e}"
+        text += f", {self.seconds:.2f} s"
         return text + (f"; wrote {self.output}" if self.output else "")
 
     def text(self) -> str:
@@ -234,11 +248,34 @@ def run_plan(
     return PlanResult(builder, reports, total_sq, err_sq, notes)
 
 
-def save_adapter(files: LoTRAdapterFiles, out_dir: str | os.PathLike | None, *, force: bool) -> None:
-    """Write ``files`` as a new adapter folder ``out_dir``, atomically (nothing when ``None``)."""
+def save_adapter(
+    files: LoTRAdapterFiles,
+    out_dir: str | os.PathLike | None,
+    *,
+    force: bool,
+    documents: dict[str, Any] | None = None,
+) -> None:
+    """Write ``files`` as a new adapter folder ``out_dir``, atomically (nothing when ``None``).
+
+    ``documents`` are more JSON files to write into the folder, by file name (the
+    compression report that ``inspect`` shows, say).
+
+    >>> import numpy as np
+    >>> from tensorlotr.adapter import AdapterBuilder
+    >>> from tensorlotr.core import tucker2
+    >>> from tensorlotr.io import read_adapter
+    >>> tucker = tucker2(np.random.default_rng(0).standard_normal((2, 6, 5)), rank=(3, 2))
+    >>> builder = AdapterBuilder()
+    >>> builder.add_group("query", ["layer.0.query", "layer.1.query"], tucker, fan_in_fan_out=False)
+    >>> save_adapter(builder.build(["query"], "by_name", [], {}), "my-adapter", force=False)
+    >>> read_adapter("my-adapter").groups["query"].rank
+    (3, 2)
+    """
     if out_dir is None:
         return
     from .io import atomic_dir, write_adapter
 
     with atomic_dir(out_dir, force=force) as tmp:
         write_adapter(tmp, files)
+        for name, document in (documents or {}).items():
+            (tmp / name).write_text(to_json(document) + "\n", encoding="utf-8")

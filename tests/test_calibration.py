@@ -7,7 +7,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from models import inputs, tiny_bert
+from peft import LoraConfig, get_peft_model
 
+from tensorlotr.calibration import Calibration, calibrate, error_sums, group_tucker
+from tensorlotr.convert import convert_lora, inspect_adapter
 from tensorlotr.core import (
     relative_error_lowrank,
     tucker2_lowrank,
@@ -15,6 +19,8 @@ from tensorlotr.core import (
     weighted_error_lowrank,
     weighted_residuals_lowrank,
 )
+from tensorlotr.io import read_adapter
+from tensorlotr.io.peft_lora import PeftLoRA
 
 
 def _dense_weighted_error(tucker, bs, as_, zs) -> float:
@@ -127,3 +133,81 @@ def test_bad_weights_are_refused_clearly():
         tucker2_weighted(B, A, np.zeros((11, 4)), 2)
     with pytest.raises(ValueError, match="damping must be >= 0"):
         tucker2_weighted(B, A, bad * 0 + 1, 2, damping=-1)
+
+
+# --- calibration statistics -------------------------------------------------------------
+
+
+def _tiny_lora(folder, seed=0):
+    """A PEFT LoRA (random A and B) on the query and value projections of the tiny BERT, and its base."""
+    base, adapted = tiny_bert(0), tiny_bert(0)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False,
+        modules_to_save=["classifier"], task_type="SEQ_CLS",
+    )  # fmt: skip
+    get_peft_model(adapted, config).save_pretrained(folder)
+    return base
+
+
+def _batches(n=8, seed=0):
+    out = [inputs(seed=seed + i, batch=4, length=9) for i in range(n)]
+    for batch in out:
+        batch["attention_mask"][0, 6:] = 0  # padding must be left out
+    return out
+
+
+def test_calibrate_collects_the_input_second_moment_without_padding():
+    model, batches = tiny_bert(0), _batches(3)
+    seen: list[torch.Tensor] = []
+    query = model.bert.encoder.layer[1].attention.self.query
+    handle = query.register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach()))
+    names = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
+    stats = calibrate(model, batches, names)
+    handle.remove()
+    rows = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches, strict=True)]).double()
+    expected = rows.T @ rows / rows.shape[0]
+    moment = stats.modules[names[2]].second_moment()
+    torch.testing.assert_close(moment, expected, rtol=1e-5, atol=1e-6)
+    assert stats.samples == 12 and stats.tokens == rows.shape[0] == 3 * 36 - 3 * 3
+    torch.testing.assert_close(stats.modules[names[3]].second_moment(), moment)  # value reads the same input
+    z = stats.factor(names[2])
+    torch.testing.assert_close(z @ z.T, expected, rtol=1e-5, atol=1e-6)
+    assert calibrate(model, batches, names, samples=5).samples == 5
+    sketched = calibrate(model, batches, names[2:3], max_dense_dim=16, sketch_rank=6).modules[names[2]]
+    gap = torch.linalg.eigvalsh(expected - sketched.second_moment())
+    tail = torch.linalg.eigvalsh(expected).flip(0)[3:].sum()  # ||X - X_3||_F^2 / n
+    assert sketched.gram is None and gap.min() > -1e-9 and gap.max() <= tail / (6 - 3) + 1e-9
+
+
+def test_calibrate_refuses_unknown_modules_and_empty_inputs():
+    with pytest.raises(ValueError, match=r"no module 'model\.layers\.0\.q_proj'"):
+        calibrate(tiny_bert(0), _batches(1), ["model.layers.0.q_proj"])
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(tiny_bert(0), [], ["bert.encoder.layer.0.attention.self.query"])
+
+
+# --- calibrated conversion -------------------------------------------------------------------
+
+
+def test_calibrated_conversion_lowers_the_output_error_and_full_rank_stays_exact(tmp_path):
+    base = _tiny_lora(tmp_path / "peft")
+    batches = _batches()
+    plain = convert_lora(tmp_path / "peft", tmp_path / "plain", rank=2)
+    modules = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(3) for p in ("query", "value")]
+    stats = calibrate(base, batches, modules)
+    calibrated = convert_lora(tmp_path / "peft", tmp_path / "calibrated", rank=2, calibration=stats)
+    # the plain adapter's output error, measured with the same statistics
+    lora, files = PeftLoRA(tmp_path / "peft"), read_adapter(tmp_path / "plain")
+    for row in calibrated.groups:
+        names = files.groups[row.group].modules
+        plain_sums = error_sums(group_tucker(files, row.group), *lora.load(names), stats.factors(names))
+        assert row.output_error < plain_sums.output_error - 0.01
+    assert calibrated.output_error < 1 and plain.output_error is None
+    assert (tmp_path / "calibrated" / "compression_report.json").is_file()
+    assert not (tmp_path / "plain" / "compression_report.json").exists()
+    shown = inspect_adapter(tmp_path / "calibrated")["groups"]
+    assert [g["output_error"] for g in shown] == pytest.approx([g.output_error for g in calibrated.groups])
+    assert "output_error" not in inspect_adapter(tmp_path / "plain")["groups"][0]
+    exact = convert_lora(tmp_path / "peft", None, calibration=Calibration(inputs=batches, base_model=base))
+    assert exact.relative_error < 1e-6 and exact.output_error < 1e-6
