@@ -40,7 +40,15 @@ from .report import Result, format_table
 
 @dataclass(kw_only=True)
 class ConversionReport(AdapterReport):
-    """What :func:`convert_lora` wrote: per group the LoRA it came from and the LoTR it became."""
+    """What :func:`convert_lora` wrote: per group the LoRA it came from and the LoTR it became.
+
+    ``my-lora/`` holds a PEFT LoRA of rank 4 on ``q_proj`` and ``v_proj`` of a 2-layer model
+    of hidden size 32:
+
+    >>> report = convert_lora("my-lora", None)  # out_dir None: the report only
+    >>> report.to_dict()["groups"][0]["rank"], report["totals"]["compression"]
+    ([8, 8], 0.8)
+    """
 
 
 def convert_lora(
@@ -90,6 +98,23 @@ def convert_lora(
     ConversionReport
         Per group: layers, shape, LoRA and LoTR parameters, ranks, and the exact relative
         error (computed in factored form), then the totals.
+
+    Examples
+    --------
+    ``my-lora/`` holds a PEFT LoRA of rank 4 on ``q_proj`` and ``v_proj`` of a 2-layer model
+    of hidden size 32: each group is a stack (2, 32, 32) of rank at most 2 x 4 = 8 per mode.
+
+    >>> report = convert_lora("my-lora", "my-lotr")  # the exact rank: lossless
+    >>> [(g.group, g.rank, g.lotr_params, g.lora_params) for g in report.groups]
+    [('q_proj', (8, 8), 640, 512), ('v_proj', (8, 8), 640, 512)]
+    >>> report.relative_error < 1e-6
+    True
+    >>> smaller = convert_lora("my-lora", "my-lotr-r4", rank=4)  # 4*32 + 4*32 + 2*4*4 per group
+    >>> [(g.rank, g.lotr_params) for g in smaller.groups]
+    [((4, 4), 288), ((4, 4), 288)]
+
+    Two layers are too shallow for LoTR to save parameters; see the parameter counts in the
+    documentation's Concepts page.
     """
     start = time.perf_counter()
     requested = normalize_rank(rank)
@@ -199,7 +224,12 @@ def _task_type(model_class: str | None) -> str | None:
 
 @dataclass(kw_only=True)
 class ExportReport(Result):
-    """What :func:`export_lora` wrote: the PEFT LoRA's modules, ranks by group and parameters."""
+    """What :func:`export_lora` wrote: the PEFT LoRA's modules, ranks by group and parameters.
+
+    >>> _ = convert_lora("my-lora", "lotr-a")
+    >>> print(export_lora("lotr-a", "lora-a"))
+    wrote PEFT LoRA lora-a: 4 modules (q_proj: r=8, v_proj: r=8), 2,048 params
+    """
 
     source: str
     output: str
@@ -236,6 +266,16 @@ def export_lora(
     -------
     ExportReport
         Modules, rank by group, LoRA parameters, output path.
+
+    Examples
+    --------
+    A LoTR adapter of rank (8, 8) on two groups of 2 layers (32 x 32) becomes a LoRA of
+    rank 8 on 4 modules: ``B_l`` (32, 8) and ``A_l`` (8, 32) each.
+
+    >>> _ = convert_lora("my-lora", "lotr-b")
+    >>> report = export_lora("lotr-b", "lotr-b-as-lora")
+    >>> report.modules, report.ranks, report.lora_params
+    (4, {'q_proj': 8, 'v_proj': 8}, 2048)
     """
     source_dir = lotr if isinstance(lotr, (str, os.PathLike)) else None
     check_output(out_dir, force, inputs=[source_dir])
@@ -295,6 +335,12 @@ class InspectReport(Result):
     """What :func:`inspect_adapter` found: per group layers, shape, rank ``[r_out, r_in]``, params, dtype.
 
     A LoRA group's rank is ``[r, r]`` with ``r`` its largest module rank.
+
+    >>> info = inspect_adapter("my-lora")
+    >>> info.format, info.params
+    ('peft-lora', 1024)
+    >>> [(g["group"], g["layers"], g["shape"], g["rank"]) for g in info.groups]
+    [('q_proj', 2, [32, 32], [4, 4]), ('v_proj', 2, [32, 32], [4, 4])]
     """
 
     format: str
@@ -322,7 +368,16 @@ class InspectReport(Result):
 
 
 def inspect_adapter(path: str | os.PathLike) -> Result:
-    """Groups, shapes, ranks, parameters and dtype of a LoTR or PEFT LoRA folder; per adapter, for a zoo."""
+    """Groups, shapes, ranks, parameters and dtype of a LoTR or PEFT LoRA folder; per adapter, for a zoo.
+
+    >>> print(inspect_adapter("my-lora"))
+    my-lora: peft-lora adapter
+    group   layers  shape  rank  params  dtype
+    ------  ------  -----  ----  ------  -------
+    q_proj       2  32x32  4x4      512  float32
+    v_proj       2  32x32  4x4      512  float32
+    total adapter params: 1,024
+    """
     folder = Path(path)
     if is_zoo_dir(folder):
         from .zoo import inspect_zoo
