@@ -24,20 +24,27 @@ MODULES = [
 ]
 
 
-def tiny_peft_lora(folder) -> None:
-    """A rank-4 PEFT LoRA on q_proj and v_proj of a 2-layer Llama (hidden size 32)."""
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama of hidden size 32, built from a config."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=32,
     )  # fmt: skip
-    lora = get_peft_model(
-        LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_peft_lora(folder, seed: int = 0) -> None:
+    """A rank-4 PEFT LoRA on q_proj and v_proj of :func:`tiny_llama`, saved in ``folder``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama()
+    torch.manual_seed(seed)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(folder)
 
 
