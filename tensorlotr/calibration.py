@@ -578,3 +578,52 @@ def add_report_columns(rows: list[dict[str, Any]], folder: str | os.PathLike, se
             value = entry.get(column)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 row[column] = float(value)
+
+
+def _head_of(folder: Path) -> tuple[str | None, int | None]:
+    """PEFT's task type of the adapter in ``folder`` and, for a classification head it saves, its number of labels."""
+    from .io import is_lotr_dir, read_adapter
+    from .io.peft_lora import CONFIG_NAME, PeftLoRA
+
+    if (folder / CONFIG_NAME).is_file():
+        lora = PeftLoRA(folder)
+        task, saved = lora.config.get("task_type"), lora.load_modules_to_save()
+    elif is_lotr_dir(folder):
+        files = read_adapter(folder)
+        task, saved = files.config.get("task_type") or files.base_model.get("task_type"), files.modules_to_save
+    else:
+        return None, None
+    heads = [t for k, t in saved.items() if k.endswith(".weight") and t.ndim == 2 and k.split(".")[-2] in _HEADS]
+    return task, int(heads[0].shape[0]) if heads else None
+
+
+#: Names of classification output layers whose rows are the labels.
+_HEADS = ("classifier", "score", "out_proj")
+
+
+def calibration_from_files(
+    base_model: str | os.PathLike,
+    data: str | os.PathLike,
+    adapter: str | os.PathLike,
+    *,
+    samples: int = 256,
+    batch_size: int = 16,
+    max_length: int = 128,
+    heal_steps: int = 0,
+    heal_lr: float = 1e-3,
+    heal_factors: bool = False,
+) -> Calibration:
+    """What the command line's ``--base-model DIR --calibration-data FILE`` mean.
+
+    The base model is loaded from the local folder ``base_model`` with the class that the
+    adapter in ``adapter`` (a PEFT LoRA or LoTR folder) was trained on (its ``task_type``)
+    and, for a saved classification head, its number of labels; the first ``samples`` texts
+    of ``data`` (:func:`read_texts`) are tokenized in batches of ``batch_size``.
+    """
+    task, num_labels = _head_of(Path(adapter))
+    tokenizer, model = load_base_model(base_model, task, num_labels)
+    texts = read_texts(data, limit=samples)
+    return Calibration(
+        inputs=tokenized_batches(tokenizer, texts, batch_size, max_length), base_model=model,
+        heal_steps=heal_steps, heal_lr=heal_lr, heal_factors=heal_factors,
+    )  # fmt: skip

@@ -24,9 +24,6 @@ from typing import Any
 
 from ._version import __version__
 
-#: Columns that ``tb2parquet`` writes itself; ``--names`` may not reuse them.
-RESERVED_LOG_COLUMNS = ("tag", "step", "value", "wall_time", "run")
-
 
 class Terminated(BaseException):
     """Raised by the SIGTERM handler so that partial outputs are removed on the way out."""
@@ -172,6 +169,7 @@ def _cmd_convert(args: argparse.Namespace) -> Any:
     return convert_lora(
         args.peft_dir, args.out_dir, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
         groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
+        calibration=_calibration(args, args.peft_dir),
     )  # fmt: skip
 
 
@@ -193,6 +191,7 @@ def _cmd_zoo_compress(args: argparse.Namespace) -> Any:
     return compress_zoo(
         sources, out_dir, names=args.names, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
         groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
+        calibration=_calibration(args, sources[0]), fairness=args.fairness, min_retention=args.min_retention,
     )  # fmt: skip
 
 
@@ -267,7 +266,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
-    parser.set_defaults(func=func)
+    parser.set_defaults(func=func, parser=parser)
     return parser
 
 
@@ -289,6 +288,65 @@ def _rank_flags(parser: argparse.ArgumentParser, rank_help: str, energy_help: st
         "--groups", type=parse_groups, default="by_name", metavar="MODE",
         help="by_name (a stack per projection), shared (a stack per shape) or NAME=PAT,PAT;NAME2=PAT",
     )  # fmt: skip
+
+
+def _calibration_flags(parser: argparse.ArgumentParser, *, heal_factors: bool) -> None:
+    """Output-aware compression: the base model, the calibration texts, and the heal."""
+    parser.add_argument("--base-model", type=Path, metavar="DIR", help="the base model folder, for calibration")
+    parser.add_argument(
+        "--calibration-data", type=Path, metavar="FILE",
+        help="calibration texts: one per line, or a .tsv with a header and the text first; minimises the "
+        "error of each layer's outputs on them instead of the weight error (needs --base-model)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calibration-samples", type=_bounded_int(1), default=256, metavar="N", help="calibration texts to use"
+    )
+    parser.add_argument(
+        "--heal-steps", type=_bounded_int(0), default=0, metavar="N",
+        help="then train the cores N steps to reproduce the LoRA's outputs on the calibration texts",
+    )  # fmt: skip
+    parser.add_argument("--heal-lr", type=_positive_float, default=1e-3, metavar="LR", help="the heal's learning rate")
+    if heal_factors:
+        parser.add_argument("--heal-factors", action="store_true", help="the heal trains the factors too")
+
+
+def _calibration(args: argparse.Namespace, adapter: Path) -> Any:
+    """The job's ``calibration`` from the flags (None without --calibration-data)."""
+    if args.calibration_data is None:
+        return None
+    from .calibration import calibration_from_files
+
+    return calibration_from_files(
+        args.base_model, args.calibration_data, adapter, samples=args.calibration_samples,
+        heal_steps=args.heal_steps, heal_lr=args.heal_lr, heal_factors=getattr(args, "heal_factors", False),
+    )  # fmt: skip
+
+
+def _check_calibration(args: argparse.Namespace) -> None:
+    """--calibration-data needs --base-model; the heal and the other calibration flags need --calibration-data."""
+    if not hasattr(args, "calibration_data"):
+        return
+    if args.calibration_data is not None and args.base_model is None:
+        args.parser.error("--calibration-data needs --base-model DIR")
+    if args.calibration_data is None:
+        given = [
+            flag for flag, on in (("--base-model", args.base_model is not None), ("--heal-steps", args.heal_steps > 0),
+                                  ("--heal-factors", getattr(args, "heal_factors", False)))
+            if on
+        ]  # fmt: skip
+        if given:
+            args.parser.error(f"{given[0]} needs --calibration-data FILE")
+
+
+def _fraction(text: str) -> float:
+    """A number in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         convert, "Tucker ranks of every group (default: the exact rank, lossless)",
         "keep this fraction of each group's squared singular values, e.g. 0.99",
     )  # fmt: skip
+    _calibration_flags(convert, heal_factors=True)
     _common(convert)
 
     export = _command(sub, "export-lora", "export a LoTR adapter as an exact PEFT LoRA folder", _cmd_export)
@@ -341,6 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_flags(
         compress, "Tucker ranks of every group, shared by all adapters (default: exact, lossless)",
         "keep this fraction of each group's squared singular values, over all adapters",
+    )  # fmt: skip
+    _calibration_flags(compress, heal_factors=False)
+    compress.add_argument(
+        "--fairness", choices=["relative", "none"], default="relative",
+        help="relative: each adapter counts by its error relative to its own size; none: by its absolute error",
+    )  # fmt: skip
+    compress.add_argument(
+        "--min-retention", type=_fraction, metavar="FRACTION",
+        help="every adapter keeps at least this share of its (output) energy in every group, e.g. 0.9; "
+        "ranks are raised where needed",
     )  # fmt: skip
     _common(compress)
     add = _command(zoo_sub, "add", "fold a new adapter into a zoo (projected onto its basis)", _cmd_zoo_add)
@@ -400,16 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks across flags, before any work starts."""
-    names = getattr(args, "names", None)
-    if names is not None:
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            parser.error(f"--names must be unique; repeated: {duplicates}")
-        reserved = sorted(set(names) & set(RESERVED_LOG_COLUMNS))
-        if reserved:
-            parser.error(f"--names {reserved} clash with the output's own columns {list(RESERVED_LOG_COLUMNS)}")
+def _check_args(args: argparse.Namespace) -> None:
+    """Checks across flags, before any work starts; errors come from the command's own parser."""
+    _check_calibration(args)
+    if args.command == "tb2parquet":
+        from .logs import check_arguments
+
+        try:
+            check_arguments(args.names, args.tags, args.index)
+        except ValueError as exc:
+            args.parser.error(f"{exc}")
 
 
 def _print(result: Any, args: argparse.Namespace) -> None:
@@ -435,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    _check_args(parser, args)
+    _check_args(args)
     prog = f"tensorlotr {args.command}"
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _is_main_thread() else None
     show_warning, warnings.showwarning = warnings.showwarning, _warning_line(prog)

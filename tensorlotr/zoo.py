@@ -585,7 +585,7 @@ def _clipped_notes(zoo: ZooFiles, rank: tuple[int, int] | None, energy: float | 
     return [
         f"group {name}: rank {rank[0]}x{rank[1]} is above its exact rank; kept {g.rank[0]}x{g.rank[1]}"
         for name, g in zoo.groups.items()
-        if tuple(g.rank) != tuple(rank)
+        if g.rank[0] < rank[0] or g.rank[1] < rank[1]  # a rank raised for min_retention has its own note
     ]
 
 

@@ -211,3 +211,104 @@ def test_calibrated_conversion_lowers_the_output_error_and_full_rank_stays_exact
     assert "output_error" not in inspect_adapter(tmp_path / "plain")["groups"][0]
     exact = convert_lora(tmp_path / "peft", None, calibration=Calibration(inputs=batches, base_model=base))
     assert exact.relative_error < 1e-6 and exact.output_error < 1e-6
+
+
+# --- the zoo: fairness, the retention guarantee, calibration and heal --------------------------
+
+
+def _zoo_loras(root, big=8.0):
+    """Two LoRAs on the tiny BERT's query and value: ``big`` has updates ``big`` times larger than ``small``'s."""
+    folders = []
+    for seed, (name, alpha) in enumerate((("big", 4 * big), ("small", 4.0))):
+        model = tiny_bert(0)
+        torch.manual_seed(seed + 20)
+        config = LoraConfig(
+            r=4, lora_alpha=alpha, target_modules=["query", "value"], init_lora_weights=False,
+            modules_to_save=["classifier"], task_type="SEQ_CLS",
+        )  # fmt: skip
+        get_peft_model(model, config).save_pretrained(root / name)
+        folders.append(root / name)
+    return folders
+
+
+def test_fair_zoo_keeps_the_small_adapter_and_min_retention_is_guaranteed(tmp_path):
+    from tensorlotr.zoo import compress_zoo
+
+    folders = _zoo_loras(tmp_path)
+    plain = {a.adapter: a.relative_error for a in compress_zoo(folders, None, rank=4, fairness="none").adapters}
+    fair = {a.adapter: a.relative_error for a in compress_zoo(folders, None, rank=4).adapters}
+    assert plain["small"] > 0.9 and plain["big"] < 0.8  # the plain objective sacrifices the small adapter
+    assert fair["small"] < plain["small"] - 0.1
+    assert max(fair.values()) < max(plain.values())
+    guaranteed = compress_zoo(folders, None, rank=4, min_retention=0.8)
+    for row in guaranteed.adapter_groups:
+        assert 1 - row["compressed_relative_error"] ** 2 >= 0.8 - 1e-9, row
+    raised = [g for g in guaranteed.groups if g["rank"] != [4, 4]]
+    assert len(raised) == len(guaranteed.notes) and all("raised" in n for n in guaranteed.notes)
+
+
+def test_calibrated_zoo_with_heal_reports_output_errors_and_inspect_shows_them(tmp_path):
+    from tensorlotr.zoo import compress_zoo
+
+    folders = _zoo_loras(tmp_path, big=2.0)
+    calibration = Calibration(inputs=_batches(8), base_model=tiny_bert(0), heal_steps=20, heal_lr=1e-2)
+    report = compress_zoo(folders, tmp_path / "zoo", rank=3, calibration=calibration)
+    for entry in report.adapters:
+        assert entry.output_error is not None and entry.healed_output_error is not None
+        assert entry.heal is not None and entry.heal["error_after"] < entry.heal["error_before"]
+    assert {(r["adapter"], r["group"]) for r in report.adapter_groups} == {
+        (a, g) for a in ("big", "small") for g in ("query", "value")
+    }
+    shown = inspect_adapter(tmp_path / "zoo")
+    assert [a["output_error"] for a in shown["adapters"]] == pytest.approx([a.output_error for a in report.adapters])
+    assert "output error" in shown.text() and "output error" in report.text()
+    exact = compress_zoo(folders, None, calibration=Calibration(inputs=_batches(4), base_model=tiny_bert(0)))
+    assert all(a.relative_error < 1e-6 and a.output_error < 1e-6 for a in exact.adapters)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def _model_folder(folder):
+    """The tiny BERT saved with a word-level tokenizer of its 64-token vocabulary."""
+    from transformers import BertTokenizer
+
+    folder.mkdir()
+    words = [f"w{i}" for i in range(59)]
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    tiny_bert(0).save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(40)]
+    return texts
+
+
+def test_cli_calibrated_convert_and_zoo(tmp_path, capsys):
+    import json
+
+    from tensorlotr.cli import main as cli
+
+    texts = _model_folder(tmp_path / "model")
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "texts.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t0\n" for t in texts))
+    _tiny_lora(tmp_path / "peft")
+    flags = ["--base-model", str(tmp_path / "model"), "--calibration-samples", "24"]
+    argv = ["convert", str(tmp_path / "peft"), str(tmp_path / "out"), "--rank", "2", "--json"]
+    assert cli([*argv, *flags, "--calibration-data", str(tmp_path / "texts.txt"), "--heal-steps", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"]["samples"] == 24 and report["heal"]["steps"] == 5
+    assert all(g["output_error"] is not None for g in report["groups"])
+    folders = _zoo_loras(tmp_path)
+    argv = ["zoo", "compress", *map(str, folders), str(tmp_path / "zoo"), "--rank", "2", "--min-retention", "0.5"]
+    assert cli([*argv, *flags, "--calibration-data", str(tmp_path / "texts.tsv"), "--json"]) == 0
+    zoo = json.loads(capsys.readouterr().out)
+    assert all(a["output_error"] ** 2 <= 0.5 for a in zoo["adapters"])
+    bad = {
+        "--heal-steps needs --calibration-data": ["convert", "peft", "x", "--heal-steps", "5"],
+        "needs --base-model": ["convert", "peft", "x", "--calibration-data", "t.txt"],
+        "expected a number in (0, 1)": ["zoo", "compress", "a", "z", "--min-retention", "1.5"],
+    }
+    for message, args in bad.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
