@@ -3,6 +3,8 @@
 dW_l = U @ G_l @ V.T with U and V shared by all layers of the stack: a stack of L updates
 (L, d_out, d_in) is held as U (d_out, r_out), V (d_in, r_in) and L cores G_l (r_out, r_in).
 
+Examples
+--------
 >>> import numpy as np
 >>> import tensorlotr as tlr
 >>> B = np.random.default_rng(0).standard_normal((12, 768, 8))  # LoRA up-projections, (L, d_out, r)

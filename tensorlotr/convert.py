@@ -42,6 +42,8 @@ from .report import Result, format_table
 class ConversionReport(AdapterReport):
     """What :func:`convert_lora` wrote: per group the LoRA it came from and the LoTR it became.
 
+    Examples
+    --------
     ``my-lora/`` holds a PEFT LoRA of rank 4 on ``q_proj`` and ``v_proj`` of a 2-layer model
     of hidden size 32:
 
@@ -226,6 +228,8 @@ def _task_type(model_class: str | None) -> str | None:
 class ExportReport(Result):
     """What :func:`export_lora` wrote: the PEFT LoRA's modules, ranks by group and parameters.
 
+    Examples
+    --------
     >>> _ = convert_lora("my-lora", "lotr-a")
     >>> print(export_lora("lotr-a", "lora-a"))
     wrote PEFT LoRA lora-a: 4 modules (q_proj: r=8, v_proj: r=8), 2,048 params
@@ -336,6 +340,8 @@ class InspectReport(Result):
 
     A LoRA group's rank is ``[r, r]`` with ``r`` its largest module rank.
 
+    Examples
+    --------
     >>> info = inspect_adapter("my-lora")
     >>> info.format, info.params
     ('peft-lora', 1024)
@@ -370,6 +376,8 @@ class InspectReport(Result):
 def inspect_adapter(path: str | os.PathLike) -> Result:
     """Groups, shapes, ranks, parameters and dtype of a LoTR or PEFT LoRA folder; per adapter, for a zoo.
 
+    Examples
+    --------
     >>> print(inspect_adapter("my-lora"))
     my-lora: peft-lora adapter
     group   layers  shape  rank  params  dtype

@@ -33,6 +33,8 @@ def builtin_sentiment(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[
     measures what the pretrained model knows of sentiment words, not memorisation.
     Labels: 1 positive, 0 negative.
 
+    Examples
+    --------
     >>> train, test = builtin_sentiment(seed=0)
     >>> len(train), len(test)
     (1200, 600)
@@ -56,6 +58,8 @@ def read_tsv(path: str | Path, limit: int | None = None) -> list[tuple[str, int]
 
     ``limit`` keeps the first rows only. Errors name the file and line.
 
+    Examples
+    --------
     >>> from pathlib import Path
     >>> _ = Path("reviews.tsv").write_text("sentence\\tlabel\\na moving film\\t1\\na dull script\\t0\\n")
     >>> read_tsv("reviews.tsv")

@@ -28,6 +28,8 @@ class GroupOutcome:
     ``norm_sq`` is ``sum_l ||dW_l||_F^2`` and ``error_sq`` is ``sum_l ||dW_l - U G_l V^T||_F^2``;
     ``details`` are the job's own report columns (LoRA params, route, …).
 
+    Examples
+    --------
     >>> import numpy as np
     >>> from tensorlotr.core import tucker2
     >>> stack = np.random.default_rng(0).standard_normal((2, 6, 5))  # (L, d_out, d_in)
@@ -49,6 +51,8 @@ class GroupReport:
 
     ``shape`` is each layer's ``(d_out, d_in)`` and ``rank`` ``(r_out, r_in)``.
 
+    Examples
+    --------
     >>> row = GroupReport(
     ...     group="query", layers=6, shape=(384, 384), rank=(8, 8), lotr_params=6528, relative_error=0.0, seconds=0.1
     ... )
@@ -94,6 +98,8 @@ _COLUMNS = {
 class AdapterReport(Result):
     """What a job that builds an adapter (convert, decompose) wrote, and what it cost.
 
+    Examples
+    --------
     >>> row = GroupReport(
     ...     group="query", layers=6, shape=(384, 384), rank=(8, 8), lotr_params=6528, relative_error=0.01,
     ...     seconds=0.1, lora_rank=(8, 8), lora_params=36864,
@@ -170,6 +176,8 @@ class PlanResult:
 
     :func:`run_plan` returns one (see its example).
 
+    Examples
+    --------
     >>> PlanResult(AdapterBuilder(), [], norm_sq=4.0, error_sq=1.0).relative_error
     0.5
     """
@@ -199,6 +207,8 @@ def run_plan(
     ``rank`` is the rank the user asked for: a group that ends below it (its exact rank is
     smaller) gets a note in the report.
 
+    Examples
+    --------
     A plan of one group, two layers of (d_out, d_in) = (6, 5), decomposed at rank (3, 2):
 
     >>> import numpy as np
@@ -260,6 +270,8 @@ def save_adapter(
     ``documents`` are more JSON files to write into the folder, by file name (the
     compression report that ``inspect`` shows, say).
 
+    Examples
+    --------
     >>> import numpy as np
     >>> from tensorlotr.adapter import AdapterBuilder
     >>> from tensorlotr.core import tucker2

@@ -26,6 +26,8 @@ def project_low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 
     Computed in float64; the result is (d_out, d_in) in ``matrix``'s dtype.
 
+    Examples
+    --------
     >>> import torch
     >>> projected = project_low_rank(torch.randn(6, 5), rank=2)
     >>> tuple(projected.shape), int(torch.linalg.matrix_rank(projected))
@@ -43,6 +45,8 @@ def project_tucker2(matrices: list[torch.Tensor], rank: tuple[int, int]) -> list
     The L matrices become ``U G_l V^T`` with ``U`` (d_out, r_out) and ``V`` (d_in, r_in)
     shared, by the HOSVD of :func:`tensorlotr.tucker2`; ``rank`` is ``(r_out, r_in)`` or an int.
 
+    Examples
+    --------
     >>> import torch
     >>> projected = project_tucker2([torch.randn(6, 5) for _ in range(3)], rank=(2, 3))
     >>> mode1 = torch.cat(projected, dim=1)                 # (d_out, L*d_in): spans U
@@ -111,6 +115,8 @@ Every parameter is one matrix (d_out, d_in); after ``step()`` it is its best ran
 approximation (truncated SVD). A param group's own ``"rank"`` overrides ``rank``; the other
 keyword arguments go to ``torch.optim.{base}``.
 
+Examples
+--------
 >>> import torch
 >>> from tensorlotr.optim import LowRank{base}
 >>> weight = torch.nn.Parameter(torch.randn(6, 5))
@@ -127,6 +133,8 @@ after ``step()`` they are ``U G_l V^T`` with ``U`` (d_out, r_out) and ``V`` (d_i
 shared, the HOSVD projection at ``rank = (r_out, r_in)`` (an int for both). A param
 group's own ``"rank"`` overrides ``rank``; the other keyword arguments go to ``torch.optim.{base}``.
 
+Examples
+--------
 >>> import torch
 >>> from tensorlotr.optim import LoTR{base}
 >>> stack = [torch.nn.Parameter(torch.randn(6, 5)) for _ in range(3)]
@@ -153,6 +161,8 @@ class OptimizerList(torch.optim.Optimizer):
     For ``transformers.Trainer(optimizers=(OptimizerList(...), LRSchedulerList(...)))``:
     say a plain optimizer for the head and a projected one for the full corrections.
 
+    Examples
+    --------
     >>> import torch
     >>> head, correction = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(6, 5))
     >>> optimizer = OptimizerList(torch.optim.SGD([head], lr=0.1), LowRankSGD([correction], rank=2, lr=0.1))
@@ -217,6 +227,8 @@ class OptimizerList(torch.optim.Optimizer):
 class LRSchedulerList:
     """Several learning-rate schedulers stepped as one (one per optimizer of an ``OptimizerList``).
 
+    Examples
+    --------
     >>> import torch
     >>> a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(6, 5))
     >>> optimizer = OptimizerList(torch.optim.SGD([a], lr=0.1), LowRankSGD([b], rank=2, lr=0.1))

@@ -15,6 +15,8 @@ class Result:
     Subclasses add derived values to :meth:`to_dict` and write :meth:`text`. Indexing
     (``result["groups"]``) reads :meth:`to_dict`, as when jobs returned plain dicts.
 
+    Examples
+    --------
     >>> from dataclasses import dataclass
     >>> @dataclass
     ... class Count(Result):
@@ -59,6 +61,8 @@ def _plain(value: Any) -> Any:
 def format_value(value: Any) -> str:
     """A table cell: floats in short scientific or fixed form, ints with thousands separators.
 
+    Examples
+    --------
     >>> [format_value(v) for v in (1234567, 0.00012, 0.5, (384, 384), True)]
     ['1,234,567', '1.200e-04', '0.5000', '384x384', 'yes']
     """
@@ -80,6 +84,8 @@ def format_value(value: Any) -> str:
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     """Rows of dicts as an aligned text table; numbers are right-aligned.
 
+    Examples
+    --------
     >>> print(format_table([{"group": "query", "params": 6528}, {"group": "value", "params": 6528}]))
     group  params
     -----  ------
@@ -104,6 +110,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 def to_json(report: Any) -> str:
     """A report as indented JSON; tuples become lists, non-finite floats become strings.
 
+    Examples
+    --------
     >>> print(to_json({"rank": (8, 8), "error": float("nan")}))
     {
       "rank": [

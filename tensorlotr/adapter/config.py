@@ -34,6 +34,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 """Targets used when ``target_modules`` is None, by ``model.config.model_type`` (as PEFT's defaults).
 
+Examples
+--------
 >>> DEFAULT_TARGETS["llama"]
 ['q_proj', 'v_proj']
 """

@@ -51,6 +51,8 @@ def layer_index(name: str, layers_pattern: str | Iterable[str] | None = None) ->
     With ``layers_pattern`` (``"layer"``, ``["h", "layers"]``), the number right after one of
     those path components, as PEFT reads it; otherwise the first number component.
 
+    Examples
+    --------
     >>> layer_index("encoder.layer.3.attention.self.query")
     3
     >>> layer_index("model.layers.12.mlp.experts.7.up_proj", layers_pattern="layers")
@@ -100,6 +102,8 @@ def select_modules(
 def layer_pattern(name: str) -> str:
     """The module path with its layer index replaced by ``*``: the name of its stack.
 
+    Examples
+    --------
     >>> layer_pattern("encoder.layer.3.attention.self.query")
     'encoder.layer.*.attention.self.query'
     """
@@ -109,6 +113,8 @@ def layer_pattern(name: str) -> str:
 def module_order(name: str) -> tuple[int, str]:
     """Sort key: the layer index first (so layer 10 follows layer 9), then the path.
 
+    Examples
+    --------
     >>> sorted(["model.layers.10.q_proj", "model.layers.9.q_proj"], key=module_order)
     ['model.layers.9.q_proj', 'model.layers.10.q_proj']
     """
@@ -121,6 +127,8 @@ def matches(name: str, patterns: str | Iterable[str]) -> bool:
 
     List items that look like regular expressions are also tried as one.
 
+    Examples
+    --------
     >>> matches("encoder.layer.0.attention.self.query", ["query", "value"])
     True
     >>> matches("model.layers.0.self_attn.q_proj", r".*\\.(q|v)_proj")
@@ -167,6 +175,8 @@ class Group:
     each, so the group's stack is ``(len(modules), d_out, d_in)``. :func:`group_modules`
     makes them.
 
+    Examples
+    --------
     >>> Group("query", ("encoder.layer.0.attention.self.query",), (384, 384)).shape
     (384, 384)
     """

@@ -30,6 +30,8 @@ _FACTORS, _CORES, _SAVED = "factors.", "cores.", "modules_to_save."
 def factor_key(group: str, which: str) -> str:
     """The key of a group's ``out_factor`` (U, (d_out, r_out)) or ``in_factor`` (V, (d_in, r_in)).
 
+    Examples
+    --------
     >>> factor_key("query", "out_factor")
     'factors.query.out_factor'
     """
@@ -41,6 +43,8 @@ def factor_key(group: str, which: str) -> str:
 def core_key(module: str) -> str:
     """The key of the core ``G_l`` (r_out, r_in) of the module at path ``module``.
 
+    Examples
+    --------
     >>> core_key("encoder.layer.0.attention.self.query")
     'cores.encoder.layer.0.attention.self.query'
     """
@@ -50,6 +54,8 @@ def core_key(module: str) -> str:
 def saved_key(parameter: str) -> str:
     """The key of a full tensor of ``modules_to_save``, by parameter path in the base model.
 
+    Examples
+    --------
     >>> saved_key("classifier.weight")
     'modules_to_save.classifier.weight'
     """
@@ -76,6 +82,8 @@ class GroupLayout:
     """One group as stored: modules in stack order, ``shape`` (d_out, d_in), ``rank`` (r_out, r_in),
     and the ``scale`` of its updates, ``dW_l = scale * U G_l V^T``.
 
+    Examples
+    --------
     >>> layout = GroupLayout(["layer.0.query", "layer.1.query"], shape=(6, 5), rank=(3, 2), scale=1.0)
     >>> layout.n_params  # 3*6 + 2*5 + 2*3*2
     40
@@ -124,6 +132,8 @@ class LoTRAdapterFiles:
     builds one, :func:`tensorlotr.io.write_adapter` saves it and
     :func:`tensorlotr.io.read_adapter` loads it.
 
+    Examples
+    --------
     >>> import torch
     >>> layout = GroupLayout(["layer.0.query"], shape=(6, 5), rank=(3, 2), scale=1.0)
     >>> tensors = {
@@ -158,6 +168,8 @@ class LoTRAdapterFiles:
 class AdapterBuilder:
     """Collects groups' Tucker-2 tensors into a :class:`LoTRAdapterFiles` (convert and decompose).
 
+    Examples
+    --------
     A group of 2 layers of (d_out, d_in) = (6, 5) at rank (3, 2):
 
     >>> import numpy as np
