@@ -222,7 +222,7 @@ def _cmd_decompose(args: argparse.Namespace) -> Any:
         args.base_dir, args.finetuned_dir, args.out_dir, target_modules=args.target_modules, rank=args.rank,
         energy=args.energy, groups=args.groups, n_iter=args.hooi_iters, save_changed_modules=args.save_changed_modules,
         force=args.force, dtype=getattr(torch, args.dtype), n_power=args.power_iters,
-        progress=None if args.json else tqdm_progress,
+        progress=None if args.json else tqdm_progress, calibration=_calibration(args, args.base_dir, args.base_dir),
     )  # fmt: skip
     report = result.report
     if lora_dir is not None:
@@ -290,17 +290,21 @@ def _rank_flags(parser: argparse.ArgumentParser, rank_help: str, energy_help: st
     )  # fmt: skip
 
 
-def _calibration_flags(parser: argparse.ArgumentParser, *, heal_factors: bool) -> None:
-    """Output-aware compression: the base model, the calibration texts, and the heal."""
-    parser.add_argument("--base-model", type=Path, metavar="DIR", help="the base model folder, for calibration")
+def _calibration_flags(parser: argparse.ArgumentParser, *, heal_factors: bool, heal: bool = True) -> None:
+    """Output-aware compression: the base model, the calibration texts, and the heal (``heal``)."""
+    if heal:
+        parser.add_argument("--base-model", type=Path, metavar="DIR", help="the base model folder, for calibration")
     parser.add_argument(
         "--calibration-data", type=Path, metavar="FILE",
         help="calibration texts: one per line, or a .tsv with a header and the text first; minimises the "
-        "error of each layer's outputs on them instead of the weight error (needs --base-model)",
+        "error of each layer's outputs on them instead of the weight error"
+        + (" (needs --base-model)" if heal else " (the base model is BASE_DIR; needs --rank)"),
     )  # fmt: skip
     parser.add_argument(
         "--calibration-samples", type=_bounded_int(1), default=256, metavar="N", help="calibration texts to use"
     )
+    if not heal:
+        return
     parser.add_argument(
         "--heal-steps", type=_bounded_int(0), default=0, metavar="N",
         help="then train the cores N steps to reproduce the LoRA's outputs on the calibration texts",
@@ -310,21 +314,22 @@ def _calibration_flags(parser: argparse.ArgumentParser, *, heal_factors: bool) -
         parser.add_argument("--heal-factors", action="store_true", help="the heal trains the factors too")
 
 
-def _calibration(args: argparse.Namespace, adapter: Path) -> Any:
+def _calibration(args: argparse.Namespace, adapter: Path, base_model: Path | None = None) -> Any:
     """The job's ``calibration`` from the flags (None without --calibration-data)."""
     if args.calibration_data is None:
         return None
     from .calibration import calibration_from_files
 
     return calibration_from_files(
-        args.base_model, args.calibration_data, adapter, samples=args.calibration_samples,
-        heal_steps=args.heal_steps, heal_lr=args.heal_lr, heal_factors=getattr(args, "heal_factors", False),
+        base_model or args.base_model, args.calibration_data, adapter, samples=args.calibration_samples,
+        heal_steps=getattr(args, "heal_steps", 0), heal_lr=getattr(args, "heal_lr", 1e-3),
+        heal_factors=getattr(args, "heal_factors", False),
     )  # fmt: skip
 
 
 def _check_calibration(args: argparse.Namespace) -> None:
     """--calibration-data needs --base-model; the heal and the other calibration flags need --calibration-data."""
-    if not hasattr(args, "calibration_data"):
+    if not hasattr(args, "calibration_data") or not hasattr(args, "base_model"):  # decompose: BASE_DIR
         return
     if args.calibration_data is not None and args.base_model is None:
         args.parser.error("--calibration-data needs --base-model DIR")
@@ -438,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="power iterations of the randomized route (large d), one pass over the weights each",
     )  # fmt: skip
     dec.add_argument("--save-changed-modules", action="store_true", help="keep other changed tensors (head, norms)")
+    _calibration_flags(dec, heal_factors=False, heal=False)
     dec.add_argument(
         "--export-lora", nargs="?", const="", default=None, metavar="LORA_DIR",
         help="also write the PEFT LoRA form to LORA_DIR (default OUT_DIR-lora)",

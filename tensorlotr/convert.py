@@ -178,6 +178,7 @@ def convert_lora(
         output_error=sum(sums.values(), ErrorSums()).output_error if sums else None,
         calibration=stats.summary() if stats is not None else None,
         heal=heal.to_dict() if heal is not None else None,
+        adapter=files,
     )
     documents = {REPORT_NAME: compression_document(report)} if cal is not None else None
     save_adapter(files, out_dir, force=force, documents=documents)

@@ -32,8 +32,15 @@ class Result:
     """
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: fields, then derived values; ranks and shapes are lists."""
-        return _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+        """A JSON-ready dict: fields, then derived values; ranks and shapes are lists.
+
+        Fields declared with ``metadata={"json": False}`` (an adapter held in memory) are left out.
+        """
+        return {
+            f.name: _plain(_asdict(getattr(self, f.name)))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.metadata.get("json", True)
+        }
 
     def text(self) -> str:
         """A readable summary for the terminal."""
@@ -48,6 +55,14 @@ class Result:
 
     def __str__(self) -> str:
         return self.text()
+
+
+def _asdict(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_asdict(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -127,7 +127,8 @@ def test_save_and_load_on_fresh_base(arch, tmp_path):
     lotr = tlr.get_lotr_model(model, config)
     train_steps(lotr)
     lotr.save_pretrained(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["lotr_config.json", "lotr_model.safetensors"]
+    saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())  # the adapter's two files and its model card
+    assert saved == ["README.md", "lotr_config.json", "lotr_model.safetensors"]
     loaded = tlr.LoTRModel.from_pretrained(fresh, tmp_path / "adapter")
     batch = inputs(seed=4)
     with torch.no_grad():

@@ -319,90 +319,214 @@ class LoTRFactors(nn.Module):
         return f"d_out={self.out_factor.shape[0]}, d_in={self.in_factor.shape[0]}, rank={self.rank}"
 
 
-class LoTRLayer(nn.Module):
-    """``y = base(x) + scale * ((x V) G^T) U^T`` around an ``nn.Linear``, GPT-2 ``Conv1D`` or bitsandbytes layer.
+#: The name PEFT gives a sample that runs without any adapter in a mixed batch.
+BASE_ADAPTER = "__base__"
 
-    The layer owns its core ``G`` (r_out, r_in). The factors belong to the group's
-    :class:`LoTRFactors`, registered once at model level; the layer holds a reference
-    that is not a submodule, so they are never copied or saved per layer.
+
+class LoTRLayer(nn.Module):
+    """``y = base(x) + sum_a scale_a * ((x V_a) G_a^T) U_a^T`` around a Linear, GPT-2 Conv1D or bitsandbytes layer.
+
+    The layer holds one core ``G_a`` (r_out, r_in) per named adapter ``a``, in ``lotr_cores``.
+    The factors ``U_a``, ``V_a`` belong to the adapter group's :class:`LoTRFactors`, registered
+    once at model level; the layer holds references that are not submodules, so factors are
+    never copied or saved per layer, and several adapters may share them (a zoo). The active
+    adapters' updates add up; with ``batch_adapters`` set (a mixed batch) sample ``i`` gets the
+    update of adapter ``batch_adapters[i]`` only (``"__base__"``: none).
 
     Dtypes: the input is cast to the adapter's dtype (the factors'), except under
     ``torch.autocast``, which casts every product to its own dtype; the update is cast to the
     dtype of the base layer's output before it is added.
     """
 
-    def __init__(self, base_layer: nn.Module, factors: LoTRFactors, scale: float, dropout: float = 0.0) -> None:
+    is_lotr_layer = True
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        factors: LoTRFactors,
+        scale: float,
+        dropout: float = 0.0,
+        adapter_name: str = "default",
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.d_out, self.d_in = weight_shape(base_layer)
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D stores (d_in, d_out)
-        self._factors = (factors,)  # a tuple is not registered as a submodule
-        self.lotr_core = nn.Parameter(torch.zeros(factors.rank, dtype=factors.out_factor.dtype))
-        self.scale = float(scale)
+        self.lotr_cores = nn.ParameterDict()
+        self._factors_of: dict[str, LoTRFactors] = {}  # a plain dict: not registered as submodules
+        self.scales: dict[str, float] = {}
+        self._plans: dict[str, BatchedPlan] = {}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.active = True
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.active = True  # False inside LoTRModel.disable_adapter()
+        self.batch_adapters: list[str] | None = None  # one adapter name per sample, during a mixed batch
+        self.add_adapter(adapter_name, factors, scale)
+        self.active_adapters = [adapter_name]
+
+    # --- named adapters -------------------------------------------------------------------
+    def add_adapter(self, name: str, factors: LoTRFactors, scale: float) -> None:
+        """Give adapter ``name`` a zero core (r_out, r_in) here, on the group's ``factors``."""
+        if name in self.lotr_cores:
+            raise ValueError(f"the layer already has an adapter {name!r}")
         r_out, r_in = factors.rank
+        dtype, device = factors.out_factor.dtype, factors.out_factor.device
+        self.lotr_cores[name] = nn.Parameter(torch.zeros(r_out, r_in, dtype=dtype, device=device))
+        self._factors_of[name] = factors
+        self.scales[name] = float(scale)
         shapes = ((self.d_out, r_out), (r_out, r_in), (self.d_in, r_in), (1, self.d_in))
-        self._plan = plan_batched(ADAPTER_FORWARD, shapes, (3, 0))
+        self._plans[name] = plan_batched(ADAPTER_FORWARD, shapes, (3, 0))
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``'s core and references from this layer."""
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        del self.lotr_cores[name]
+        for table in (self._factors_of, self.scales, self._plans):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lotr_cores.keys())
+
+    def _primary(self) -> str:
+        """The adapter that ``lotr_core``, ``factors`` and ``scale`` refer to: the first active one."""
+        for name in self.active_adapters:
+            if name in self.lotr_cores:
+                return name
+        return next(iter(self.lotr_cores.keys()))
+
+    @property
+    def lotr_core(self) -> nn.Parameter:
+        """The core (r_out, r_in) of the first active adapter."""
+        return self.lotr_cores[self._primary()]
 
     @property
     def factors(self) -> LoTRFactors:
-        return self._factors[0]
+        """The group factors of the first active adapter."""
+        return self._factors_of[self._primary()]
 
+    def factors_of(self, name: str) -> LoTRFactors:
+        """The group factors of adapter ``name``."""
+        return self._factors_of[name]
+
+    @property
+    def scale(self) -> float:
+        return self.scales[self._primary()]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # --- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged or not self.active:
+        if not self.active:
             return result
-        return result + self.adapter_output(x).to(result.dtype)
+        if self.batch_adapters is not None:
+            return result + self.mixed_output(x, self.batch_adapters).to(result.dtype)
+        for name in self.active_adapters:
+            if name in self.lotr_cores and name not in self.merged_adapters:
+                result = result + self.adapter_output(x, name).to(result.dtype)
+        return result
 
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        """``scale * ((x V) G^T) U^T`` for ``x`` (..., d_in): (..., d_out), in the adapter's or autocast's dtype."""
-        factors = self.factors
+    def _inputs(self, x: torch.Tensor, factors: LoTRFactors) -> torch.Tensor:
         inputs = self.dropout(x)
         if not torch.is_autocast_enabled(inputs.device.type):
             inputs = inputs.to(factors.in_factor.dtype)
+        return inputs
+
+    def adapter_output(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        """``scale * ((x V) G^T) U^T`` of ``adapter`` (default: the first active) for ``x`` (..., d_in).
+
+        Returns (..., d_out), in the adapter's or autocast's dtype.
+        """
+        name = adapter if adapter is not None else self._primary()
+        factors = self._factors_of[name]
+        inputs = self._inputs(x, factors)
         rows = inputs.reshape(-1, self.d_in)
         # the scale goes on the r_out x r_in core, not on the (N, d_out) output
-        operands = [factors.out_factor, self.scale * self.lotr_core, factors.in_factor, rows]
-        path = self._plan.path(rows.shape[0])
+        operands = [factors.out_factor, self.scales[name] * self.lotr_cores[name], factors.in_factor, rows]
+        path = self._plans[name].path(rows.shape[0])
         known = None
         shared = factors.shared_input
         if shared.open and not torch.compiler.is_compiling() and not self._dropout_active():
             step = find_step(path, INPUT_PRODUCT)
             if step is not None:
-                key = self._sharing_key(x, inputs.device.type)
+                key = self._sharing_key(x, factors, inputs.device.type)
                 popped = [operands[min(s)] for s in step.inputs]  # V and x themselves
                 known = {INPUT_PRODUCT: shared.get(x, key, lambda: step.apply(*popped))}
         delta = execute(path, operands, known)
         return delta.reshape(*x.shape[:-1], self.d_out)
 
+    def mixed_output(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The update of a mixed batch: sample ``i`` of ``x`` (B, ..., d_in) gets adapter ``names[i]``'s.
+
+        Samples of adapters that share factors (a zoo) are computed together: ``x V`` once for all
+        of them, then each sample's scaled core by a gather and a batched matmul, then ``U`` once,
+        so the cost does not grow with the number of distinct adapters. ``"__base__"`` (and an
+        adapter this layer lacks) adds nothing. Returns (B, ..., d_out).
+        """
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} samples")
+        merged = sorted({n for n in names if n in self.merged_adapters})
+        if merged:
+            raise RuntimeError(f"adapters {merged} are merged; unmerge them before serving a mixed batch")
+        by_factors: dict[int, tuple[LoTRFactors, list[int], list[str]]] = {}
+        for i, name in enumerate(names):
+            if name == BASE_ADAPTER or name not in self.lotr_cores:
+                continue
+            factors = self._factors_of[name]
+            entry = by_factors.setdefault(id(factors), (factors, [], []))
+            entry[1].append(i)
+            entry[2].append(name)
+        out = None
+        for factors, samples, adapters in by_factors.values():
+            index = torch.tensor(samples, device=x.device)
+            inputs = self._inputs(x.index_select(0, index), factors)
+            rows = inputs.reshape(len(samples), -1, self.d_in)  # (n, T, d_in)
+            distinct = list(dict.fromkeys(adapters))
+            cores = torch.stack([self.scales[a] * self.lotr_cores[a] for a in distinct])  # (k, r_out, r_in)
+            which = torch.tensor([distinct.index(a) for a in adapters], device=x.device)
+            projected = (rows @ factors.in_factor) @ cores.index_select(0, which).transpose(1, 2)  # (n, T, r_out)
+            update = (projected @ factors.out_factor.T).reshape(len(samples), *x.shape[1:-1], self.d_out)
+            if out is None:
+                out = update.new_zeros(*x.shape[:-1], self.d_out)
+            out = out.index_copy(0, index, update.to(out.dtype))
+        if out is None:
+            return x.new_zeros(*x.shape[:-1], self.d_out)
+        return out
+
     def _dropout_active(self) -> bool:
         return isinstance(self.dropout, nn.Dropout) and self.dropout.training and self.dropout.p > 0
 
-    def _sharing_key(self, x: torch.Tensor, device_type: str) -> tuple[Any, ...]:
+    @staticmethod
+    def _sharing_key(x: torch.Tensor, factors: LoTRFactors, device_type: str) -> tuple[Any, ...]:
         """What must match for two layers to share ``x V``: the input's and V's versions, grad and autocast modes."""
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         autocast = torch.is_autocast_enabled(device_type)
         return (
             version,
-            self.factors.in_factor._version,
+            factors.in_factor._version,
             torch.is_grad_enabled(),
             autocast,
             torch.get_autocast_dtype(device_type) if autocast else None,
         )
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scale * U G V^T``, shape (d_out, d_in), in ``dtype`` (default: the adapter's dtype)."""
-        factors = self.factors
-        u, g, v = factors.out_factor, self.lotr_core, factors.in_factor
+    # --- merging -----------------------------------------------------------------------------
+    def delta_weight(self, dtype: torch.dtype | None = None, adapter: str | None = None) -> torch.Tensor:
+        """``scale * U G V^T`` of ``adapter`` (default: the first active), (d_out, d_in), in ``dtype``."""
+        name = adapter if adapter is not None else self._primary()
+        factors = self._factors_of[name]
+        u, g, v = factors.out_factor, self.lotr_cores[name], factors.in_factor
         if dtype is not None:
             u, g, v = u.to(dtype), g.to(dtype), v.to(dtype)
-        return self.scale * (u @ g @ v.T)
+        return self.scales[name] * (u @ g @ v.T)
 
     @torch.no_grad()
-    def _add_to_base(self, sign: float) -> None:
-        """Add ``sign * delta_weight()`` to the base weight, computed in float32 or wider.
+    def _add_to_base(self, sign: float, adapter: str) -> None:
+        """Add ``sign * delta_weight(adapter)`` to the base weight, computed in float32 or wider.
 
         A bitsandbytes base is dequantized, updated and quantized again, as PEFT merges LoRA
         into it; the result carries the rounding of a second quantization.
@@ -416,20 +540,22 @@ class LoTRLayer(nn.Module):
                 stacklevel=3,
             )
         weight = dense_weight(base)
-        work = torch.promote_types(torch.promote_types(weight.dtype, self.lotr_core.dtype), torch.float32)
-        set_dense_weight(base, weight.to(work) + sign * self.delta_weight(work))
+        core = self.lotr_cores[adapter]
+        work = torch.promote_types(torch.promote_types(weight.dtype, core.dtype), torch.float32)
+        set_dense_weight(base, weight.to(work) + sign * self.delta_weight(work, adapter))
 
-    def merge(self) -> None:
-        """Add the update into the base weight; the forward then skips the adapter."""
-        if not self.merged:
-            self._add_to_base(1.0)
-            self.merged = True
+    def merge(self, adapters: list[str] | None = None) -> None:
+        """Add the updates of ``adapters`` (default: the active ones) into the base weight."""
+        for name in adapters if adapters is not None else self.active_adapters:
+            if name in self.lotr_cores and name not in self.merged_adapters:
+                self._add_to_base(1.0, name)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract the update from the base weight again."""
-        if self.merged:
-            self._add_to_base(-1.0)
-            self.merged = False
+        """Subtract every merged update from the base weight again."""
+        while self.merged_adapters:
+            self._add_to_base(-1.0, self.merged_adapters.pop())
 
     def extra_repr(self) -> str:
-        return f"rank={self.factors.rank}, scale={self.scale:g}, merged={self.merged}"
+        adapters = ", ".join(f"{n}: rank={self._factors_of[n].rank}, scale={self.scales[n]:g}" for n in self.lotr_cores)
+        return f"{adapters}; active={self.active_adapters}, merged={self.merged_adapters}"

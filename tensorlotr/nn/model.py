@@ -18,8 +18,24 @@ from ..adapter import LoTRConfig
 from ..adapter.groups import is_conv1d
 from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, LoTRAdapterFiles, core_key, factor_key, saved_key
 from ..core import Tucker2, tucker2
-from .layer import LoTRFactors, LoTRLayer, share_input_products
-from .targets import build_groups, dense_weight, is_supported, resolve_modules_to_save, resolve_targets, weight_shape
+from .layer import BASE_ADAPTER, LoTRFactors, LoTRLayer, share_input_products
+from .targets import (
+    build_groups,
+    dense_weight,
+    is_supported,
+    resolve_modules_to_save,
+    resolve_targets,
+    unwrap,
+    weight_shape,
+)
+
+#: The name of the adapter that :func:`get_lotr_model` and :meth:`LoTRModel.from_pretrained` attach.
+DEFAULT_ADAPTER = "default"
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name or name == BASE_ADAPTER:
+        raise ValueError(f"adapter names must be non-empty, without '.' or '/', and not {BASE_ADAPTER!r}; got {name!r}")
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -43,8 +59,9 @@ def _refuse_adapted(model: nn.Module) -> None:
     """Raise ``ValueError`` when ``model`` already carries LoTR adapters: a second wrap would freeze the first."""
     if isinstance(model, LoTRModel):
         raise ValueError(
-            f"the model is already a LoTRModel with adapter groups {sorted(model.groups)}; attach a new adapter "
-            "to a fresh base model, or remove this one first with unload() or merge_and_unload()"
+            f"the model is already a LoTRModel with adapter groups {sorted(model.groups)}; add another adapter "
+            "with its add_adapter(name, config), attach this one to a fresh base model, or remove the existing one "
+            "first with unload() or merge_and_unload()"
         )
     adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, LoTRLayer)]
     if adapted:
@@ -52,8 +69,8 @@ def _refuse_adapted(model: nn.Module) -> None:
         names = ", ".join(repr(name) for name, _ in adapted[:3]) + (", ..." if len(adapted) > 3 else "")
         raise ValueError(
             f"the model already carries a LoTR adapter: {len(adapted)} LoTRLayer modules ({names}) of rank "
-            f"{', '.join(map(str, ranks))}; attach a new adapter to a fresh base model, or remove the existing one "
-            "first with unload() or merge_and_unload() on its LoTRModel"
+            f"{', '.join(map(str, ranks))}; add another adapter with LoTRModel.add_adapter(name, config), attach it to "
+            "a fresh base model, or remove the existing one first with unload() or merge_and_unload() on its LoTRModel"
         )
 
 
@@ -92,15 +109,22 @@ def _gathered(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class LoTRModel(nn.Module):
-    """A model whose targeted Linear / Conv1D layers carry LoTR adapters.
+    """A model whose targeted Linear / Conv1D layers carry named LoTR adapters.
 
-    The base model's parameters are frozen. Each group's factors ``U`` and ``V`` are
-    registered once, in ``lotr_factors``; each adapted layer owns its core. Each module of
-    ``modules_to_save`` is replaced in the base model by a trainable copy, and the original
-    is kept, frozen, in ``original_modules`` (PEFT's ``ModulesToSaveWrapper`` semantics).
-    Attributes the wrapper lacks are looked up on the base model, as with PEFT's ``PeftModel``.
+    The base model's parameters are frozen. Each adapter's groups hold factors ``U`` and
+    ``V``, registered once in ``lotr_factors`` and referenced from the layers (adapters of a
+    zoo share them); each adapted layer owns one core per adapter. The adapter ``"default"``
+    keys its factors by group name (``lotr_factors["query"]``); another adapter ``a`` by
+    ``"a--<group>"``, a zoo's shared factors by ``"<zoo>--<group>"``.
 
-    Build it with :func:`get_lotr_model` or :meth:`from_pretrained`.
+    As in PEFT: ``add_adapter``, ``set_adapter``, ``delete_adapter``, ``active_adapter(s)``,
+    ``load_adapter``, ``disable_adapter()``; ``model(..., adapter_names=[...])`` runs a mixed
+    batch, one adapter (or ``"__base__"``) per sample, through ``generate()`` too. Each module
+    of an adapter's ``modules_to_save`` gets a trainable copy that sits in the base model while
+    that adapter is active; the original is kept, frozen, in ``original_modules``. Attributes
+    the wrapper lacks are looked up on the base model, as with PEFT's ``PeftModel``.
+
+    Build it with :func:`get_lotr_model`, :meth:`from_pretrained` or :meth:`from_lora`.
     """
 
     def __init__(
@@ -110,40 +134,76 @@ class LoTRModel(nn.Module):
         *,
         layout: dict[str, GroupLayout] | None = None,
         source: str = "the adapter",
+        adapter_name: str = DEFAULT_ADAPTER,
+        factor_owner: str | None = None,
     ) -> None:
         _refuse_adapted(model)
+        _check_adapter_name(adapter_name)
         initialise = layout is None
         groups = self._plan(model, config) if layout is None else layout
         if initialise and config.init == "svd":
             _refuse_meta_weights(model, groups)
         super().__init__()
         self.base_model = model
-        self.lotr_config = config
         self.lotr_factors = nn.ModuleDict()
+        self.lotr_configs: dict[str, LoTRConfig] = {}
+        self.adapter_groups: dict[str, dict[str, GroupLayout]] = {}
+        self._factor_keys: dict[str, dict[str, str]] = {}
+        self._active: list[str] = []
+        self._trainable: dict[str, bool] = {}
+        self.original_modules = nn.ModuleList()  # the frozen originals of modules_to_save, by _copy_paths
+        self._copy_paths: list[str] = []
+        self.stored_copies = nn.ModuleDict()  # modules_to_save copies of adapters not in place
+        self._copies_of: dict[str, dict[str, str]] = {}  # adapter -> {path in the model: module name}
+        self._in_place: str | None = None
+        self._sharing_hooks: list[Any] = []
         for param in model.parameters():
             param.requires_grad_(False)
-        self.groups: dict[str, GroupLayout] = groups
-        self._check_layout(model, source)
-        self._inject(initialise)
-        self.modules_to_save = resolve_modules_to_save(model, config.modules_to_save)
-        self.original_modules = nn.ModuleList()
-        self._copy_paths: list[str] = []
-        self._copy_modules_to_save()
-        for tensor in self._saved_tensors().values():
-            if isinstance(tensor, nn.Parameter):
-                tensor.requires_grad_(True)
+        self._active = [adapter_name]
+        self._attach(adapter_name, config, groups, source=source, initialise=initialise, factor_owner=factor_owner)
         self.forward = _bound_forward(self, model)
 
-    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, labels: Any = None, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the base model with its adapters; ``labels`` are passed on when given.
 
+        ``adapter_names`` (one per sample; ``"__base__"`` for none) serves a mixed batch.
         Naming ``labels`` here lets ``transformers.Trainer`` find the labels in the class's
         signature, so ``evaluate()`` computes ``eval_loss``. Each instance's ``forward`` is
         this method bound, with the base model's signature (see :func:`_bound_forward`).
         """
         if labels is not None:
             kwargs["labels"] = labels
-        return self.base_model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``, with ``adapter_names`` serving a mixed batch as in :meth:`forward`."""
+        with self._mixed_batch(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        names = list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.lotr_configs})
+        if unknown:
+            raise ValueError(f"adapter_names holds unknown adapters {unknown}; adapters: {sorted(self.lotr_configs)}")
+        with_copies = {n for n in set(names) if self._copies_of.get(n)}
+        if with_copies and (len(set(names)) > 1 or with_copies != {self._in_place}):
+            raise ValueError(
+                f"adapters {sorted(with_copies)} have modules_to_save, which a mixed batch cannot switch per sample; "
+                "serve them with set_adapter(name) one at a time"
+            )
+        layers = [layer for _, layer in self.lotr_layers()]
+        for layer in layers:
+            layer.batch_adapters = names
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_adapters = None
 
     # --- construction -------------------------------------------------------------
     @staticmethod
@@ -159,18 +219,68 @@ class LoTRModel(nn.Module):
                 g.shape,
                 config.rank_of(g.name, g.modules),
                 config.scale_of(g.name, g.modules),
-                fan_in_fan_out=is_conv1d(model.get_submodule(g.modules[0])),
+                fan_in_fan_out=is_conv1d(unwrap(model.get_submodule(g.modules[0]))),
             )
             for g in groups
         }
 
-    def _check_layout(self, model: nn.Module, source: str) -> None:
-        modules = dict(model.named_modules())
-        for group_name, group in self.groups.items():
+    def _attach(
+        self,
+        adapter: str,
+        config: LoTRConfig,
+        groups: dict[str, GroupLayout],
+        *,
+        source: str,
+        initialise: bool,
+        shared: dict[str, LoTRFactors] | None = None,
+        factor_owner: str | None = None,
+    ) -> None:
+        """Add adapter ``adapter``: its factors (or the ``shared`` ones, by group), a core in each layer, copies."""
+        if adapter in self.lotr_configs:
+            raise ValueError(f"the model already has an adapter {adapter!r}; adapters: {sorted(self.lotr_configs)}")
+        self._check_layout(groups, source)
+        self.lotr_configs[adapter] = config
+        self.adapter_groups[adapter] = dict(groups)
+        owner = factor_owner or adapter
+        self._factor_keys[adapter] = {g: g if owner == DEFAULT_ADAPTER else f"{owner}--{g}" for g in groups}
+        for group_name, group in groups.items():
+            key = self._factor_keys[adapter][group_name]
+            first = unwrap(self.base_model.get_submodule(group.modules[0]))
+            if shared is not None and group_name in shared:
+                factors = shared[group_name]
+            else:
+                dtype = torch.float64 if first.weight.dtype == torch.float64 else torch.float32
+                if config.adapter_dtype is not None:
+                    dtype = getattr(torch, config.adapter_dtype)
+                factors = LoTRFactors(*group.shape, group.rank, dtype=dtype).to(first.weight.device)
+                if initialise:
+                    self._initialise(factors, group, config)
+            if key not in self.lotr_factors:
+                self.lotr_factors[key] = factors
+            for name in group.modules:
+                module = self.base_model.get_submodule(name)
+                if isinstance(module, LoTRLayer):
+                    module.add_adapter(adapter, factors, group.scale)
+                    module.active_adapters = [a for a in self._active if a in module.lotr_cores]
+                else:
+                    layer = LoTRLayer(module, factors, group.scale, config.dropout, adapter_name=adapter)
+                    layer.active_adapters = [a for a in self._active if a in layer.lotr_cores]
+                    self._swap(name, layer.to(first.weight.device))
+        for handle in self._sharing_hooks:
+            handle.remove()
+        self._sharing_hooks = share_input_products(self.base_model)
+        self._copy_modules_to_save(adapter, resolve_modules_to_save(self.base_model, config.modules_to_save))
+        self._trainable[adapter] = True
+        self._mark_trainable()
+
+    def _check_layout(self, groups: dict[str, GroupLayout], source: str) -> None:
+        modules = dict(self.base_model.named_modules())
+        for group_name, group in groups.items():
             for name in group.modules:
                 module = modules.get(name)
                 if module is None:
                     raise ValueError(f"{source} adapts module {name!r} (group {group_name!r}), which the model lacks")
+                module = unwrap(module)
                 if not is_supported(module):
                     raise ValueError(f"{source} adapts module {name!r}, a {type(module).__name__}, not Linear/Conv1D")
                 if weight_shape(module) != tuple(group.shape):
@@ -180,65 +290,58 @@ class LoTRModel(nn.Module):
                         f"(d_out x d_in), but the model's is {d_out}x{d_in}"
                     )
 
-    def _inject(self, initialise: bool) -> None:
-        for group_name, group in self.groups.items():
-            first = self.base_model.get_submodule(group.modules[0])
-            dtype = torch.float64 if first.weight.dtype == torch.float64 else torch.float32
-            if self.lotr_config.adapter_dtype is not None:
-                dtype = getattr(torch, self.lotr_config.adapter_dtype)
-            factors = LoTRFactors(*group.shape, group.rank, dtype=dtype).to(first.weight.device)
-            if initialise:
-                self._initialise(factors, group)
-            self.lotr_factors[group_name] = factors
-            for name in group.modules:
-                parent_name, child = _split_name(name)
-                parent = self.base_model.get_submodule(parent_name)
-                layer = LoTRLayer(getattr(parent, child), factors, group.scale, self.lotr_config.dropout)
-                setattr(parent, child, layer.to(first.weight.device))
-        self._sharing_hooks = share_input_products(self.base_model)
-
-    def _initialise(self, factors: LoTRFactors, group: GroupLayout) -> None:
-        init = self.lotr_config.init
-        if init == "normal":
+    def _initialise(self, factors: LoTRFactors, group: GroupLayout, config: LoTRConfig) -> None:
+        if config.init == "normal":
             factors.reset_normal()
-        elif init == "svd":
-            stack = torch.stack([self._dense_weight(self.base_model.get_submodule(n)) for n in group.modules]).to(
-                torch.float64
-            )
-            decomposition = tucker2(stack, group.rank)
+        elif config.init == "svd":
+            weights = [dense_weight(unwrap(self.base_model.get_submodule(n))).detach() for n in group.modules]
+            decomposition = tucker2(torch.stack(weights).to(torch.float64), group.rank)
             with torch.no_grad():
                 factors.reset_orthonormal()  # fills columns a small stack cannot
                 r_out, r_in = decomposition.rank
                 factors.out_factor[:, :r_out] = decomposition.out_factor.to(factors.out_factor.dtype)
                 factors.in_factor[:, :r_in] = decomposition.in_factor.to(factors.in_factor.dtype)
 
-    @staticmethod
-    def _dense_weight(module: nn.Module) -> torch.Tensor:
-        return dense_weight(module).detach()
-
-    def _copy_modules_to_save(self) -> None:
-        """Put a trainable copy of each module of ``modules_to_save`` in its place; keep the original aside.
+    def _copy_modules_to_save(self, adapter: str, names: list[str]) -> None:
+        """Give ``adapter`` a trainable copy of each module of its ``modules_to_save``; keep the original aside.
 
         Training changes only the copy, so :meth:`disable_adapter` can run the original, and
         a weight the original shares with another module (a GPT-2 or Llama ``lm_head`` tied
         to the input embeddings) is never changed through it. For an adapted module the copy
         is of its base layer and shares the frozen weight: only its other tensors (a bias) train.
+        The first adapter's copies sit in the model; other adapters' wait in ``stored_copies``
+        until :meth:`set_adapter` puts them in place.
         """
-        for name in self.modules_to_save:
+        copies: dict[str, str] = {}
+        in_place = self._in_place is None or self._in_place == adapter
+        stored = nn.ModuleDict()
+        for name in names:
             path, module = name, self.base_model.get_submodule(name)
-            shared: dict[int, Any] = {}
             if isinstance(module, LoTRLayer):
                 path, module = f"{name}.base_layer", module.base_layer
-                shared[id(module.weight)] = module.weight
+            if path in self._copy_paths:
+                module = self.original_modules[self._copy_paths.index(path)]
             inner = [f"{path}.{n}" for n, m in module.named_modules() if isinstance(m, LoTRLayer)]
             if inner:
                 raise ValueError(
                     f"modules_to_save names {name!r}, which contains adapted modules ({', '.join(inner[:3])}); "
                     "list its other submodules instead, or leave them out of target_modules"
                 )
-            self._swap(path, copy.deepcopy(module, shared))
-            self.original_modules.append(module)
-            self._copy_paths.append(path)
+            shared = {id(module.weight): module.weight} if path.endswith(".base_layer") else {}
+            duplicate = copy.deepcopy(module, shared)
+            if path not in self._copy_paths:
+                self._copy_paths.append(path)
+                self.original_modules.append(module)
+            if in_place:
+                self._swap(path, duplicate)
+            else:
+                stored[str(len(stored))] = duplicate
+            copies[path] = name
+        self._copies_of[adapter] = copies
+        if in_place and copies:
+            self._in_place = adapter
+        if len(stored):
+            self.stored_copies[adapter] = stored
 
     def _swap(self, path: str, module: nn.Module) -> nn.Module:
         """Put ``module`` at ``path`` in the base model; return the module it replaces."""
@@ -248,13 +351,123 @@ class LoTRModel(nn.Module):
         setattr(parent, child, module)
         return previous
 
+    def _place_copies(self, adapter: str) -> None:
+        """Put ``adapter``'s copies of its ``modules_to_save`` in the model (originals where it has none)."""
+        if self._in_place == adapter or (self._in_place is None and not self._copies_of.get(adapter)):
+            return
+        if self._in_place is not None:  # take the current copies out into storage
+            current = self._copies_of[self._in_place]
+            taken = nn.ModuleDict()
+            for i, path in enumerate(current):
+                original = self.original_modules[self._copy_paths.index(path)]
+                taken[str(i)] = self._swap(path, original)
+            self.stored_copies[self._in_place] = taken
+        wanted = self._copies_of.get(adapter, {})
+        if wanted:
+            stored = self.stored_copies[adapter]
+            for i, path in enumerate(wanted):
+                self._swap(path, stored[str(i)])
+            del self.stored_copies[adapter]
+        self._in_place = adapter if wanted else None
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in {"base_model", "lotr_factors", "original_modules"}:
+            if name in {"base_model", "lotr_factors", "original_modules", "stored_copies"}:
                 raise
             return getattr(self.base_model, name)
+
+    # --- named adapters ---------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters; their updates add up."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (PEFT's ``active_adapter``)."""
+        return self._active[0]
+
+    @property
+    def lotr_config(self) -> LoTRConfig:
+        """The config of the active adapter."""
+        return self.lotr_configs[self.active_adapter]
+
+    @property
+    def groups(self) -> dict[str, GroupLayout]:
+        """The groups of the active adapter."""
+        return self.adapter_groups[self.active_adapter]
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        """The ``modules_to_save`` of the active adapter (module paths)."""
+        return list(self._copies_of.get(self.active_adapter, {}).values())
+
+    def add_adapter(self, adapter_name: str, config: LoTRConfig) -> None:
+        """Attach a new adapter ``adapter_name`` with ``config``; it starts inactive, as in PEFT."""
+        _check_adapter_name(adapter_name)
+        groups = self._plan(self.base_model, config)
+        if config.init == "svd":
+            _refuse_meta_weights(self.base_model, groups)
+        self._attach(adapter_name, config, groups, source=f"adapter {adapter_name!r}", initialise=True)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (or a list of names) the active adapters; only they train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.lotr_configs]
+        if not names or unknown:
+            raise ValueError(f"no adapter {unknown or names!r}; adapters: {sorted(self.lotr_configs)}")
+        if any(layer.merged for _, layer in self.lotr_layers()):
+            raise RuntimeError("unmerge_adapter() before set_adapter(): merged weights cannot be switched")
+        with_copies = [n for n in names if self._copies_of.get(n)]
+        if len(with_copies) > 1:
+            raise ValueError(f"adapters {with_copies} both have modules_to_save; activate one of them at a time")
+        self._active = names
+        self._place_copies(with_copies[0] if with_copies else names[0])
+        for _, layer in self.lotr_layers():
+            layer.active_adapters = [n for n in names if n in layer.lotr_cores]
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter ``adapter_name``: its cores, the factors no other adapter uses, its copies."""
+        if adapter_name not in self.lotr_configs:
+            raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(self.lotr_configs)}")
+        if len(self.lotr_configs) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; unload() removes the adapters altogether")
+        if self._in_place == adapter_name:
+            others = [n for n in self.lotr_configs if n != adapter_name]
+            self._place_copies(next((n for n in others if self._copies_of.get(n)), others[0]))
+        for name, layer in list(self.lotr_layers()):
+            if adapter_name in layer.lotr_cores:
+                layer.delete_adapter(adapter_name)
+                if not layer.lotr_cores:
+                    self._swap(name, layer.base_layer)
+        used = {k for a, keys in self._factor_keys.items() if a != adapter_name for k in keys.values()}
+        for key in self._factor_keys[adapter_name].values():
+            if key not in used and key in self.lotr_factors:
+                del self.lotr_factors[key]
+        if adapter_name in self.stored_copies:
+            del self.stored_copies[adapter_name]
+        for table in (self.lotr_configs, self.adapter_groups, self._factor_keys, self._copies_of, self._trainable):
+            table.pop(adapter_name, None)
+        remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.lotr_configs))]
+        self.set_adapter(remaining)
+
+    def _mark_trainable(self) -> None:
+        """Only the active adapters that were loaded trainable have ``requires_grad``."""
+        for adapter in self.lotr_configs:
+            train = adapter in self._active and self._trainable.get(adapter, True)
+            for key in self._factor_keys[adapter].values():
+                if not any(key in self._factor_keys[a].values() for a in self._active if a != adapter):
+                    self.lotr_factors[key].requires_grad_(train)
+            for _, layer in self.lotr_layers():
+                if adapter in layer.lotr_cores:
+                    layer.lotr_cores[adapter].requires_grad_(train)
+            for _, (owner, attr) in self._saved_slots(adapter).items():
+                tensor = getattr(owner, attr)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.requires_grad_(train)
 
     # --- inspection -----------------------------------------------------------------
     def lotr_layers(self) -> Iterator[tuple[str, LoTRLayer]]:
@@ -279,19 +492,21 @@ class LoTRModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    def tucker(self, group: str) -> Tucker2:
+    def tucker(self, group: str, adapter: str | None = None) -> Tucker2:
         """The group's update as a :class:`tensorlotr.Tucker2`: ``dW_l = U (scale G_l) V^T``.
 
         The tensors are detached copies: core (L, r_out, r_in), U (d_out, r_out), V (d_in, r_in).
         """
-        layout, factors = self._group(group)
-        cores = torch.stack([self.base_model.get_submodule(n).lotr_core.detach() for n in layout.modules])
+        adapter = adapter or self.active_adapter
+        layout, factors = self._group(group, adapter)
+        cores = torch.stack([self.base_model.get_submodule(n).lotr_cores[adapter].detach() for n in layout.modules])
         return Tucker2(layout.scale * cores, factors.out_factor.detach().clone(), factors.in_factor.detach().clone())
 
     @torch.no_grad()
-    def load_tucker(self, group: str, tucker: Tucker2) -> None:
+    def load_tucker(self, group: str, tucker: Tucker2, adapter: str | None = None) -> None:
         """Set a group's factors and cores from a Tucker2 of the same shape and rank."""
-        layout, factors = self._group(group)
+        adapter = adapter or self.active_adapter
+        layout, factors = self._group(group, adapter)
         expected = (len(layout.modules), *layout.shape)
         if tucker.shape != expected or tucker.rank != tuple(layout.rank):
             raise ValueError(
@@ -302,17 +517,18 @@ class LoTRModel(nn.Module):
         factors.in_factor.copy_(torch.as_tensor(tucker.in_factor))
         core = torch.as_tensor(tucker.core)
         for i, name in enumerate(layout.modules):
-            self.base_model.get_submodule(name).lotr_core.copy_(core[i] / layout.scale)
+            self.base_model.get_submodule(name).lotr_cores[adapter].copy_(core[i] / layout.scale)
 
-    def _group(self, group: str) -> tuple[GroupLayout, LoTRFactors]:
-        if group not in self.groups:
-            raise KeyError(f"no group {group!r}; groups: {list(self.groups)}")
-        return self.groups[group], self.lotr_factors[group]
+    def _group(self, group: str, adapter: str) -> tuple[GroupLayout, LoTRFactors]:
+        groups = self.adapter_groups[adapter]
+        if group not in groups:
+            raise KeyError(f"adapter {adapter!r} has no group {group!r}; groups: {list(groups)}")
+        return groups[group], self.lotr_factors[self._factor_keys[adapter][group]]
 
     # --- adapter on/off, merging ------------------------------------------------------
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model without the adapters inside the ``with`` block.
+        """Run the base model without any adapter inside the ``with`` block.
 
         The original ``modules_to_save`` run in place of their trained copies, as in PEFT.
         """
@@ -322,20 +538,21 @@ class LoTRModel(nn.Module):
         states = [layer.active for layer in layers]
         for layer in layers:
             layer.active = False
-        originals = zip(self._copy_paths, self.original_modules, strict=True)
-        copies = [self._swap(path, original) for path, original in originals]
+        paths = list(self._copies_of.get(self._in_place, {})) if self._in_place else []
+        originals = [self.original_modules[self._copy_paths.index(path)] for path in paths]
+        copies = [self._swap(path, original) for path, original in zip(paths, originals, strict=True)]
         try:
             yield
         finally:
-            for path, trained in zip(self._copy_paths, copies, strict=True):
+            for path, trained in zip(paths, copies, strict=True):
                 self._swap(path, trained)
             for layer, state in zip(layers, states, strict=True):
                 layer.active = state
 
-    def merge_adapter(self) -> None:
-        """Add every update into its base weight; forward then costs what the base costs."""
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Add the active adapters' updates (or those of ``adapter_names``) into the base weights."""
         for _, layer in self.lotr_layers():
-            layer.merge()
+            layer.merge(adapter_names)
 
     def unmerge_adapter(self) -> None:
         """Subtract merged updates again, restoring the base weights."""
@@ -343,14 +560,15 @@ class LoTRModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge the updates and return the plain base model, without adapter layers."""
+        """Merge the active adapters and return the plain base model, without adapter layers."""
         self.merge_adapter()
         return self.unload()
 
     def unload(self) -> nn.Module:
         """Return the base model with the adapter layers removed (merged ones stay merged).
 
-        The trained copies of ``modules_to_save`` stay in the model and the originals are dropped, as in PEFT.
+        The active adapter's trained copies of ``modules_to_save`` stay in the model and the
+        originals are dropped, as in PEFT.
         """
         for name, layer in list(self.lotr_layers()):
             self._swap(name, layer.base_layer)
@@ -359,60 +577,65 @@ class LoTRModel(nn.Module):
         self._sharing_hooks = []
         self.lotr_factors = nn.ModuleDict()
         self.original_modules = nn.ModuleList()
+        self.stored_copies = nn.ModuleDict()
         self._copy_paths = []
         return self.base_model
 
     # --- saving and loading ---------------------------------------------------------
-    def _saved_paths(self) -> dict[str, str]:
-        """The paths in the base model of the ``modules_to_save`` tensors (their trained copies), by plain path.
+    def _saved_slots(self, adapter: str) -> dict[str, tuple[nn.Module, str]]:
+        """``adapter``'s ``modules_to_save`` tensors by plain parameter path, as (owning module, attribute).
 
-        An adapted module may be listed too (its bias changed in a full fine-tune, say):
-        then its other tensors are saved under their plain names (``….dense.bias``) and its
-        frozen base weight and core are left out.
+        An adapted module may be listed too (its bias changed in a full fine-tune, say): then
+        its other tensors are saved under their plain names (``….dense.bias``) and its frozen
+        base weight is left out.
         """
-        names = [name for name, _ in self.base_model.named_parameters(remove_duplicate=False)]
-        names += [name for name, _ in self.base_model.named_buffers(remove_duplicate=False)]
-        adapted = {name for name, _ in self.lotr_layers()}
-        out = {}
-        for module_name in self.modules_to_save:
-            prefix = module_name + "."
-            for name in names:
-                if not name.startswith(prefix) or name.endswith(".lotr_core"):
-                    continue
-                if module_name in adapted and name == prefix + "base_layer.weight":
-                    continue
-                out[name.replace(".base_layer.", ".")] = name
-        return out
-
-    def _saved_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors of ``modules_to_save`` (their trained copies) by plain parameter path."""
-        return {key: getattr(*self._slot(path)) for key, path in self._saved_paths().items()}
-
-    def _slot(self, path: str) -> tuple[nn.Module, str]:
-        """The module of the base model that holds the tensor at ``path``, and the tensor's attribute name."""
-        owner, _, attr = path.rpartition(".")
-        return self.base_model.get_submodule(owner), attr
-
-    def _adapter_slots(self) -> dict[str, tuple[nn.Module, str]]:
-        """Every adapter tensor by its key in :class:`LoTRAdapterFiles`, as (owning module, attribute name)."""
         slots: dict[str, tuple[nn.Module, str]] = {}
-        for group_name, factors in self.lotr_factors.items():
-            slots[factor_key(group_name, OUT_FACTOR)] = (factors, "out_factor")
-            slots[factor_key(group_name, IN_FACTOR)] = (factors, "in_factor")
-        for name, layer in self.lotr_layers():
-            slots[core_key(name)] = (layer, "lotr_core")
-        for key, path in self._saved_paths().items():
-            slots[saved_key(key)] = self._slot(path)
+        copies = self._copies_of.get(adapter, {})
+        stored = None if adapter == self._in_place else self.stored_copies[adapter] if copies else None
+        for i, (path, name) in enumerate(copies.items()):
+            module = self.base_model.get_submodule(path) if stored is None else stored[str(i)]
+            adapted = path.endswith(".base_layer")
+            tensors = [(n, m) for n, m in module.named_parameters(remove_duplicate=False)]
+            tensors += [(n, m) for n, m in module.named_buffers(remove_duplicate=False)]
+            for tensor_name, _ in tensors:
+                if adapted and tensor_name == "weight":
+                    continue  # the frozen base weight, shared with the original
+                owner_name, _, attr = tensor_name.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                slots[f"{name}.{tensor_name}"] = (owner, attr)
         return slots
 
-    def adapter_files(self) -> LoTRAdapterFiles:
-        """The adapter's config, layout and tensors, as written by :meth:`save_pretrained`.
+    def _saved_tensors(self, adapter: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``modules_to_save`` (their trained copies) by plain parameter path."""
+        return {
+            key: getattr(owner, attr)
+            for key, (owner, attr) in self._saved_slots(adapter or self.active_adapter).items()
+        }
+
+    def _adapter_slots(self, adapter: str) -> dict[str, tuple[nn.Module, str]]:
+        """Every tensor of ``adapter`` by its key in :class:`LoTRAdapterFiles`, as (owning module, attribute)."""
+        slots: dict[str, tuple[nn.Module, str]] = {}
+        for group_name, group in self.adapter_groups[adapter].items():
+            factors = self.lotr_factors[self._factor_keys[adapter][group_name]]
+            slots[factor_key(group_name, OUT_FACTOR)] = (factors, "out_factor")
+            slots[factor_key(group_name, IN_FACTOR)] = (factors, "in_factor")
+            for name in group.modules:
+                slots[core_key(name)] = (self.base_model.get_submodule(name).lotr_cores, adapter)
+        for key, slot in self._saved_slots(adapter).items():
+            slots[saved_key(key)] = slot
+        return slots
+
+    def adapter_files(self, adapter: str | None = None) -> LoTRAdapterFiles:
+        """Adapter ``adapter``'s (default: the active one's) config, layout and tensors, as saved.
 
         Tensors sharded by FSDP2 (DTensors) are all-gathered, so every process must call this.
         Raises ``ValueError`` for a tensor on the meta device, which holds no data.
         """
+        adapter = adapter or self.active_adapter
+        if adapter not in self.lotr_configs:
+            raise ValueError(f"no adapter {adapter!r}; adapters: {sorted(self.lotr_configs)}")
         tensors: dict[str, torch.Tensor] = {}
-        for key, (owner, attr) in self._adapter_slots().items():
+        for key, (owner, attr) in self._adapter_slots(adapter).items():
             tensor = _gathered(getattr(owner, attr))
             if tensor.is_meta:
                 raise ValueError(
@@ -426,79 +649,225 @@ class LoTRModel(nn.Module):
             "name_or_path": getattr(base_config, "_name_or_path", None),
             "class": type(self.base_model).__name__,
         }
-        return LoTRAdapterFiles(self.lotr_config.to_dict(), dict(self.groups), tensors, base)
+        config = self.lotr_configs[adapter].to_dict()
+        return LoTRAdapterFiles(config, dict(self.adapter_groups[adapter]), tensors, base)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **_: Any) -> None:
-        """Write ``lotr_config.json`` and ``lotr_model.safetensors`` into ``save_directory``.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        selected_adapters: list[str] | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as ``lotr_config.json``, ``lotr_model.safetensors`` and a model card.
 
-        Shared factors are stored once per group. Files are replaced atomically; other
-        files in the folder are kept (as PEFT does). In a multi-process run every process
+        The adapter ``"default"`` goes in ``save_directory``, every other one in a subfolder
+        named after it, as PEFT lays them out; ``selected_adapters`` picks some. Shared factors
+        are stored once per group. Files are replaced atomically; other files in the folder are
+        kept, and so is a model card the user has edited. In a multi-process run every process
         calls this (FSDP2 gathers the sharded tensors then) and only the one with
-        ``is_main_process`` writes.
+        ``is_main_process`` writes. ``push_to_hub=True`` then uploads the folder as
+        :meth:`push_to_hub` does (``repo_id``, ``token``, ``private``, ``commit_message`` in ``kwargs``).
         """
         if any(layer.merged for _, layer in self.lotr_layers()):
             raise RuntimeError("unmerge_adapter() before save_pretrained(): the cores are saved separately")
-        files = self.adapter_files()
-        if is_main_process:
-            from ..io.lotr_format import write_adapter  # the file format lives in io; the model hands it data
+        names = list(self.lotr_configs) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.lotr_configs]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} are not adapters of this model: {sorted(self.lotr_configs)}")
+        files = {name: self.adapter_files(name) for name in names}
+        if not is_main_process:
+            return
+        from ..io.lotr_format import write_adapter  # the file format lives in io; the model hands it data
+        from ..io.model_card import write_model_card
 
-            write_adapter(save_directory, files)
+        for name, adapter in files.items():
+            folder = os.path.join(save_directory, "" if name == DEFAULT_ADAPTER else name)
+            write_adapter(folder, adapter)
+            write_model_card(folder, adapter, name)
+        if push_to_hub:
+            from ..io.hub import push_folder
+
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            push_folder(save_directory, repo_id, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        selected_adapters: list[str] | None = None,
+        token: str | bool | None = None,
+        private: bool | None = None,
+        commit_message: str = "Upload LoTR adapter",
+        **kwargs: Any,
+    ) -> Any:
+        """Upload the adapters (never the base model) to the Hub repo ``repo_id``.
+
+        The adapters are saved to a temporary folder as :meth:`save_pretrained` lays them out,
+        then uploaded with ``create_repo`` and ``upload_folder``. Offline it raises
+        ``ConnectionError`` naming the repo.
+        """
+        import tempfile
+
+        from ..io.hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="tensorlotr-push-") as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)
+            return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False) -> LoTRModel:
-        """Attach the adapter saved in ``adapter_dir`` to ``model`` (a fresh base model).
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        adapter_dir: str | os.PathLike,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        **hub_kwargs: Any,
+    ) -> LoTRModel:
+        """Attach the adapter in ``adapter_dir`` (a folder or a Hub repo id) to ``model``, a fresh base.
 
-        Raises ``ValueError`` when the adapter does not fit the model: a missing module
-        or a shape that differs, named with both shapes.
+        A zoo folder attaches every adapter of the zoo, by its name, sharing the zoo's factors;
+        the first is active. ``hub_kwargs`` (``subfolder``, ``revision``, ``token``,
+        ``cache_dir``, ``local_files_only``) go to the Hub. Raises ``ValueError`` when the adapter
+        does not fit the model (a missing module, another shape), and for a PEFT LoRA folder,
+        naming :meth:`from_lora` and ``tensorlotr convert``.
         """
-        from ..io.lotr_format import read_adapter
+        from ..io.hub import resolve_folder
+        from ..io.zoo_format import is_zoo_dir, read_zoo
 
-        return cls.from_adapter_files(model, read_adapter(adapter_dir), is_trainable, source=f"adapter {adapter_dir}")
+        folder = resolve_folder(adapter_dir, what="adapter", **hub_kwargs)
+        if is_zoo_dir(folder):
+            return cls.from_zoo(model, read_zoo(folder), is_trainable=is_trainable, source=f"zoo {adapter_dir}")
+        files = _read_lotr(folder, adapter_dir)
+        return cls.from_adapter_files(
+            model, files, is_trainable, source=f"adapter {adapter_dir}", adapter_name=adapter_name
+        )
 
     @classmethod
     def from_adapter_files(
-        cls, model: nn.Module, files: LoTRAdapterFiles, is_trainable: bool = False, source: str = "the adapter"
+        cls,
+        model: nn.Module,
+        files: LoTRAdapterFiles,
+        is_trainable: bool = False,
+        source: str = "the adapter",
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> LoTRModel:
         """Attach an adapter held in memory (as ``decompose`` returns it) to ``model``."""
-        config = LoTRConfig.from_dict(files.config)
-        lotr = cls(model, config, layout=files.groups, source=source)
-        lotr.load_adapter_tensors(files, source=source)
-        for tensor in lotr._saved_tensors().values():
-            if isinstance(tensor, nn.Parameter):
-                tensor.requires_grad_(is_trainable)
-        for param in lotr.lotr_factors.parameters():
-            param.requires_grad_(is_trainable)
-        for _, layer in lotr.lotr_layers():
-            layer.lotr_core.requires_grad_(is_trainable)
+        config = LoTRConfig.from_dict(files.config, strict=False)
+        lotr = cls(model, config, layout=files.groups, source=source, adapter_name=adapter_name)
+        lotr.load_adapter_tensors(files, source=source, adapter=adapter_name)
+        lotr._trainable[adapter_name] = is_trainable
+        lotr._mark_trainable()
         if not is_trainable:
             lotr.eval()
         return lotr
 
-    def load_adapter(self, adapter_dir: str | os.PathLike) -> None:
-        """Load the tensors of a saved adapter with the same layout into this model (resuming)."""
-        from ..io.lotr_format import read_adapter
+    @classmethod
+    def from_zoo(cls, model: nn.Module, zoo: Any, is_trainable: bool = False, source: str = "the zoo") -> LoTRModel:
+        """Attach every adapter of a zoo (:class:`tensorlotr.adapter.layout.ZooFiles`), factors held once."""
+        names = list(zoo.adapters)
+        if not names:
+            raise ValueError(f"{source} holds no adapters")
+        lotr: LoTRModel | None = None
+        shared: dict[str, LoTRFactors] = {}
+        for name in names:
+            files = zoo.adapter(name)
+            config = LoTRConfig.from_dict(files.config, strict=False)
+            if lotr is None:
+                lotr = cls(model, config, layout=files.groups, source=source, adapter_name=name, factor_owner="zoo")
+            else:
+                lotr._attach(
+                    name, config, files.groups, source=source, initialise=False, shared=shared, factor_owner="zoo"
+                )
+            for group in files.groups:
+                shared.setdefault(group, lotr.lotr_factors[f"zoo--{group}"])
+            lotr.load_adapter_tensors(files, source=f"{source}, adapter {name!r}", adapter=name)
+            lotr._trainable[name] = is_trainable
+        assert lotr is not None
+        lotr.set_adapter(names[0])
+        if not is_trainable:
+            lotr.eval()
+        return lotr
 
-        files = read_adapter(adapter_dir)
-        if {k: v.to_dict() for k, v in files.groups.items()} != {k: v.to_dict() for k, v in self.groups.items()}:
-            raise ValueError(f"adapter {adapter_dir} has another layout than this model's adapter")
-        self.load_adapter_tensors(files, source=str(adapter_dir))
+    @classmethod
+    def from_lora(
+        cls,
+        model: nn.Module,
+        peft_dir: str | os.PathLike,
+        *,
+        rank: int | tuple[int, int] | None = None,
+        energy: float | None = None,
+        n_iter: int = 0,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+        **hub_kwargs: Any,
+    ) -> LoTRModel:
+        """Convert a PEFT LoRA (a folder or a Hub repo id) to LoTR in memory and attach it to ``model``.
+
+        ``rank``, ``energy`` and ``n_iter`` are :func:`tensorlotr.convert_lora`'s; its report is
+        ``lotr.conversion_report``.
+        """
+        from ..convert import convert_lora
+        from ..io.hub import resolve_folder
+
+        folder = resolve_folder(peft_dir, what="PEFT LoRA", **hub_kwargs)
+        report = convert_lora(folder, None, rank=rank, energy=energy, n_iter=n_iter)
+        assert report.adapter is not None
+        lotr = cls.from_adapter_files(model, report.adapter, is_trainable, f"LoRA {peft_dir}", adapter_name)
+        lotr.conversion_report = report
+        return lotr
+
+    def load_adapter(
+        self,
+        adapter_dir: str | os.PathLike,
+        adapter_name: str | None = None,
+        is_trainable: bool = False,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load a saved adapter (a folder or a Hub repo id).
+
+        With a new ``adapter_name`` it is added as a named adapter, inactive (as in PEFT). With
+        ``adapter_name=None`` or an existing name, its tensors are loaded into that adapter,
+        which must have the same layout (resuming from a checkpoint).
+        """
+        from ..io.hub import resolve_folder
+
+        folder = resolve_folder(adapter_dir, what="adapter", **hub_kwargs)
+        files = _read_lotr(folder, adapter_dir)
+        if adapter_name is None or adapter_name in self.lotr_configs:
+            target = adapter_name or self.active_adapter
+            mine = {k: v.to_dict() for k, v in self.adapter_groups[target].items()}
+            if {k: v.to_dict() for k, v in files.groups.items()} != mine:
+                raise ValueError(f"adapter {adapter_dir} has another layout than this model's adapter {target!r}")
+            self.load_adapter_tensors(files, source=str(adapter_dir), adapter=target)
+            return
+        _check_adapter_name(adapter_name)
+        config = LoTRConfig.from_dict(files.config, strict=False)
+        self._attach(adapter_name, config, files.groups, source=f"adapter {adapter_dir}", initialise=False)
+        self.load_adapter_tensors(files, source=str(adapter_dir), adapter=adapter_name)
+        self._trainable[adapter_name] = is_trainable
+        self._mark_trainable()
 
     @torch.no_grad()
-    def load_adapter_tensors(self, files: LoTRAdapterFiles, source: str = "adapter") -> None:
-        """Copy the tensors of ``files`` into the adapter.
+    def load_adapter_tensors(
+        self, files: LoTRAdapterFiles, source: str = "adapter", adapter: str | None = None
+    ) -> None:
+        """Copy the tensors of ``files`` into adapter ``adapter`` (default: the active one).
 
         An adapter tensor on the meta device (the base was built under ``init_empty_weights``,
         say) is replaced by the file's, on the CPU in the adapter tensor's dtype. Raises
         ``ValueError`` for a tensor of the wrong shape, a ``modules_to_save`` tensor the model
         lacks, and an adapter tensor the file does not hold that would stay on the meta device.
         """
-        slots = self._adapter_slots()
-        optional = {saved_key(k) for k in self._saved_paths()}  # a saved module's tensor the file leaves out stays
+        adapter = adapter or self.active_adapter
+        slots = self._adapter_slots(adapter)
+        optional = {saved_key(k) for k in self._saved_slots(adapter)}  # a saved module's tensor the file leaves out
         for key in files.modules_to_save:
             if saved_key(key) not in slots:
                 raise ValueError(
                     f"{source} saves {key!r} (modules_to_save), which the model lacks or which is in none of "
-                    f"its modules_to_save {self.modules_to_save}"
+                    f"its modules_to_save {sorted(self._copies_of.get(adapter, {}).values())}"
                 )
         loads = []
         for key, (owner, attr) in slots.items():
@@ -525,6 +894,18 @@ class LoTRModel(nn.Module):
                 f"{source} holds no values for {len(left)} adapter tensors on the meta device "
                 f"({', '.join(left[:3])}); load the base model's weights before attaching the adapter"
             )
+
+
+def _read_lotr(folder: Any, given: Any) -> LoTRAdapterFiles:
+    """The LoTR adapter in ``folder``; a PEFT LoRA folder gets an error that says how to convert it."""
+    from ..io import is_lotr_dir, read_adapter
+
+    if not is_lotr_dir(folder) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise ValueError(
+            f"{given} is a PEFT LoRA adapter, not a LoTR one: LoTRModel.from_lora(model, {str(given)!r}, rank=...) "
+            f"converts it in memory, and `tensorlotr convert {given} OUT_DIR` writes a LoTR folder"
+        )
+    return read_adapter(folder)
 
 
 def get_lotr_model(model: nn.Module, config: LoTRConfig) -> LoTRModel:

@@ -121,7 +121,8 @@ def resolve_targets(model: nn.Module, config: LoTRConfig) -> list[str]:
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(f"target_modules is required for model type {model_type!r}")
         patterns = DEFAULT_TARGETS[model_type]
-    modules = dict(model.named_modules())
+    # a layer that already carries an adapter (add_adapter) counts as the layer it wraps
+    modules = {n: unwrap(m) for n, m in model.named_modules() if not _inside_adapter_layer(model, n)}
     all_linear = isinstance(patterns, str) and patterns.lower() == ALL_LINEAR
     candidates = [n for n, m in modules.items() if n and (is_supported(m) or not all_linear)]
     names = []
@@ -158,10 +159,25 @@ def _no_match_message(model: nn.Module, patterns: str | list[str], layers: list[
     return no_match_message(patterns, adaptable, what)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The layer a LoTR layer wraps (its ``base_layer``), or ``module`` itself."""
+    return module.base_layer if getattr(module, "is_lotr_layer", False) else module
+
+
+def _inside_adapter_layer(model: nn.Module, name: str) -> bool:
+    """True for a submodule of a LoTR layer (its base layer, dropout): the layer stands for them."""
+    parent = name.rpartition(".")[0]
+    while parent:
+        if getattr(model.get_submodule(parent), "is_lotr_layer", False):
+            return True
+        parent = parent.rpartition(".")[0]
+    return False
+
+
 def build_groups(model: nn.Module, names: list[str], config: LoTRConfig) -> list[Group]:
     """Stack the target modules ``names`` of ``model`` into groups as ``config.groups`` says."""
     modules = dict(model.named_modules())
-    return group_modules({name: weight_shape(modules[name]) for name in names}, config.groups)
+    return group_modules({name: weight_shape(unwrap(modules[name])) for name in names}, config.groups)
 
 
 def resolve_modules_to_save(model: nn.Module, patterns: list[str] | None) -> list[str]:
