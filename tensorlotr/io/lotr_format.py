@@ -49,12 +49,28 @@ def write_adapter(out_dir: str | os.PathLike, adapter: LoTRAdapterFiles) -> Path
         "groups": {name: g.to_dict() for name, g in adapter.groups.items()},
         "base_model": adapter.base_model,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.tensors.items()}
+    metadata = {"format": "pt", "tensorlotr": str(FORMAT_VERSION)}
+    return write_pair(out_dir, WEIGHTS_NAME, adapter.tensors, metadata, CONFIG_NAME, document)
+
+
+def write_pair(
+    out_dir: str | os.PathLike,
+    weights_name: str,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    config_name: str,
+    document: dict[str, Any],
+) -> Path:
+    """Write a safetensors file and its JSON document into ``out_dir``, the weights first.
+
+    Each file goes to a temporary name and is renamed into place, so a reader that finds the
+    document finds complete weights.
+    """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_file(folder / WEIGHTS_NAME, force=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "tensorlotr": str(FORMAT_VERSION)})
-    with atomic_file(folder / CONFIG_NAME, force=True) as tmp:
+    with atomic_file(folder / weights_name, force=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with atomic_file(folder / config_name, force=True) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     return folder
 

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, ZooAdapter, ZooFiles, factor_key, zoo_core_key
-from .atomic import atomic_file
+from .lotr_format import write_pair
 
 ZOO_CONFIG_NAME = "zoo_config.json"
 ZOO_WEIGHTS_NAME = "zoo_model.safetensors"
@@ -36,14 +36,8 @@ def write_zoo(out_dir: str | os.PathLike, zoo: ZooFiles) -> Path:
         "adapters": {name: a.to_dict() for name, a in zoo.adapters.items()},
         "base_model": zoo.base_model,
     }
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in zoo.tensors.items()}
-    with atomic_file(folder / ZOO_WEIGHTS_NAME, force=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "tensorlotr-zoo": str(ZOO_FORMAT_VERSION)})
-    with atomic_file(folder / ZOO_CONFIG_NAME, force=True) as tmp:
-        tmp.write_text(json.dumps(document, indent=2) + "\n")
-    return folder
+    metadata = {"format": "pt", "tensorlotr-zoo": str(ZOO_FORMAT_VERSION)}
+    return write_pair(out_dir, ZOO_WEIGHTS_NAME, zoo.tensors, metadata, ZOO_CONFIG_NAME, document)
 
 
 def read_zoo(path: str | os.PathLike) -> ZooFiles:
