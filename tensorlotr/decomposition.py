@@ -25,7 +25,8 @@ from torch import nn
 
 from .adapter import Group, LoTRAdapterFiles, group_modules, matches, module_order
 from .adapter.groups import no_match_message, oriented_shape
-from .core import check_energy, normalize_rank, tucker2_streaming
+from .calibration import Calibration, CalibrationStats, as_calibration, error_sums
+from .core import Tucker2, check_energy, normalize_rank, tucker2_streaming, tucker2_weighted
 from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
 from .io.atomic import check_output
 from .io.checkpoint import WeightSource, open_weights
@@ -189,6 +190,7 @@ def decompose(
     max_rank: int = 256,
     seed: int = 0,
     progress: Progress | None = None,
+    calibration: Calibration | CalibrationStats | None = None,
 ) -> Decomposition:
     """LoTR adapter of the deltas ``finetuned - base`` in the modules ``target_modules``.
 
@@ -212,6 +214,12 @@ def decompose(
     gram_max_dim, oversample, n_power, max_rank, seed
         Route and sketch settings (module docstring); ``max_rank`` caps the sketch when
         only ``energy`` is given on the randomized route.
+    calibration : Calibration or CalibrationStats, optional
+        Output-aware: each group is first decomposed at a working rank (four times ``rank``,
+        at least 32), and that factored stack is compressed to ``rank`` by the weighted
+        Tucker-2 (:func:`tensorlotr.core.tucker2_weighted`); one more pass gives the exact
+        weight error. The output error reported is against the working-rank stack. Needs
+        ``rank``; ``base`` must be the model the statistics come from. No heal.
 
     Returns
     -------
@@ -234,9 +242,24 @@ def decompose(
     if extra:
         raise ValueError(f"{ft_w.name} has targeted modules that {base_w.name} lacks: {extra[:3]}; an extra layer?")
     plan = group_modules(shapes, groups or "by_name")
+    cal = as_calibration(calibration)
+    if cal is not None and pair is None:
+        raise ValueError("decompose with calibration needs a rank (--rank): the weighted fit is at a fixed rank")
+    if cal is not None and cal.heal_steps:
+        raise ValueError("decompose does not heal; convert a LoRA, or heal the adapter with tensorlotr.heal")
+    stats = cal.statistics(list(shapes), progress) if cal is not None else None
 
     def decompose_group(group: Group) -> GroupOutcome:
         deltas = _Deltas(base_w, ft_w, list(group.modules), group.modules[0] in transposed, dtype)
+        if cal is not None and stats is not None and pair is not None:
+            (d_out, d_in), n_layers = group.shape, len(group.modules)
+            work = min(max(4 * max(pair), 32), d_out, d_in)
+            start_tucker, norm_sq, route = tucker2_streaming(
+                deltas, group.shape, (min(work, n_layers * d_in), min(work, n_layers * d_out)), n_iter=n_iter,
+                gram_max_dim=gram_max_dim, oversample=oversample, n_power=n_power, seed=seed, progress=progress,
+                name=group.name,
+            )  # fmt: skip
+            return _calibrated_group(deltas, start_tucker, norm_sq, route, pair, stats.factors(group.modules), cal)
         tucker, norm_sq, route = tucker2_streaming(
             deltas, group.shape, pair, energy=energy, n_iter=n_iter, gram_max_dim=gram_max_dim,
             oversample=oversample, n_power=n_power, max_rank=max_rank, seed=seed, progress=progress, name=group.name,
@@ -274,8 +297,40 @@ def decompose(
         relative_error=done.relative_error,
         seconds=time.perf_counter() - start,
         notes=done.notes,
+        adapter=adapter,
     )
     return Decomposition(adapter, report)
+
+
+def _calibrated_group(
+    deltas: _Deltas,
+    start: Tucker2,
+    norm_sq: float,
+    route: str,
+    rank: tuple[int, int],
+    factors: list[torch.Tensor],
+    cal: Calibration,
+) -> GroupOutcome:
+    """The weighted Tucker-2 at ``rank`` of the working-rank stack ``start`` (as LoRA factors ``U0 G0_l``, ``V0^T``).
+
+    The weight error is exact, from one more pass: ``||dW||^2 - 2 sum_l <U^T dW_l V, G_l> + ||G||^2``.
+    """
+    u0, v0 = torch.as_tensor(start.out_factor).double(), torch.as_tensor(start.in_factor).double()
+    bs = [u0 @ core for core in torch.as_tensor(start.core).double()]
+    as_ = [v0.T] * len(bs)
+    rank = (min(rank[0], int(u0.shape[1])), min(rank[1], int(v0.shape[1])))
+    tucker = tucker2_weighted(bs, as_, factors, rank, damping=cal.damping, n_iter=cal.n_iter)
+    u, core, v = torch.as_tensor(tucker.out_factor), torch.as_tensor(tucker.core), torch.as_tensor(tucker.in_factor)
+    cross = sum(float(((u.T @ delta.double() @ v) * core[i]).sum()) for i, delta in deltas.layers(no_progress, "error"))
+    error_sq = max(norm_sq - 2 * cross + float(core.square().sum()), 0.0)
+    output = error_sums(tucker, bs, as_, [1.0] * len(bs), factors).output_error
+    details = {
+        "energy_kept": 1 - error_sq / norm_sq if norm_sq > 0 else 1.0,
+        "route": f"{route}+calibrated",
+        "passes": deltas.passes,
+        "output_error": output,
+    }
+    return GroupOutcome(tucker, norm_sq, error_sq, deltas.transposed, details)
 
 
 def _changed_tensors(

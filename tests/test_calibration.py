@@ -312,3 +312,34 @@ def test_cli_calibrated_convert_and_zoo(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_calibrated_decompose_lowers_the_output_error_with_an_exact_weight_error(tmp_path):
+    from tensorlotr.decomposition import decompose
+
+    base, finetuned = tiny_bert(0), tiny_bert(0)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in finetuned.bert.encoder.layer:
+            for module in (layer.attention.self.query, layer.attention.self.value):
+                module.weight += torch.randn(32, 6, generator=generator) @ torch.randn(6, 32, generator=generator) / 8
+    targets = ["query", "value"]
+    decompose(base, finetuned, tmp_path / "plain", target_modules=targets, rank=2)
+    calibration = Calibration(inputs=_batches(), base_model=tiny_bert(0))
+    result = decompose(base, finetuned, None, target_modules=targets, rank=2, calibration=calibration)
+    files, report = result.adapter, result.report
+    stats = calibration.stats
+    assert stats is not None
+    plain_files = read_adapter(tmp_path / "plain")
+    for row in report.groups:
+        modules = files.groups[row.group].modules
+        deltas = [(finetuned.get_submodule(m).weight - base.get_submodule(m).weight).detach().double() for m in modules]
+        eye = torch.eye(32, dtype=torch.float64)
+        factors = stats.factors(modules)
+        ours = error_sums(group_tucker(files, row.group), deltas, [eye] * 3, [1.0] * 3, factors)
+        theirs = error_sums(group_tucker(plain_files, row.group), deltas, [eye] * 3, [1.0] * 3, factors)
+        assert ours.output_error < theirs.output_error - 0.02
+        assert row.relative_error == pytest.approx(ours.weight_error, abs=1e-5)  # exact, from the extra pass
+        assert row.route.endswith("+calibrated") and row.output_error is not None
+    with pytest.raises(ValueError, match="needs a rank"):
+        decompose(base, finetuned, None, target_modules=targets, calibration=calibration)
