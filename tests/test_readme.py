@@ -1,10 +1,11 @@
-"""The README's runnable blocks run as written, on tiny versions of the folders they name.
+"""The runnable blocks of the README and of docs/getting-started.md run as written, at tiny size.
 
-A block is runnable when the line before its opening fence is ``<!-- runnable -->``. Each
-runs in a fresh working directory that holds what the commands name, as a user's checkout
-would after ``make test``: ``.venv`` (this interpreter's environment), ``my-lora/``,
-``lora-a/`` and ``lora-b/`` (PEFT LoRAs), ``base/`` and ``finetuned/`` (model folders) and
-``runs/`` (TensorBoard runs, six path segments deep).
+A block is runnable when the line before its opening fence is ``<!-- runnable -->``; a block
+that repeats an earlier one runs once. Each runs in a fresh working directory that holds
+what the commands name, as a user's checkout would after ``make test``: ``.venv`` (this
+interpreter's environment), ``my-lora/``, ``lora-a/`` and ``lora-b/`` (PEFT LoRAs),
+``base/`` and ``finetuned/`` (model folders) and ``runs/`` (TensorBoard runs, six path
+segments deep).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def runnable_blocks(document: str) -> list[tuple[str, str]]:
     return _BLOCK.findall((REPO / document).read_text(encoding="utf-8"))
 
 
-BLOCKS = [(doc, lang, code) for doc in DOCUMENTS for lang, code in runnable_blocks(doc)]
+BLOCKS: list[tuple[str, str, str]] = []
+for _doc in DOCUMENTS:
+    BLOCKS += [(_doc, lang, code) for lang, code in runnable_blocks(_doc) if code not in {c for *_, c in BLOCKS}]
 
 
 def _write_fixtures(root) -> None:
