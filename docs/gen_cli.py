@@ -9,6 +9,7 @@ run as a script it prints the page::
 from __future__ import annotations
 
 import argparse
+import html
 import os
 from typing import Any
 
@@ -54,17 +55,23 @@ def _help(parser: argparse.ArgumentParser) -> str:
             os.environ["COLUMNS"] = previous
 
 
-def _cell(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+def _text(text: str) -> str:
+    """Plain text in a Markdown table cell."""
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+def _code(text: object) -> str:
+    """Code in a Markdown table cell (an HTML element, so that ``|`` in it needs no backslash)."""
+    return "<code>" + html.escape(str(text), quote=False).replace("|", "&#124;") + "</code>"
 
 
 def _value(action: argparse.Action) -> str:
     if action.nargs == 0:
         return ""
     if action.choices is not None:
-        return " \\| ".join(f"`{c}`" for c in action.choices)
+        return " \\| ".join(_code(c) for c in action.choices)
     metavar = action.metavar or action.dest.upper()
-    text = f"`{metavar}`" if isinstance(metavar, str) else " ".join(f"`{m}`" for m in metavar)
+    text = _code(metavar) if isinstance(metavar, str) else " ".join(_code(m) for m in metavar)
     if action.nargs == "?":
         text = f"[{text}]"
     elif action.nargs in ("+", "*"):
@@ -76,14 +83,14 @@ def _default(action: argparse.Action) -> str:
     """The default, hidden where it means "not given" (``None``, ``False``)."""
     if action.required or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
         return ""
-    return f"`{action.default}`"
+    return _code(action.default)
 
 
 def _expanded_help(action: argparse.Action, prog: str) -> str:
     if not action.help:
         return ""
     params: dict[str, Any] = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
-    return action.help % {**params, "prog": prog}
+    return _text(action.help % {**params, "prog": prog})
 
 
 def _arguments_table(parser: argparse.ArgumentParser) -> list[str]:
@@ -91,12 +98,16 @@ def _arguments_table(parser: argparse.ArgumentParser) -> list[str]:
     for action in parser._actions:
         if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
             continue
-        name = " / ".join(f"`{s}`" for s in action.option_strings) or f"`{action.metavar or action.dest}`"
+        name = " / ".join(_code(s) for s in action.option_strings) or _code(action.metavar or action.dest)
         if action.required and action.option_strings:
             name += " (required)"
-        cells = [name, _value(action) if action.option_strings else "", _default(action)]
-        cells.append(_expanded_help(action, parser.prog))
-        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        cells = [
+            name,
+            _value(action) if action.option_strings else "",
+            _default(action),
+            _expanded_help(action, parser.prog),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 

@@ -76,7 +76,7 @@ def test_cli_reference_covers_every_command_and_option():
         for action in parser._actions:
             for option in action.option_strings:
                 if option not in ("-h", "--help"):
-                    assert f"`{option}`" in section, f"{command} {option}"
+                    assert f"<code>{option}</code>" in section, f"{command} {option}"
 
 
 def test_api_index_lists_every_top_level_name():
