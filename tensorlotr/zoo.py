@@ -101,7 +101,9 @@ class _Source:
     def load(self, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
         if self.lora is not None:
             bs, as_, scales = self.lora.load(names)
-            return [b.double() for b in bs], [a.double() for a in as_], scales
+            # computed in float32 (as convert_lora does) unless stored in float64; errors are summed in float64
+            work = torch.float64 if bs[0].dtype == torch.float64 else torch.float32
+            return [b.to(work) for b in bs], [a.to(work) for a in as_], scales
         assert self._lotr is not None
         group_of = {m: (name, g) for name, g in self._lotr.groups.items() for m in g.modules}
         bs, as_ = [], []
@@ -683,6 +685,7 @@ def _project(zoo: ZooFiles, name: str, source: _Source, progress: Progress) -> N
     new_modules = by_group.pop(None, [])
     for group, modules in progress(list(by_group.items()), "projecting", len(by_group)):
         bs, as_, scales = source.load(modules)
+        bs, as_ = [b.double() for b in bs], [a.double() for a in as_]  # the projection in float64
         u = zoo.tensors[factor_key(group, OUT_FACTOR)].double()
         v = zoo.tensors[factor_key(group, IN_FACTOR)].double()
         # the best cores for fixed factors: G_l = pinv(U) (s_l B_l A_l) pinv(V)^T, never forming B_l A_l
