@@ -1,15 +1,17 @@
 """Benchmark of the Tucker-2 core. Prints a markdown table.
 
-    python bench/tucker_bench.py
+    python bench/tucker_bench.py [--dtypes float32,float64] [--skip-llama]
 
-1. RoBERTa-base shape (L=12, d=768, LoRA r=8), Tucker ranks 8 and 32:
-   tucker2_lowrank against tensorly's partial_tucker on the dense stack.
+1. RoBERTa-base shape (L=12, d=768, LoRA r=8), Tucker ranks 8 and 32, float32 and float64:
+   tucker2_lowrank against tensorly's partial_tucker on the dense stack, side by side in
+   one process, on the numpy and pytorch backends.
 2. Llama-2-7B shape (L=32, d=4096, LoRA r=16), Tucker rank 64: time and peak RSS of
    tucker2_lowrank, each backend in a fresh process.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -29,13 +31,13 @@ def lora_stack(n_layers: int, d: int, r: int, seed: int = 0) -> tuple[np.ndarray
     return B, A
 
 
-def roberta_rows() -> list[str]:
+def roberta_rows(dtypes: tuple[str, ...]) -> list[str]:
     import tensorly as tl
     import torch
 
-    B_np, A_np = lora_stack(12, 768, 8)
     rows = []
-    for backend in ("numpy", "pytorch"):
+    for dtype, backend in ((dtype, backend) for dtype in dtypes for backend in ("numpy", "pytorch")):
+        B_np, A_np = (x.astype(dtype) for x in lora_stack(12, 768, 8))
         B, A = (torch.from_numpy(B_np), torch.from_numpy(A_np)) if backend == "pytorch" else (B_np, A_np)
         X = np.einsum("lmr,lrn->lmn", B_np, A_np)
         X = torch.from_numpy(X) if backend == "pytorch" else X
@@ -56,7 +58,8 @@ def roberta_rows() -> list[str]:
                 t_ref, (core, factors) = best_of(reference, repeat=1 if n_iter else 3)
                 err_ref = tlr.relative_error(tlr.Tucker2(core, *factors), X)
                 rows.append(
-                    f"| {backend} | {rank} | {label} | {t_ours * 1e3:.1f} | {t_ref * 1e3:.0f} | {t_ref / t_ours:.0f}x "
+                    f"| {backend} | {dtype} | {rank} | {label} | {t_ours * 1e3:.1f} | {t_ref * 1e3:.0f} "
+                    f"| {t_ref / t_ours:.0f}x "
                     f"| {err_ours:.6f} | {err_ref:.6f} |"
                 )
     return rows
@@ -99,14 +102,20 @@ def llama_rows() -> list[str]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,float64", help="comma-separated dtypes of the RoBERTa rows")
+    parser.add_argument("--skip-llama", action="store_true", help="only the RoBERTa-shape rows")
+    args = parser.parse_args()
     print(f"Machine: {machine()}\n")
-    print("RoBERTa-base shape: L=12, d=768, LoRA r=8, float32; times in ms (median of 3)\n")
+    print("RoBERTa-base shape: L=12, d=768, LoRA r=8; times in ms (median of 5 for ours, 3 or 1 for tensorly)\n")
     print(
-        "| backend | Tucker rank | algorithm | tucker2_lowrank | partial_tucker (dense) | speed-up "
+        "| backend | dtype | Tucker rank | algorithm | tucker2_lowrank | partial_tucker (dense) | speed-up "
         "| error (ours) | error (tensorly) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(roberta_rows()))
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(roberta_rows(tuple(args.dtypes.split(",")))))
+    if args.skip_llama:
+        return
     print("\nLlama-2-7B shape: L=32, d=4096, LoRA r=16, Tucker rank 64, float32, fresh process per backend\n")
     print("| backend | seconds | peak RSS (MiB) | RSS added by the run (MiB) | relative error |")
     print("|---|---|---|---|---|")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tensorly.decomposition import partial_tucker
 
 import tensorlotr as tlr
-from tensorlotr.core.contract import plan_cache_info
+from tensorlotr.core import plan_cache_info
 
 BACKENDS = ["numpy", "torch"]
 DTYPES = ["float32", "float64"]

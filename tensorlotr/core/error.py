@@ -8,7 +8,8 @@ import tensorly as tl
 
 from .backend import Array, as_float, backend_for, check_ndim, float64_of, small_lapack_calls, to_float
 from .contract import contract
-from .lowrank import ScaleArg, lowrank_layers
+from .linalg import triangle
+from .lowrank import ScaleArg, lowrank_layers, per_layer_sq, scales_like, swap
 from .tensor import Tucker2
 
 
@@ -67,31 +68,34 @@ def relative_error_lowrank(
     B, A, scale
         As in :func:`tensorlotr.tucker2_lowrank`.
     """
-    bs, as_, scales = lowrank_layers(B, A, scale)
-    n_layers, d_out, d_in = len(bs), int(bs[0].shape[0]), int(as_[0].shape[1])
-    if (n_layers, d_out, d_in) != tucker.shape:
+    stack = lowrank_layers(B, A, scale)
+    if stack.shape != tucker.shape:
         raise ValueError(
-            f"LoRA factors describe a stack of shape {(n_layers, d_out, d_in)} but the Tucker2 has shape {tucker.shape}"
+            f"LoRA factors describe a stack of shape {stack.shape} but the Tucker2 has shape {tucker.shape}"
         )
-    with backend_for(*bs, tucker.core), small_lapack_calls(*bs):
+    with backend_for(stack.first, tucker.core), small_lapack_calls(stack.first):
         q_out, r_out = tl.qr(_float64(tucker.out_factor))
         q_in, r_in = tl.qr(_float64(tucker.in_factor))
         cores = contract("po,loi,qi->lpq", r_out, _float64(tucker.core), r_in)
         residual_sq = reference_sq = 0.0
-        for i, (b, a, s) in enumerate(zip(bs, as_, scales, strict=True)):
-            b, a = _float64(b), _float64(a)
-            c = tl.dot(tl.transpose(q_out), b)  # (r_out', r)
-            d = tl.dot(a, q_in)  # (r, r_in')
-            _, r_a = tl.qr(tl.transpose(a))  # ||M A|| = ||M R_a^T|| for any M
-            _, r_b_perp = tl.qr(b - tl.dot(q_out, c))
-            _, r_a_perp = tl.qr(tl.transpose(a - tl.dot(d, tl.transpose(q_in))))
-            residual_sq += s * s * _norm_sq(tl.dot(r_b_perp, tl.transpose(r_a)))
-            residual_sq += s * s * _norm_sq(tl.dot(c, tl.transpose(r_a_perp)))
-            residual_sq += _norm_sq(s * tl.dot(c, d) - cores[i])
-            _, r_b = tl.qr(b)
-            reference_sq += s * s * _norm_sq(tl.dot(r_b, tl.transpose(r_a)))
+        first = 0
+        for b, a, s in stack.batches:  # n layers of one rank: b (n, d_out, r), a (n, r, d_in)
+            b, a, n = _float64(b), _float64(a), int(b.shape[0])
+            s_sq = scales_like(s * s, b)
+            c = tl.matmul(tl.transpose(q_out), b)  # (n, r_out', r)
+            d = tl.matmul(a, q_in)  # (n, r, r_in')
+            r_a = swap(triangle(swap(a)))  # ||M A|| = ||M R_a^T|| for any M
+            r_b_perp = triangle(b - tl.matmul(q_out, c))
+            r_a_perp = swap(triangle(swap(a) - tl.matmul(q_in, swap(d))))
+            residual_sq += _sum(s_sq * per_layer_sq(tl.matmul(r_b_perp, r_a)))
+            residual_sq += _sum(s_sq * per_layer_sq(tl.matmul(c, r_a_perp)))
+            residual_sq += _sum(
+                per_layer_sq(scales_like(s, b)[:, None, None] * tl.matmul(c, d) - cores[first : first + n])
+            )
+            reference_sq += _sum(s_sq * per_layer_sq(tl.matmul(triangle(b), r_a)))
+            first += n
         return _ratio(residual_sq**0.5, reference_sq**0.5)
 
 
-def _norm_sq(x: Array) -> float:
-    return to_float(tl.norm(x) ** 2)
+def _sum(x: Array) -> float:
+    return to_float(tl.sum(x))

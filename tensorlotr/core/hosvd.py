@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import tensorly as tl
-
 from .backend import Array, backend_for, small_lapack_calls
-from .lowrank import ScaleArg, compress_blocks, lowrank_cores, lowrank_layers, lowrank_norm_sq
+from .lowrank import ScaleArg, lowrank_layers
 from .svd import LeftSingular, RankArg, check_common, choose_rank, dense_tucker2, hooi
 from .tensor import Tucker2
 
@@ -63,9 +61,9 @@ def tucker2_lowrank(
 
     The mode-1 unfolding ``[dW_1, ..., dW_L]`` has the same left singular vectors and
     values as the thin matrix ``[s_l B_l T_l^T]_l`` (d_out, sum r_l), where
-    ``A_l^T = Q_l T_l`` is a thin QR; mode 2 is symmetric. The cost is
-    ``O(L*d*r^2 + d*(sum r_l)^2)``, and the result equals :func:`tucker2` on the
-    materialised stack.
+    ``A_l^T = Q_l T_l`` is a thin QR (only ``T_l`` is computed, batched over the layers of
+    equal rank); mode 2 is symmetric. The cost is ``O(L*d*r^2 + d*(sum r_l)^2)``, and the
+    result equals :func:`tucker2` on the materialised stack.
 
     Parameters
     ----------
@@ -88,32 +86,25 @@ def tucker2_lowrank(
         ``in_factor`` (d_in, r_in).
     """
     r_out_req, r_in_req = check_common(rank, energy, n_iter)
-    bs, as_, scales = lowrank_layers(B, A, scale)
-    with backend_for(*bs, *as_), small_lapack_calls(*bs):
-        n_layers, d_out, d_in = len(bs), int(bs[0].shape[0]), int(as_[0].shape[1])
-        total_rank = sum(int(b.shape[1]) for b in bs)
-        a_ts = [tl.transpose(a) for a in as_]
-        b_ts = [tl.transpose(b) for b in bs]
-        out_svd = LeftSingular(compress_blocks(bs, as_, scales))
-        in_svd = LeftSingular(compress_blocks(a_ts, b_ts, scales))
+    stack = lowrank_layers(B, A, scale)
+    with backend_for(stack.first), small_lapack_calls(stack.first):
+        n_layers, d_out, d_in = stack.shape
+        out_svd, in_svd = LeftSingular(stack.out_unfolding()), LeftSingular(stack.in_unfolding())
         bound_out, bound_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
         if r_out_req is None:  # exact by default: the unfoldings have rank <= sum r_l
-            r_out_req, r_in_req = min(bound_out, total_rank), min(bound_in, total_rank)
+            r_out_req, r_in_req = min(bound_out, stack.total_rank), min(bound_in, stack.total_rank)
         r_out = choose_rank(out_svd.values, bound_out, r_out_req, energy)
         r_in = choose_rank(in_svd.values, bound_in, r_in_req, energy)
         out_factor, in_factor = out_svd.basis(r_out), in_svd.basis(r_in)
         del out_svd, in_svd
 
-        def cores_of(u: Array, v: Array) -> Array:
-            return lowrank_cores(u, v, bs, as_, scales)
-
         def update_out(v: Array) -> Array:  # left vectors of [s_l B_l (A_l V)]_l
-            return LeftSingular(compress_blocks(bs, [tl.dot(a, v) for a in as_], scales)).basis(r_out)
+            return LeftSingular(stack.out_unfolding(v)).basis(r_out)
 
         def update_in(u: Array) -> Array:  # left vectors of [s_l A_l^T (B_l^T U)]_l
-            return LeftSingular(compress_blocks(a_ts, [tl.dot(b_t, u) for b_t in b_ts], scales)).basis(r_in)
+            return LeftSingular(stack.in_unfolding(u)).basis(r_in)
 
         core, out_factor, in_factor = hooi(
-            update_out, update_in, cores_of, lowrank_norm_sq(bs, as_, scales), out_factor, in_factor, n_iter, tol
+            update_out, update_in, stack.cores, stack.norm_sq, out_factor, in_factor, n_iter, tol
         )
         return Tucker2(core, out_factor, in_factor)

@@ -1,26 +1,160 @@
 """LoRA-factored stacks ``dW_l = s_l B_l A_l``: validation, norms, cores and compressed unfoldings.
 
 Shared by the factored decomposition (:mod:`.hosvd`) and the factored error (:mod:`.error`);
-none of it forms a ``d_out x d_in`` matrix.
+none of it forms a ``d_out x d_in`` matrix. Layers of equal rank are processed as one
+batch (batched QRs and products over the stack), layers of different ranks one at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorly as tl
 
-from .backend import Array, as_float, backend_for, check_finite, check_ndim, compute_dtype, to_float
-from .contract import PROJECT_LOWRANK, PROJECT_LOWRANK_LAYER, contract
+from .backend import Array, all_finite, as_float, backend_for, check_finite, check_ndim, compute_dtype, to_float
+from .contract import PROJECT_LOWRANK, contract
+from .linalg import triangle
 
 ScaleArg = float | Sequence[float] | Array
+#: ``(B, A, s)``: n layers of one rank r, ``B`` (n, d_out, r), ``A`` (n, r, d_in), ``s`` (n,) float64 numpy.
+Batch = tuple[Array, Array, np.ndarray]
 
 
-def lowrank_layers(
-    B: Array | Sequence[Array], A: Array | Sequence[Array], scale: ScaleArg
-) -> tuple[list[Array], list[Array], list[float]]:
-    """Validate LoRA factors and return them per layer, in the compute dtype.
+def swap(x: Array) -> Array:
+    """The matrices of a stack transposed: (n, p, q) -> (n, q, p), a view."""
+    return tl.transpose(x, (0, 2, 1))
+
+
+def per_layer_sq(x: Array) -> Array:
+    """Squared Frobenius norm of each matrix of a stack: (n, p, q) -> (n,)."""
+    return tl.sum(x * x, axis=(1, 2))
+
+
+def scales_like(scales: np.ndarray, x: Array) -> Array:
+    """``scales`` (n,) as an array on the backend, dtype and device of ``x``."""
+    return tl.tensor(scales, **tl.context(x))
+
+
+class LowRankStack:
+    """Validated LoRA factors of a stack ``dW_l = s_l B_l A_l`` (L, d_out, d_in), in the compute dtype.
+
+    Attributes
+    ----------
+    batches : list of (B, A, s)
+        The layers in order, in runs of equal rank: ``B`` (n, d_out, r), ``A`` (n, r, d_in)
+        and the scales ``s`` (n,). One batch when all layers have the same rank.
+    shape : (L, d_out, d_in)
+    total_rank : int
+        ``sum_l r_l``.
+    """
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+        b, a, _ = batches[0]
+        self.shape = (sum(int(b.shape[0]) for b, _, _ in batches), int(b.shape[1]), int(a.shape[2]))
+        self.total_rank = sum(int(b.shape[0]) * int(b.shape[2]) for b, _, _ in batches)
+
+    @property
+    def first(self) -> Array:
+        """An array of the stack, to pick the backend by."""
+        return self.batches[0][0]
+
+    def out_unfolding(self, in_factor: Array | None = None) -> Array:
+        """A thin matrix (d_out, sum r_l) with the left singular vectors and values of ``[dW_l V]_l``.
+
+        ``V`` (d_in, r_in) is ``in_factor``, or the identity when it is None. See :func:`compress`.
+        """
+        return _concat_columns(
+            [
+                compress(b, swap(a) if in_factor is None else swap(tl.matmul(a, in_factor)), s)
+                for b, a, s in self.batches
+            ]
+        )
+
+    def in_unfolding(self, out_factor: Array | None = None) -> Array:
+        """A thin matrix (d_in, sum r_l) with the left singular vectors and values of ``[dW_l^T U]_l``."""
+        return _concat_columns(
+            [
+                compress(swap(a), b if out_factor is None else tl.matmul(tl.transpose(out_factor), b), s)
+                for b, a, s in self.batches
+            ]
+        )
+
+    def cores(self, out_factor: Array, in_factor: Array) -> Array:
+        """``G_l = s_l U^T B_l A_l V``, shape (L, r_out, r_in), never forming ``B_l A_l``."""
+        parts = [
+            contract(PROJECT_LOWRANK, out_factor, b, a, in_factor) * scales_like(s, b)[:, None, None]
+            for b, a, s in self.batches
+        ]
+        return parts[0] if len(parts) == 1 else tl.concatenate(parts, axis=0)
+
+    def norm_sq(self) -> float:
+        """``sum_l ||s_l B_l A_l||_F^2`` from the r x r Gram matrices."""
+        total = 0.0
+        for b, a, s in self.batches:
+            grams = tl.matmul(swap(b), b) * tl.matmul(a, swap(a))  # (n, r, r)
+            total += to_float(tl.sum(tl.sum(grams, axis=(1, 2)) * scales_like(s * s, b)))
+        return max(total, 0.0)
+
+
+def compress(lefts: Array, rights_t: Array, scales: np.ndarray) -> Array:
+    """``M_l = s_l lefts_l T_l^T`` for a batch, where ``rights_t_l = Q_l T_l`` is a thin QR.
+
+    ``lefts_l @ rights_t_l^T = (lefts_l @ T_l^T) @ Q_l^T`` and the ``Q_l^T`` have orthonormal
+    rows, so ``[M_l]_l`` has the left singular vectors and values of ``[s_l lefts_l rights_t_l^T]_l``
+    with r columns per layer instead of c. The scales multiply the small ``T_l``.
+
+    Parameters
+    ----------
+    lefts : array, shape (n, d, r)
+    rights_t : array, shape (n, c, r)
+    scales : array, shape (n,)
+
+    Returns
+    -------
+    array, shape (n, d, min(c, r))
+    """
+    t = triangle(rights_t) * scales_like(scales, rights_t)[:, None, None]
+    return tl.matmul(lefts, swap(t))
+
+
+def _concat_columns(parts: list[Array]) -> Array:
+    """Blocks (n, d, k) side by side, layer after layer: a (d, sum n*k) matrix."""
+    columns = [tl.reshape(tl.transpose(m, (1, 0, 2)), (int(m.shape[1]), -1)) for m in parts]
+    return columns[0] if len(columns) == 1 else tl.concatenate(columns, axis=1)
+
+
+def _per_layer(x: Array | Sequence[Array], name: str, shape_doc: str) -> list[Array]:
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    check_ndim(x, 3, name, shape_doc)
+    return [x[i] for i in range(x.shape[0])]
+
+
+def _check_finite(whole: Array | Sequence[Array], layers: list[Array], name: str) -> None:
+    """One check of a stacked array; layer by layer (to name the layer) for lists or on failure."""
+    if not isinstance(whole, (list, tuple)) and all_finite(whole):
+        return
+    for i, layer in enumerate(layers):
+        check_finite(layer, f"{name}[{i}]")
+
+
+def _scales(scale: ScaleArg, n_layers: int) -> np.ndarray:
+    if np.ndim(scale) == 0 and not (hasattr(scale, "shape") and len(scale.shape) > 0):
+        scales = np.full(n_layers, float(scale))
+    else:
+        scales = np.asarray([float(s) for s in (tl.to_numpy(scale) if hasattr(scale, "shape") else scale)])
+        if len(scales) != n_layers:
+            raise ValueError(f"scale has {len(scales)} values for {n_layers} layers")
+    if not np.isfinite(scales).all():
+        raise ValueError("scale contains NaN or Inf values")
+    return scales
+
+
+def lowrank_layers(B: Array | Sequence[Array], A: Array | Sequence[Array], scale: ScaleArg) -> LowRankStack:
+    """Validate LoRA factors and batch them by rank, in the compute dtype.
 
     Parameters
     ----------
@@ -30,9 +164,9 @@ def lowrank_layers(
 
     Returns
     -------
-    bs : list of L arrays (d_out, r_l)
-    as_ : list of L arrays (r_l, d_in)
-    scales : list of L floats
+    LowRankStack
+        Stacked arrays are used as they are (converted once if their dtype is not the
+        compute dtype); lists of equal rank are stacked.
 
     Raises
     ------
@@ -40,35 +174,16 @@ def lowrank_layers(
         Naming the problem: layer counts, ranks or shapes that do not match, empty
         factors, NaN or Inf values.
     """
-    if isinstance(B, (list, tuple)):
-        bs = list(B)
-    else:
-        check_ndim(B, 3, "B", "(L, d_out, r)")
-        bs = [B[i] for i in range(B.shape[0])]
-    if isinstance(A, (list, tuple)):
-        as_ = list(A)
-    else:
-        check_ndim(A, 3, "A", "(L, r, d_in)")
-        as_ = [A[i] for i in range(A.shape[0])]
+    bs, as_ = _per_layer(B, "B", "(L, d_out, r)"), _per_layer(A, "A", "(L, r, d_in)")
     if len(bs) != len(as_):
         raise ValueError(f"B has {len(bs)} layers but A has {len(as_)}")
     if not bs:
         raise ValueError("B and A must hold at least one layer")
-    n_layers = len(bs)
-    if np.ndim(scale) == 0 and not (hasattr(scale, "shape") and len(scale.shape) > 0):
-        scales = [float(scale)] * n_layers
-    else:
-        scales = [float(s) for s in (tl.to_numpy(scale) if hasattr(scale, "shape") else scale)]
-        if len(scales) != n_layers:
-            raise ValueError(f"scale has {len(scales)} values for {n_layers} layers")
-    if not all(np.isfinite(scales)):
-        raise ValueError("scale contains NaN or Inf values")
-    d_out = d_in = None
+    scales = _scales(scale, len(bs))
+    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
     for i, (b, a) in enumerate(zip(bs, as_, strict=True)):
         check_ndim(b, 2, f"B[{i}]", "(d_out, r)")
         check_ndim(a, 2, f"A[{i}]", "(r, d_in)")
-        if d_out is None:
-            d_out, d_in = b.shape[0], a.shape[1]
         if b.shape[1] != a.shape[0]:
             raise ValueError(f"layer {i}: B has rank {b.shape[1]} but A has rank {a.shape[0]}")
         if b.shape[0] != d_out or a.shape[1] != d_in:
@@ -78,54 +193,28 @@ def lowrank_layers(
             )
         if b.shape[1] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
             raise ValueError(f"layer {i}: empty factors B {tuple(b.shape)}, A {tuple(a.shape)}")
-        check_finite(b, f"B[{i}]")
-        check_finite(a, f"A[{i}]")
+    _check_finite(B, bs, "B")
+    _check_finite(A, as_, "A")
     dtype = compute_dtype(bs[0])
-    return [as_float(b, dtype) for b in bs], [as_float(a, dtype) for a in as_], scales
+    if len({int(b.shape[1]) for b in bs}) > 1:
+        return LowRankStack(
+            [
+                (as_float(b, dtype)[None], as_float(a, dtype)[None], scales[i : i + 1])
+                for i, (b, a) in enumerate(zip(bs, as_, strict=True))
+            ]
+        )
+    with backend_for(bs[0]):
+        return LowRankStack([(_stacked(B, bs, dtype), _stacked(A, as_, dtype), scales)])
 
 
-def compress_blocks(lefts: Sequence[Array], rights: Sequence[Array], scales: Sequence[float] | None = None) -> Array:
-    """A thin matrix ``K`` with the left singular structure of ``[s_l lefts_l @ rights_l]_l``.
-
-    With ``rights_l.T = Q_l T_l`` (thin QR), ``lefts_l @ rights_l = (lefts_l @ T_l.T) @ Q_l.T``
-    and the ``Q_l.T`` blocks have orthonormal rows, so ``K = [s_l lefts_l @ T_l.T]_l`` has the
-    same left singular vectors and values, at ``sum_l r_l`` columns instead of ``L*c``.
-    The scales multiply the small ``T_l``, never a large factor.
-    """
-    scales = scales if scales is not None else [1.0] * len(lefts)
-    blocks = []
-    for left, right, scale in zip(lefts, rights, scales, strict=True):
-        _, t = tl.qr(tl.transpose(right))
-        blocks.append(tl.dot(left, tl.transpose(t * scale)))
-    return tl.concatenate(blocks, axis=1)
+def _stacked(whole: Array | Sequence[Array], layers: list[Array], dtype: Any) -> Array:
+    if isinstance(whole, (list, tuple)):
+        return tl.stack([as_float(layer, dtype) for layer in layers])
+    return as_float(whole, dtype)
 
 
-def lowrank_cores(out_factor: Array, in_factor: Array, bs: list[Array], as_: list[Array], scales: list[float]) -> Array:
-    """Cores ``G_l = s_l U^T B_l A_l V``, shape (L, r_out, r_in), never forming ``B_l A_l``."""
-    if len({int(b.shape[1]) for b in bs}) == 1:
-        core = contract(PROJECT_LOWRANK, out_factor, tl.stack(bs), tl.stack(as_), in_factor)
-        return core * tl.tensor(np.asarray(scales), **tl.context(core))[:, None, None]
-    return tl.stack(
-        [
-            s * contract(PROJECT_LOWRANK_LAYER, out_factor, b, a, in_factor)
-            for b, a, s in zip(bs, as_, scales, strict=False)
-        ]
-    )
-
-
-def lowrank_norm_sq(bs: list[Array], as_: list[Array], scales: list[float]) -> float:
-    """``sum_l ||s_l B_l A_l||_F^2`` from the r x r Gram matrices.
-
-    Parameters
-    ----------
-    bs : list of L arrays (d_out, r_l)
-    as_ : list of L arrays (r_l, d_in)
-    scales : list of L floats
-    """
-    total = 0.0
-    with backend_for(*bs, *as_):
-        for b, a, s in zip(bs, as_, scales, strict=True):
-            gram_b = tl.dot(tl.transpose(b), b)
-            gram_a = tl.dot(a, tl.transpose(a))
-            total += s * s * to_float(tl.sum(gram_b * gram_a))
-    return max(total, 0.0)
+def lowrank_norm_sq(B: Array | Sequence[Array], A: Array | Sequence[Array], scale: ScaleArg = 1.0) -> float:
+    """``sum_l ||s_l B_l A_l||_F^2`` of LoRA factors (as in :func:`lowrank_layers`), from r x r Gram matrices."""
+    stack = lowrank_layers(B, A, scale)
+    with backend_for(stack.first):
+        return stack.norm_sq()

@@ -4,12 +4,23 @@
   matrices ``sum_l dW_l dW_l^T`` and ``sum_l dW_l^T dW_l`` in float64; their eigenvectors
   are the HOSVD factors. Pass 2 forms the cores ``G_l = U^T dW_l V``. Each HOOI sweep adds
   two passes. Memory: two d x d Grams plus one layer.
-- **Randomized route** (larger d): pass 1 sketches both unfoldings with Gaussian test
-  matrices, ``Y_out = sum_l dW_l Omega_l`` and ``Y_in = sum_l dW_l^T Psi_l`` (k = rank +
-  oversample columns); each of ``n_power`` power iterations adds a pass
-  (``Y_out = sum_l dW_l dW_l^T Q_out``). Pass 2 projects every layer onto the two sketch
-  bases, ``S_l = Q_out^T dW_l Q_in`` (k x k), and the small stack is decomposed in memory
-  with :func:`tensorlotr.tucker2` (HOOI sweeps included). Memory: O(d k) plus one layer.
+- **Randomized route** (larger d), ``k_in = r_in + oversample`` and ``k_out = r_out + oversample``:
+
+  1. *Sketch*: ``Y_in = sum_l dW_l^T Psi_l`` with a Gaussian ``Psi_l`` (d_out, k_in) drawn
+     per layer, and every layer's squared norm; ``Q_in = orth(Y_in)``.
+  2. *Power passes* (``n_power``, default 1): ``X_l = dW_l Q_in`` for every layer, kept side
+     by side (d_out, L k_in), and ``Y_in = sum_l dW_l^T X_l`` (a power iteration of mode 2);
+     ``Q_in = orth(Y_in)``. After the last one, ``Q_out`` is the dominant left subspace of
+     ``[X_1, ..., X_L]``: HOOI's update of U, found in memory (a Gaussian sketch with two
+     power iterations; projecting onto ``Q_in`` has already cut the noise to ``k_in / d_in``).
+     With ``n_power=0`` the sketch pass also forms ``Y_out = sum_l dW_l Omega_l`` and
+     ``Q_out = orth(Y_out)``.
+  3. *Project*: ``S_l = Q_out^T dW_l Q_in`` (k_out, k_in), and the small stack is decomposed
+     in memory with :func:`tensorlotr.tucker2` (HOOI sweeps included).
+
+  Each layer is multiplied by a thin matrix 4 times with the default single power pass
+  (1 + 2 + 1), read block by block; products accumulate in place. Memory: O(d k) plus
+  ``X`` (L d_out k_in) plus ``S`` (L k_out k_in) plus one block.
 
 The core knows nothing of files: the caller supplies a :class:`LayerStack`.
 """
@@ -19,10 +30,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import numpy as np
 import tensorly as tl
 
-from .backend import Array, as_float, backend_for, float64_of, to_float
+from .backend import Array, add_product, as_float, backend_for, float64_of, gaussian, to_float
 from .hosvd import tucker2
 from .svd import choose_rank
 from .tensor import Tucker2
@@ -82,10 +92,26 @@ def _orthonormal(y: Array) -> Array:
     return q
 
 
-def _gaussian(seed: int, layer: int, shape: tuple[int, int], like: Array) -> Array:
-    """Standard normal draws for one layer's test matrix, seeded by ``(seed, layer)``."""
-    values = np.random.default_rng((seed, layer)).standard_normal(shape, dtype=np.float32)
-    return tl.tensor(values, **tl.context(like))
+def _seed(seed: int, stream: int) -> int:
+    """One seed per test matrix: ``stream`` numbers the layers' draws (and the final one)."""
+    return seed * 1_000_003 + stream
+
+
+def _block_sq(block: Array) -> float:
+    """``||block||_F^2`` in the compute dtype (one reduction, no temporary), returned as a float."""
+    return to_float(tl.norm(block)) ** 2
+
+
+def _range_of(x: Array, k: int, seed: int, n_power: int = 2) -> Array:
+    """An orthonormal basis (d, k) of the dominant left subspace of ``x`` (d, n), held in memory.
+
+    A Gaussian sketch with ``n_power`` power iterations: ``x`` here is already noise-filtered
+    (the layers times a subspace basis), so its spectrum decays fast and this is near exact.
+    """
+    q = _orthonormal(tl.dot(x, gaussian((int(x.shape[1]), k), seed, x)))
+    for _ in range(n_power):
+        q = _orthonormal(tl.dot(x, tl.dot(tl.transpose(x), q)))
+    return q
 
 
 def _exact(
@@ -152,37 +178,48 @@ def _randomized(
     cap_in = rank[1] if rank is not None else (max_rank if energy is not None else bound_in)
     k_out, k_in = min(bound_out, cap_out + oversample), min(bound_in, cap_in + oversample)
     norm_sq = 0.0
-    y_out = tl.zeros((d_out, k_out), dtype=dtype)
-    y_in = tl.zeros((d_in, k_in), dtype=dtype)
+    # the sketches of mode 2 are kept transposed, Y_in^T (k_in, d_in): each block adds a
+    # product (k_in, rows) @ (rows, d_in) in place, a row-major GEMM
+    y_in_t = tl.zeros((k_in, d_in), dtype=dtype)
+    y_out = tl.zeros((d_out, k_out), dtype=dtype) if n_power == 0 else None
     for i, layer in stack.layer_blocks(progress, f"{name}: sketch"):
         # Gaussian test matrices drawn per layer (never held for the whole stack), seeded per layer
-        omega = _gaussian(seed, 2 * i, (d_in, k_out), y_out)
-        psi = _gaussian(seed, 2 * i + 1, (d_out, k_in), y_in)
+        psi_t = tl.transpose(gaussian((d_out, k_in), _seed(seed, 2 * i), y_in_t))
+        omega = None if y_out is None else gaussian((d_in, k_out), _seed(seed, 2 * i + 1), y_in_t)
         layer_sq = 0.0
         for start, block in layer():
-            stop = start + block.shape[0]
-            layer_sq += _norm_sq(block)
-            y_out[start:stop] += tl.dot(block, omega)
-            y_in += tl.dot(tl.transpose(block), psi[start:stop])
+            stop = start + int(block.shape[0])
+            layer_sq += _block_sq(block)
+            add_product(y_in_t, psi_t[:, start:stop], block)
+            if omega is not None:
+                add_product(y_out[start:stop], block, omega)
         norm_sq += stack.check_finite(i, layer_sq)
-    q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
+    q_in = _orthonormal(tl.transpose(y_in_t))
+    if y_out is not None:
+        q_out = _orthonormal(y_out)
+    else:  # each power pass keeps X_l = dW_l Q_in side by side: (d_out, L * k_in)
+        x = tl.zeros((d_out, n_layers * k_in), dtype=dtype)
     for it in range(n_power):
-        y_out = tl.zeros((d_out, k_out), dtype=dtype)
-        y_in = tl.zeros((d_in, k_in), dtype=dtype)
-        for _, blocks in stack.layer_blocks(progress, f"{name}: power iteration {it + 1}"):
-            # sweep 1: Y_in += D^T (D Q_in) block by block, and P = D^T Q_out; sweep 2: Y_out += D P
-            p = tl.zeros((d_in, int(q_out.shape[1])), dtype=dtype)
-            for start, block in blocks():
-                stop = start + block.shape[0]
-                y_in += tl.dot(tl.transpose(block), tl.dot(block, q_in))
-                p += tl.dot(tl.transpose(block), q_out[start:stop])
-            for start, block in blocks():
-                y_out[start : start + block.shape[0]] += tl.dot(block, p)
-        q_out, q_in = _orthonormal(y_out), _orthonormal(y_in)
+        y_in_t = tl.zeros((k_in, d_in), dtype=dtype)
+        for i, layer in stack.layer_blocks(progress, f"{name}: power iteration {it + 1}"):
+            cols = slice(i * k_in, (i + 1) * k_in)
+            for start, block in layer():
+                stop = start + int(block.shape[0])
+                x_rows = tl.dot(block, q_in)  # (rows, k_in)
+                x[start:stop, cols] = x_rows
+                add_product(y_in_t, tl.transpose(x_rows), block)
+        q_in = _orthonormal(tl.transpose(y_in_t))
+    if n_power:
+        # HOOI's update of U from the last pass's V (Q_in): the dominant left subspace of
+        # [dW_1 Q_in, ..., dW_L Q_in], whose noise the projection has cut to k_in / d_in
+        q_out = _range_of(x, k_out, _seed(seed, 2 * n_layers))
+        del x
     projected = tl.zeros((n_layers, int(q_out.shape[1]), int(q_in.shape[1])), dtype=dtype)
+    z = tl.zeros((d_out, int(q_in.shape[1])), dtype=dtype)
     for i, layer in stack.layer_blocks(progress, f"{name}: project"):
         for start, block in layer():
-            projected[i] += tl.dot(tl.transpose(q_out[start : start + block.shape[0]]), tl.dot(block, q_in))
+            z[start : start + int(block.shape[0])] = tl.dot(block, q_in)
+        projected[i] = tl.dot(tl.transpose(q_out), z)
     sketch_sq = to_float(tl.sum(as_float(projected, float64_of(projected)) ** 2))
     # energy is asked of the true total; the sketch holds sketch_sq of norm_sq
     inner_energy = None if energy is None else min(1.0, energy * norm_sq / sketch_sq) if sketch_sq > 0 else 1.0
@@ -242,7 +279,8 @@ def tucker2_streaming(
         ``core`` (L, r_out, r_in), orthonormal ``out_factor`` (d_out, r_out) and
         ``in_factor`` (d_in, r_in), in ``stack.dtype``.
     norm_sq : float
-        ``||dW||_F^2`` of the whole stack, summed in float64.
+        ``||dW||_F^2`` of the whole stack, summed in float64 (on the randomized route each
+        block's share is reduced in the compute dtype first).
     route : str
         ``"exact (Gram)"`` or ``"randomized (k=..., ... power)"``.
     """

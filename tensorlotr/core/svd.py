@@ -24,6 +24,7 @@ from .backend import (
     to_float,
 )
 from .contract import PROJECT_DENSE, contract
+from .linalg import Householder, left_svd
 
 RankArg = int | Sequence[int] | None
 
@@ -72,24 +73,26 @@ def complete_basis(basis: Array, rank: int) -> Array:
 
 
 class LeftSingular:
-    """Left singular vectors and values of a matrix, with columns formed only when asked for.
+    """Left singular vectors and values of a matrix (d, k), with columns formed only when asked for.
 
-    For a tall matrix (d, k) the SVD runs on the (k, k) triangle of a thin QR, and
-    :meth:`basis` multiplies only the ``rank`` columns it returns by ``Q``.
+    For a tall matrix the SVD runs on the (k, k) triangle of a thin QR whose ``Q`` stays as
+    Householder reflectors, and :meth:`basis` applies ``Q`` only to the ``rank`` columns it
+    returns. ``values`` holds the min(d, k) singular values in decreasing order.
     """
 
     def __init__(self, matrix: Array) -> None:
         rows, cols = matrix.shape
-        self.q: Array | None = None
+        self.qr: Householder | None = None
         if rows > 2 * cols:  # tall: a thin QR first, then the SVD of the small triangular factor
-            self.q, matrix = tl.qr(matrix)
-        self.u, self.values, _ = tl.svd_interface(matrix, method="truncated_svd", n_eigenvecs=None)
+            self.qr = Householder(matrix)
+            matrix = self.qr.r
+        self.u, self.values = left_svd(matrix)
 
     def basis(self, rank: int) -> Array:
         """The leading ``rank`` left singular vectors (d, rank), completed if the matrix has fewer."""
         u = self.u[:, :rank]
-        if self.q is not None:
-            u = tl.dot(self.q, u)
+        if self.qr is not None:
+            u = self.qr.apply_q(u)
         return complete_basis(u, rank)
 
 
@@ -106,7 +109,7 @@ def hooi(
     update_out: Callable[[Array], Array],
     update_in: Callable[[Array], Array],
     cores_of: Callable[[Array, Array], Array],
-    norm_sq: float,
+    norm_sq: Callable[[], float],
     out_factor: Array,
     in_factor: Array,
     n_iter: int,
@@ -115,20 +118,24 @@ def hooi(
     """HOOI sweeps shared by the dense and factored forms: ``(core, out_factor, in_factor)``.
 
     ``update_out(V)`` and ``update_in(U)`` return the new factors, ``cores_of(U, V)`` the
-    cores. The error never increases: a sweep that would raise it is dropped.
+    cores, ``norm_sq()`` the squared norm of the stack (only called if ``n_iter > 0``).
+    The error never increases: a sweep that would raise it is dropped.
     """
     core = cores_of(out_factor, in_factor)
-    err_sq = norm_sq - to_float(tl.norm(core) ** 2)
+    if int(n_iter) == 0:
+        return core, out_factor, in_factor
+    total_sq = norm_sq()
+    err_sq = total_sq - to_float(tl.norm(core) ** 2)
     for _ in range(int(n_iter)):
         new_out = update_out(in_factor)
         new_in = update_in(new_out)
         new_core = cores_of(new_out, new_in)
-        new_err_sq = norm_sq - to_float(tl.norm(new_core) ** 2)
+        new_err_sq = total_sq - to_float(tl.norm(new_core) ** 2)
         if new_err_sq > err_sq:
             break
         improvement = err_sq - new_err_sq
         out_factor, in_factor, core, err_sq = new_out, new_in, new_core, new_err_sq
-        if improvement <= tol * max(norm_sq, np.finfo(float).tiny):
+        if improvement <= tol * max(total_sq, np.finfo(float).tiny):
             break
     return core, out_factor, in_factor
 
@@ -175,5 +182,7 @@ def dense_tucker2(
         def update_in(u: Array) -> Array:
             return LeftSingular(tl.unfold(contract("mo,lmn->lon", u, x), 2)).basis(r_in)
 
-        norm_sq = to_float(tl.norm(x) ** 2)
+        def norm_sq() -> float:
+            return to_float(tl.norm(x) ** 2)
+
         return hooi(update_out, update_in, cores_of, norm_sq, out_factor, in_factor, n_iter, tol)

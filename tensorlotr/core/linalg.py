@@ -1,0 +1,83 @@
+"""LAPACK steps that tensorly does not expose, on numpy (scipy's LAPACK) and torch.
+
+- :func:`triangle`: only ``R`` of thin QRs, batched over a stack, when ``Q`` is never used;
+- :class:`Householder`: a thin QR kept as Householder reflectors, so that ``Q`` is applied
+  to the few columns that are kept instead of being formed (``d x k``) and thrown away;
+- :func:`left_svd`: left singular vectors and values with tensorly's sign rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorly as tl
+from scipy.linalg import get_lapack_funcs
+
+from .backend import Array, is_torch
+
+# LAPACK's ?ormqr needs n*nb + (nb+1)*nb of workspace for its blocked code, nb <= 64
+_BLOCK = 64
+
+
+def triangle(x: Array) -> Array:
+    """``R`` of the thin QR of each matrix of ``x``.
+
+    Parameters
+    ----------
+    x : array, shape (..., m, n)
+
+    Returns
+    -------
+    array, shape (..., min(m, n), n)
+        Upper triangular, the same ``R`` as ``tl.qr(x)`` gives, without forming ``Q``.
+    """
+    out = tl.qr(x, mode="r")
+    return out[1] if isinstance(out, tuple) else out  # torch returns (empty Q, R)
+
+
+class Householder:
+    """The thin QR ``x = Q R`` of a tall matrix, ``Q`` kept as Householder reflectors.
+
+    Parameters
+    ----------
+    x : array, shape (m, n), m >= n
+    """
+
+    def __init__(self, x: Array) -> None:
+        self.rows, cols = (int(n) for n in x.shape)
+        if is_torch(x):
+            import torch
+
+            self._reflectors, self._tau = torch.geqrf(x)
+            self.r = torch.triu(self._reflectors[:cols])
+        else:
+            geqrf, self._ormqr = get_lapack_funcs(("geqrf", "ormqr"), (x,))
+            self._reflectors, self._tau, _, info = geqrf(x, lwork=max(1, cols) * _BLOCK)
+            if info != 0:
+                raise ValueError(f"LAPACK geqrf failed with info={info}")
+            self.r = np.triu(self._reflectors[:cols])
+
+    def apply_q(self, c: Array) -> Array:
+        """``Q @ c`` for ``c`` of shape (n, k), a (m, k) array; ``Q`` is never formed."""
+        cols, k = (int(n) for n in c.shape)
+        padded = tl.zeros((self.rows, k), **tl.context(c))
+        padded[:cols] = c
+        if is_torch(c):
+            import torch
+
+            return torch.ormqr(self._reflectors, self._tau, padded)
+        lwork = max(1, k) * _BLOCK + (_BLOCK + 1) * _BLOCK
+        out, _, info = self._ormqr("L", "N", self._reflectors, self._tau, padded, lwork=lwork, overwrite_c=1)
+        if info != 0:
+            raise ValueError(f"LAPACK ormqr failed with info={info}")
+        return out
+
+
+def left_svd(x: Array) -> tuple[Array, Array]:
+    """Left singular vectors and values of ``x`` (m, n): ``u`` (m, min(m, n)), ``s`` (min(m, n),).
+
+    Signs follow tensorly's ``svd_flip``: each column's entry of largest magnitude is positive.
+    """
+    u, s, _ = tl.svd(x, full_matrices=False)
+    rows = tl.argmax(tl.abs(u), axis=0)
+    signs = tl.sign(u[rows, tl.arange(int(u.shape[1]))])
+    return u * signs, s
