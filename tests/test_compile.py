@@ -99,7 +99,7 @@ def test_compiled_graphs_hold_plain_matmuls_no_planning_and_follow_the_row_count
     )
     randomise(lotr)
     plan = plan_batched(ADAPTER_FORWARD, ((24, 3), (3, 3), (24, 3), (1, 24)), (3, 0))  # the layers' plan
-    assert plan.bounds == (16,)  # two orders: x V first up to 16 rows, U G first above
+    assert plan.bounds == (16, 32)  # x V first up to 16 rows, U G first above, x V transposed above 32
     graphs: list[torch.fx.GraphModule] = []
 
     def recording(graph: torch.fx.GraphModule, example_inputs: list) -> object:
@@ -112,10 +112,10 @@ def test_compiled_graphs_hold_plain_matmuls_no_planning_and_follow_the_row_count
     monkeypatch.setattr(opt_einsum, "contract_path", refuse)
     monkeypatch.setattr(opt_einsum, "contract_expression", refuse)
     compiled = torch.compile(lotr, fullgraph=True, dynamic=True, backend=recording)
-    for rows in [3, 7, 12, 40, 33]:
+    for rows in [3, 7, 12, 40, 33, 20]:
         x = torch.randn(rows, 24, generator=torch.Generator().manual_seed(rows))
         assert_same(loss_and_grads(compiled, lotr, x), loss_and_grads(lotr, lotr, x))
-    assert len(graphs) == 2  # one graph per order (the guard is rows <= 16), not one per row count
+    assert len(graphs) == len(plan.paths) == 3  # one graph per order (guards on the bounds), not one per row count
     for graph in graphs:
         targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
         assert operator.matmul in targets

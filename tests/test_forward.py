@@ -71,10 +71,12 @@ def test_batched_plan_runs_opt_einsums_order_and_equals_einsum(rows):
 
 def test_batched_plan_switches_order_with_the_row_count():
     plan = plan_batched(ADAPTER_FORWARD, ((384, 8), (8, 8), (384, 8), (1, 384)), (3, 0))
-    assert len(plan.paths) == 2 and len(plan.bounds) == 1
+    assert len(plan.paths) == len(plan.bounds) + 1 == 3
     decode, prefill = plan.path(1), plan.path(4096)
-    assert decode[0].equation == "bn,ni->bi"  # one token: x V first, then G, then U
-    assert prefill[0].equation == "oi,mo->im"  # many rows: U G first, then one (N, r) x (r, d) product
+    assert [s.equation for s in decode] == ["bn,ni->bi", "bi,oi->bo", "bo,mo->bm"]  # one token: x V, then G, then U
+    assert [s.equation for s in prefill] == ["oi,mo->im", "bn,ni->bi", "bi,im->bm"]  # U G, x V, one (N, r) x (r, d)
+    assert not any(s.gemm[3] for s in decode)
+    assert prefill[1].gemm[3]  # the tall, narrow x V (4096 x 8) runs transposed
 
 
 def test_steps_that_are_not_matrix_products_run_as_einsum():
