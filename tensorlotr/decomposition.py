@@ -265,8 +265,11 @@ def decompose(
             oversample=oversample, n_power=n_power, max_rank=max_rank, seed=seed, progress=progress, name=group.name,
         )  # fmt: skip
         kept_sq = float(torch.as_tensor(tucker.core).to(torch.float64).square().sum())
+        error_sq = max(norm_sq - kept_sq, 0.0)
+        if error_sq < NEAR_EXACT * norm_sq:  # the difference is all rounding: measure the residual itself
+            error_sq = _residual_sq(deltas, tucker, progress, group.name)
         details = {"energy_kept": kept_sq / norm_sq if norm_sq > 0 else 1.0, "route": route, "passes": deltas.passes}
-        return GroupOutcome(tucker, norm_sq, max(norm_sq - kept_sq, 0.0), deltas.transposed, details)
+        return GroupOutcome(tucker, norm_sq, error_sq, deltas.transposed, details)
 
     done = run_plan(plan, decompose_group, progress=progress, desc="decomposing", rank=None if energy else pair)
     if done.norm_sq == 0.0:
@@ -331,6 +334,20 @@ def _calibrated_group(
         "output_error": output,
     }
     return GroupOutcome(tucker, norm_sq, error_sq, deltas.transposed, details)
+
+
+#: Below this share of the squared norm, ``||dW||^2 - ||G||^2`` (float32 cores) is rounding, not error.
+NEAR_EXACT = 1e-6
+
+
+def _residual_sq(deltas: _Deltas, tucker: Any, progress: Progress, name: str) -> float:
+    """``sum_l ||dW_l - U G_l V^T||_F^2`` in float64, from one more pass over the weights."""
+    u, v = (torch.as_tensor(f).to(torch.float64) for f in (tucker.out_factor, tucker.in_factor))
+    cores = torch.as_tensor(tucker.core).to(torch.float64)
+    total = 0.0
+    for i, delta in deltas.layers(progress, f"{name}: exact error"):
+        total += float((delta.to(torch.float64) - u @ cores[i] @ v.T).square().sum())
+    return total
 
 
 def _changed_tensors(

@@ -273,11 +273,6 @@ def test_energy_out_of_range_is_refused(energy, pair, lora, capsys):
     assert not (pair / "o").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.choose_rank keeps rank 1 when rounding leaves the discarded energy above 1 - energy = 0; "
-    "core/ belongs to another change",
-)
 def test_energy_one_keeps_the_exact_rank(pair):
     exact = tlr.decompose(pair / "base", pair / "ft", target_modules=["q_proj"]).report
     full = tlr.decompose(pair / "base", pair / "ft", target_modules=["q_proj"], energy=1.0).report

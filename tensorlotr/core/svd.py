@@ -42,20 +42,25 @@ def choose_rank(singular_values: Array, bound: int, rank: int | None, energy: fl
         The requested rank; clipped to ``bound``.
     energy : float or None
         If given, the smallest rank whose discarded squared singular values are at most
-        ``1 - energy`` of the total (at least 1), then capped by ``rank``.
+        ``1 - energy`` of the total (at least 1), then capped by ``rank``. The comparison
+        allows the rounding of the values' dtype (a share of 1e-10 of the total in float32,
+        1e-12 in float64), so ``energy=1`` keeps the numerical rank: the exact rank.
     """
     cap = bound if rank is None else min(rank, bound)
     if energy is None:
         return cap
     values = singular_values.detach().cpu().numpy() if is_torch(singular_values) else singular_values
-    squares = np.asarray(values, dtype=np.float64) ** 2
+    values = np.asarray(values)
+    squares = values.astype(np.float64) ** 2
     total = squares.sum()
     if total == 0.0:
         return 1
     # discarded[k] = energy left out when keeping the first k values
-    discarded = total - np.concatenate([[0.0], np.cumsum(squares)])
-    allowed = (1.0 - float(energy)) * total * (1.0 + 1e-12)
-    keep = int(np.argmax(discarded <= allowed))
+    discarded = np.maximum(total - np.concatenate([[0.0], np.cumsum(squares)]), 0.0)
+    rounding = 1e-12 if values.dtype == np.float64 else 1e-10
+    allowed = (1.0 - float(energy) + rounding) * total
+    within = np.nonzero(discarded <= allowed)[0]
+    keep = int(within[0]) if within.size else len(squares)
     return max(1, min(keep, cap))
 
 
