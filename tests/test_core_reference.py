@@ -136,3 +136,15 @@ def test_core_import_graph_is_acyclic_and_self_contained():
                 assert not (node.module or "").startswith("tensorlotr"), f"{path.name} imports {node.module}"
         graph[path.stem] = deps
     TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
+
+
+def test_wide_matrices_take_the_gram_route_with_the_same_leading_vectors():
+    from tensorlotr.core.linalg import WIDE, WIDE_MIN_ROWS, left_svd
+
+    rng = np.random.default_rng(3)
+    rows = WIDE_MIN_ROWS
+    x = rng.standard_normal((rows, WIDE * rows)) * np.geomspace(1, 1e-3, WIDE * rows)
+    u, s = left_svd(x)
+    u_ref, s_ref, _ = np.linalg.svd(x, full_matrices=False)
+    np.testing.assert_allclose(s[:20], s_ref[:20], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(u[:, :20] * u_ref[:, :20], axis=0)), 1.0, atol=1e-8)

@@ -72,12 +72,30 @@ class Householder:
         return out
 
 
+#: A matrix (m, n) at least this wide (n >= WIDE * m), with m >= WIDE_MIN_ROWS, takes the Gram route.
+WIDE, WIDE_MIN_ROWS = 4, 512
+
+
 def left_svd(x: Array) -> tuple[Array, Array]:
     """Left singular vectors and values of ``x`` (m, n): ``u`` (m, min(m, n)), ``s`` (min(m, n),).
 
-    Signs follow tensorly's ``svd_flip``: each column's entry of largest magnitude is positive.
+    A wide matrix (a zoo's unfolding: n = adapters x layers x rank columns against m = d rows)
+    takes the eigendecomposition of its Gram matrix ``x x^T`` (m, m): ``m^2 n`` flops in one
+    GEMM, against the SVD's several times that. It squares the condition number, so singular
+    values below ``sqrt(eps)`` of the largest lose their relative accuracy; the leading vectors,
+    which a decomposition keeps, do not. Signs follow tensorly's ``svd_flip``: each column's
+    entry of largest magnitude is positive.
     """
-    u, s, _ = tl.svd(x, full_matrices=False)
+    m, n = (int(k) for k in x.shape)
+    if n >= WIDE * m and m >= WIDE_MIN_ROWS:
+        values, vectors = tl.eigh(tl.dot(x, tl.transpose(x)))  # ascending
+        if is_torch(values):  # largest first
+            values, vectors = values.flip(0), vectors.flip(1)
+        else:
+            values, vectors = values[::-1], vectors[:, ::-1]
+        u, s = vectors, tl.sqrt(tl.clip(values, 0, None))
+    else:
+        u, s, _ = tl.svd(x, full_matrices=False)
     rows = tl.argmax(tl.abs(u), axis=0)
     signs = tl.sign(u[rows, tl.arange(int(u.shape[1]))])
     return u * signs, s
