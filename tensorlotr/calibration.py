@@ -413,6 +413,10 @@ class Calibration:
     stats : CalibrationStats, optional
     samples : int, optional
         Use at most this many sequences of ``inputs``.
+    objective : "output" or "weight"
+        What the compression minimises: the calibrated output error (``"output"``), or the
+        weight error as without calibration (``"weight"``: the statistics then only measure
+        the output error, and the inputs serve the heal).
     damping : float
         ``W_l = C_l + damping * trace(C_l) / d_in * I`` (see :func:`tensorlotr.core.tucker2_weighted`).
     n_iter : int
@@ -425,6 +429,7 @@ class Calibration:
     base_model: nn.Module | None = None
     stats: CalibrationStats | None = None
     samples: int | None = None
+    objective: str = "output"
     damping: float = 1e-2
     n_iter: int = 10
     heal_steps: int = 0
@@ -439,6 +444,8 @@ class Calibration:
             raise ValueError(f"heal_steps must be >= 0 and heal_lr > 0, got {self.heal_steps} and {self.heal_lr}")
         if self.heal_steps and (self.inputs is None or self.base_model is None):
             raise ValueError("healing (heal_steps > 0) needs the calibration inputs and the base_model")
+        if self.objective not in ("output", "weight"):
+            raise ValueError(f"objective must be 'output' or 'weight', got {self.objective!r}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.inputs is not None:
@@ -612,6 +619,7 @@ def calibration_from_files(
     heal_steps: int = 0,
     heal_lr: float = 1e-3,
     heal_factors: bool = False,
+    objective: str = "output",
 ) -> Calibration:
     """What the command line's ``--base-model DIR --calibration-data FILE`` mean.
 
@@ -625,5 +633,5 @@ def calibration_from_files(
     texts = read_texts(data, limit=samples)
     return Calibration(
         inputs=tokenized_batches(tokenizer, texts, batch_size, max_length), base_model=model,
-        heal_steps=heal_steps, heal_lr=heal_lr, heal_factors=heal_factors,
+        heal_steps=heal_steps, heal_lr=heal_lr, heal_factors=heal_factors, objective=objective,
     )  # fmt: skip

@@ -303,6 +303,11 @@ def _calibration_flags(parser: argparse.ArgumentParser, *, heal_factors: bool, h
     parser.add_argument(
         "--calibration-samples", type=_bounded_int(1), default=256, metavar="N", help="calibration texts to use"
     )
+    parser.add_argument(
+        "--objective", choices=["output", "weight"], default="output",
+        help="with --calibration-data, what is minimised: the layers' output error on the texts, or the weight "
+        "error (the texts then measure the output error and serve the heal)",
+    )  # fmt: skip
     if not heal:
         return
     parser.add_argument(
@@ -323,7 +328,7 @@ def _calibration(args: argparse.Namespace, adapter: Path, base_model: Path | Non
     return calibration_from_files(
         base_model or args.base_model, args.calibration_data, adapter, samples=args.calibration_samples,
         heal_steps=getattr(args, "heal_steps", 0), heal_lr=getattr(args, "heal_lr", 1e-3),
-        heal_factors=getattr(args, "heal_factors", False),
+        heal_factors=getattr(args, "heal_factors", False), objective=args.objective,
     )  # fmt: skip
 
 

@@ -143,7 +143,7 @@ def convert_lora(
         exact = (min(d_out, len(names) * d_in, total), min(d_in, len(names) * d_out, total))
         clipped = None if requested is None else (min(requested[0], exact[0]), min(requested[1], exact[1]))
         factors = stats.factors(names) if stats is not None else None
-        if cal is None or factors is None:
+        if cal is None or factors is None or cal.objective == "weight":
             tucker = tucker2_lowrank(bs, as_, clipped, scale=scales, energy=energy, n_iter=n_iter)
         else:  # output-aware: float64, as the calibration statistics
             b64, a64 = [b.double() for b in bs], [a.double() for a in as_]

@@ -251,7 +251,7 @@ def decompose(
 
     def decompose_group(group: Group) -> GroupOutcome:
         deltas = _Deltas(base_w, ft_w, list(group.modules), group.modules[0] in transposed, dtype)
-        if cal is not None and stats is not None and pair is not None:
+        if cal is not None and stats is not None and pair is not None and cal.objective == "output":
             (d_out, d_in), n_layers = group.shape, len(group.modules)
             work = min(max(4 * max(pair), 32), d_out, d_in)
             start_tucker, norm_sq, route = tucker2_streaming(

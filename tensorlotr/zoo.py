@@ -433,7 +433,7 @@ class _Objective:
     ) -> Tucker2:
         """The group's Tucker-2 minimising ``sum_l w_l ||(dW_l - U G_l V^T) [C_l^{1/2}]||^2``."""
         bs, as_, scales = layers
-        if factors is None:
+        if factors is None or (self.calibration is not None and self.calibration.objective == "weight"):
             if len(set(weights)) == 1:
                 return tucker2_lowrank(bs, as_, rank, scale=scales, energy=energy, n_iter=n_iter)
             # per-layer weights on the weight error: scale the layers, then the cores back

@@ -213,6 +213,11 @@ def test_calibrated_conversion_lowers_the_output_error_and_full_rank_stays_exact
     assert "output_error" not in inspect_adapter(tmp_path / "plain")["groups"][0]
     exact = convert_lora(tmp_path / "peft", None, calibration=Calibration(inputs=batches, base_model=base))
     assert exact.relative_error < 1e-6 and exact.output_error < 1e-6
+    weight_objective = convert_lora(
+        tmp_path / "peft", None, rank=2, calibration=Calibration(stats=stats, objective="weight")
+    )
+    assert weight_objective.relative_error == pytest.approx(plain.relative_error, rel=1e-6)
+    assert weight_objective.output_error > calibrated.output_error
 
 
 # --- the zoo: fairness, the retention guarantee, calibration and heal --------------------------
