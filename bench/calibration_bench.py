@@ -204,13 +204,15 @@ def stage_convert(workdir: Path, ranks: list[int]) -> dict[str, Any]:
     return out
 
 
-ZOO_MODES = {  # name -> (calibrated, fairness, min_retention, heal)
-    "weight": (False, "none", None, False),
-    "weight-fair": (False, "relative", None, False),
-    "calibrated": (True, "none", None, False),
-    "calibrated-fair": (True, "relative", None, False),
-    "calibrated-fair+heal": (True, "relative", None, True),
-    "calibrated-fair-min0.9": (True, "relative", 0.9, False),
+ZOO_MODES = {  # name -> (objective with calibration, or None without; fairness, min_retention, heal)
+    "weight": (None, "none", None, False),
+    "weight-fair": (None, "relative", None, False),
+    "calibrated": ("output", "none", None, False),
+    "calibrated-fair": ("output", "relative", None, False),
+    "calibrated-fair+heal": ("output", "relative", None, True),
+    "calibrated-fair-min0.9": ("output", "relative", 0.9, False),
+    "calibrated-fair-min0.8": ("output", "relative", 0.8, False),
+    "weight-fair+heal": ("weight", "relative", None, True),
 }
 
 
@@ -235,11 +237,12 @@ def stage_zoo(workdir: Path, rank: int, modes: list[str]) -> dict[str, Any]:
     out["calibration_seconds"] = time.perf_counter() - start
     results = []
     for mode in modes:
-        calibrated, fairness, min_retention, heal = ZOO_MODES[mode]
+        objective, fairness, min_retention, heal = ZOO_MODES[mode]
         cal.heal_steps = HEAL_STEPS if heal else 0
+        cal.objective = objective or "output"
         started = time.perf_counter()
         report = compress_zoo(
-            folders, None, names=list(TASKS), rank=rank, calibration=cal if calibrated else None,
+            folders, None, names=list(TASKS), rank=rank, calibration=cal if objective else None,
             fairness=fairness, min_retention=min_retention,
         )  # fmt: skip
         seconds = time.perf_counter() - started
