@@ -13,14 +13,22 @@ from collections.abc import Callable
 from typing import Any
 
 
-def best_of(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
-    """Median wall time in seconds over ``repeat`` runs, and the last result."""
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def interleaved(fns: list[Callable[[], Any]], calls: list[int], rounds: int = 3) -> list[tuple[float, float, Any]]:
+    """``(min, median, last result)`` of each function's wall time in seconds, run side by side.
+
+    Each round calls ``fns[j]`` ``calls[j]`` times, one function after the other, so that a
+    shared machine's changing load falls on all of them alike; the minimum is the figure
+    least disturbed by other processes.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    results: list[Any] = [None] * len(fns)
+    for _ in range(rounds):
+        for j, fn in enumerate(fns):
+            for _ in range(calls[j]):
+                start = time.perf_counter()
+                results[j] = fn()
+                times[j].append(time.perf_counter() - start)
+    return [(min(t), statistics.median(t), r) for t, r in zip(times, results, strict=True)]
 
 
 def peak_rss_mib() -> float:
