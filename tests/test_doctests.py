@@ -9,8 +9,9 @@ import io
 
 import pytest
 
-#: Modules whose docstring examples run here. Each runs in an empty working directory; the
-#: convert examples find a PEFT LoRA folder ``my-lora/`` there, as a user would have one.
+#: Modules whose docstring examples run here. Each runs in an empty working directory, with
+#: ``HF_HUB_OFFLINE=1``; the examples of the modules in :data:`FIXTURES` find there what a
+#: user would have: a PEFT LoRA folder ``my-lora/``, a tree of TensorBoard runs ``runs/``.
 MODULES = [
     "tensorlotr",
     "tensorlotr.adapter.config",
@@ -21,6 +22,17 @@ MODULES = [
     "tensorlotr.optim",
     "tensorlotr.data",
     "tensorlotr.convert",
+    "tensorlotr.nn.model",
+    "tensorlotr.nn.trainer",
+    "tensorlotr.io.lotr_format",
+    "tensorlotr.io.atomic",
+    "tensorlotr.io.hub",
+    "tensorlotr.io.zoo_format",
+    "tensorlotr.io.model_card",
+    "tensorlotr.logs",
+    "tensorlotr.decomposition",
+    "tensorlotr.cli",
+    "tensorlotr.demo",
 ]
 
 
@@ -48,6 +60,26 @@ def tiny_peft_lora(folder, seed: int = 0) -> None:
     lora.save_pretrained(folder)
 
 
+def tiny_runs(folder) -> None:
+    """Three TensorBoard runs ``folder/sst2/lotr/<lr>/<seed>/`` (lr 1e-4 seeds 0 and 1, lr 3e-4 seed 0),
+    each logging ``train/loss`` = 1 / (step + 1) at steps 0 to 4."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for lr, seed in (("1e-4", 0), ("1e-4", 1), ("3e-4", 0)):
+        with SummaryWriter(str(folder / "sst2" / "lotr" / lr / str(seed))) as writer:
+            for step in range(5):
+                writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+
+
+#: What the examples of a module find in their working directory, by module.
+FIXTURES = {
+    "tensorlotr.convert": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.nn.model": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.cli": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.logs": [("runs", tiny_runs)],
+}
+
+
 def run_examples(name: str) -> doctest.TestResults:
     module = importlib.import_module(name)
     out = io.StringIO()
@@ -63,8 +95,9 @@ def run_examples(name: str) -> doctest.TestResults:
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if name == "tensorlotr.convert":
-        tiny_peft_lora(tmp_path / "my-lora")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # restored afterwards, whatever an example sets
+    for folder, write in FIXTURES.get(name, []):
+        write(tmp_path / folder)
     assert run_examples(name).attempted > 0
 
 

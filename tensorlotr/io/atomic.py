@@ -41,7 +41,22 @@ _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}
 
 
 class LeftoverWarning(UserWarning):
-    """A run found, and restored or removed, what an interrupted run left next to its output."""
+    """A run found, and restored or removed, what an interrupted run left next to its output.
+
+    Examples
+    --------
+    A killed writer (pid 999999999, no longer running) left its temporary folder next to
+    ``my-lotr``:
+
+    >>> import warnings
+    >>> from pathlib import Path
+    >>> Path(".my-lotr.tmp-999999999-abcd1234").mkdir()
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = recover_leftovers("my-lotr")
+    >>> [(w.category.__name__, str(w.message)) for w in caught]
+    [('LeftoverWarning', 'removed .my-lotr.tmp-999999999-abcd1234, left by an interrupted run')]
+    """
 
 
 def check_output(
@@ -53,6 +68,18 @@ def check_output(
     (even with ``force``: replacing it would destroy the input), and an existing output
     unless ``force`` is set. Leftovers of an interrupted run that wrote ``path`` are
     recovered first (:func:`recover_leftovers`), so a restored output counts as existing.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> Path("my-lotr").mkdir()
+    >>> check_output("new-lotr", force=False)  # nothing there: fine
+    >>> check_output("my-lotr", force=False)
+    Traceback (most recent call last):
+    FileExistsError: my-lotr already exists; pass --force (force=True) to overwrite it
+    >>> check_output("my-lotr/out", force=True, inputs=["my-lotr"])
+    Traceback (most recent call last):
+    ValueError: output my-lotr/out lies inside the input my-lotr; choose another output
     """
     if path is None:
         return
@@ -128,6 +155,21 @@ def recover_leftovers(path: str | os.PathLike) -> list[str]:
     When ``path`` is missing and an interrupted replacement left the complete old output in
     ``.NAME.old-*``, that is renamed back to ``path``; every other leftover of a writer that
     is no longer running is removed.
+
+    Examples
+    --------
+    A writer (pid 999999999, no longer running) was killed between moving the old ``result``
+    aside and renaming the new one into place:
+
+    >>> import warnings
+    >>> from pathlib import Path
+    >>> Path(".result.old-999999999-abcd1234").mkdir()
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", LeftoverWarning)
+    ...     recover_leftovers("result")
+    ['restored result from .result.old-999999999-abcd1234, left by an interrupted run']
+    >>> Path("result").is_dir(), recover_leftovers("result")
+    (True, [])
     """
     target = Path(path)
     done = []
@@ -237,6 +279,23 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     which case it is replaced in one step once the new folder is complete (see the module
     notes). On any error, SIGTERM or Ctrl-C included, the temporary folder is removed and
     ``path`` is left as it was. The folder gets mode 0777 minus the umask.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> with atomic_dir("out") as tmp:  # a hidden sibling .out.tmp-<pid>-<random> until the body succeeds
+    ...     _ = (tmp / "a.txt").write_text("complete")
+    ...     print(tmp.name.startswith(".out.tmp-"), Path("out").exists())
+    True False
+    >>> sorted(p.name for p in Path("out").iterdir())
+    ['a.txt']
+    >>> with atomic_dir("out", force=True) as tmp:
+    ...     _ = (tmp / "b.txt").write_text("half")
+    ...     raise RuntimeError("the job failed")
+    Traceback (most recent call last):
+    RuntimeError: the job failed
+    >>> sorted(p.name for p in Path("out").iterdir()), [p.name for p in Path(".").glob(".out.*")]
+    (['a.txt'], [])
     """
     check_output(path, force)
     target = Path(path)
@@ -256,6 +315,18 @@ def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
 
     The file gets mode 0666 minus the umask (set when the body is done: writers such as
     safetensors' ``save_file`` replace the file with a 0600 one); on any error it is removed.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> with atomic_file("report.json") as tmp:
+    ...     _ = tmp.write_text('{"rank": [8, 8]}')
+    >>> Path("report.json").read_text()
+    '{"rank": [8, 8]}'
+    >>> with atomic_file("report.json"):
+    ...     pass
+    Traceback (most recent call last):
+    FileExistsError: report.json already exists; pass --force (force=True) to overwrite it
     """
     check_output(path, force)
     target = Path(path)

@@ -16,7 +16,15 @@ ADAPTER_PATTERNS = ("*.json", "*.safetensors", "*.bin", "README.md")
 
 
 def is_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set to a true value."""
+    """True when ``HF_HUB_OFFLINE`` is set to a true value.
+
+    Examples
+    --------
+    >>> import os
+    >>> os.environ["HF_HUB_OFFLINE"] = "1"  # as the command line sets it
+    >>> is_offline()
+    True
+    """
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -46,6 +54,18 @@ def resolve_folder(
 
     Raises ``FileNotFoundError`` naming the folder or repo when neither a local folder nor a
     cached (or, online, downloadable) snapshot exists.
+
+    Examples
+    --------
+    >>> import os
+    >>> from pathlib import Path
+    >>> os.environ["HF_HUB_OFFLINE"] = "1"  # the cache only
+    >>> Path("my-adapter/other").mkdir(parents=True)
+    >>> print(resolve_folder("my-adapter"), resolve_folder("my-adapter", subfolder="other"))
+    my-adapter my-adapter/other
+    >>> resolve_folder("user/my-adapter", cache_dir="hf-cache")
+    Traceback (most recent call last):
+    FileNotFoundError: adapter 'user/my-adapter' is not a local folder; offline ... not in the cache (cache hf-cache)
     """
     local = Path(path_or_id)
     if local.is_dir():
@@ -102,6 +122,20 @@ def push_folder(
 
     Returns ``upload_folder``'s commit info. Offline (``HF_HUB_OFFLINE=1``) it raises
     ``ConnectionError`` naming the repo, before any request.
+
+    Examples
+    --------
+    Online, with a token that may write to ``user``:
+
+    >>> push_folder("my-adapter", "user/my-adapter", private=True)  # doctest: +SKIP
+
+    Offline:
+
+    >>> import os
+    >>> os.environ["HF_HUB_OFFLINE"] = "1"
+    >>> push_folder("my-adapter", "user/my-adapter")
+    Traceback (most recent call last):
+    ConnectionError: cannot push to 'user/my-adapter': HF_HUB_OFFLINE is set
     """
     if is_offline():
         raise ConnectionError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set")

@@ -38,6 +38,25 @@ def write_adapter(out_dir: str | os.PathLike, adapter: LoTRAdapterFiles) -> Path
     (a Trainer checkpoint's, say) are left alone, as PEFT's ``save_pretrained`` does. For
     a whole new folder that must not replace an existing one, wrap this in
     :func:`tensorlotr.io.atomic_dir`. A group whose scale is NaN or Inf is refused.
+
+    Returns the folder. The weights file holds each group's ``U`` (d_out, r_out) and ``V``
+    (d_in, r_in) once, and a (r_out, r_in) core per module.
+
+    Examples
+    --------
+    A group of two (6, 5) layers at rank (3, 2), built from a Tucker-2 of the stack:
+
+    >>> from pathlib import Path
+    >>> import numpy as np
+    >>> from tensorlotr.adapter import AdapterBuilder
+    >>> from tensorlotr.core import tucker2
+    >>> tucker = tucker2(np.random.default_rng(0).standard_normal((2, 6, 5)), rank=(3, 2))  # (L, d_out, d_in)
+    >>> builder = AdapterBuilder()
+    >>> builder.add_group("query", ["layer.0.query", "layer.1.query"], tucker, fan_in_fan_out=False)
+    >>> print(write_adapter("my-adapter", builder.build(["query"], "by_name", [], {})))
+    my-adapter
+    >>> sorted(p.name for p in Path("my-adapter").iterdir())
+    ['lotr_config.json', 'lotr_model.safetensors']
     """
     for name, group in adapter.groups.items():
         if not math.isfinite(group.scale):
@@ -64,7 +83,17 @@ def write_pair(
     """Write a safetensors file and its JSON document into ``out_dir``, the weights first.
 
     Each file goes to a temporary name and is renamed into place, so a reader that finds the
-    document finds complete weights.
+    document finds complete weights. Returns the folder.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> import torch
+    >>> tensors, metadata = {"x": torch.zeros(2, 3)}, {"format": "pt"}
+    >>> print(write_pair("pair", "weights.safetensors", tensors, metadata, "doc.json", {"shape": [2, 3]}))
+    pair
+    >>> sorted(p.name for p in Path("pair").iterdir())
+    ['doc.json', 'weights.safetensors']
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,11 +105,43 @@ def write_pair(
 
 
 def is_lotr_dir(path: str | os.PathLike) -> bool:
+    """True for a folder holding ``lotr_config.json`` (an adapter, or a config-only folder).
+
+    Examples
+    --------
+    >>> print(write_config("config-only", {"rank": 8}))
+    config-only/lotr_config.json
+    >>> is_lotr_dir("config-only"), is_lotr_dir(".")
+    (True, False)
+    """
     return (Path(path) / CONFIG_NAME).is_file()
 
 
 def read_adapter(path: str | os.PathLike) -> LoTRAdapterFiles:
-    """Read and check an adapter folder; errors name the file and what is wrong."""
+    """Read and check an adapter folder; errors name the file and what is wrong.
+
+    Every tensor is checked against its group's layout: ``U`` (d_out, r_out), ``V``
+    (d_in, r_in) and each core (r_out, r_in), floating point and finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensorlotr.adapter import AdapterBuilder
+    >>> from tensorlotr.core import tucker2
+    >>> tucker = tucker2(np.random.default_rng(0).standard_normal((2, 6, 5)), rank=(3, 2))  # (L, d_out, d_in)
+    >>> builder = AdapterBuilder()
+    >>> builder.add_group("query", ["layer.0.query", "layer.1.query"], tucker, fan_in_fan_out=False)
+    >>> _ = write_adapter("my-adapter", builder.build(["query"], "by_name", [], {}))
+    >>> adapter = read_adapter("my-adapter")
+    >>> adapter.groups["query"].shape, adapter.groups["query"].rank
+    ((6, 5), (3, 2))
+    >>> {key: tuple(tensor.shape) for key, tensor in adapter.tensors.items()}
+    {'cores.layer.0.query': (3, 2), 'cores.layer.1.query': (3, 2),
+     'factors.query.in_factor': (5, 2), 'factors.query.out_factor': (6, 3)}
+    >>> read_adapter(".")
+    Traceback (most recent call last):
+    FileNotFoundError: lotr_config.json is missing; is . a LoTR adapter folder?
+    """
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir():
@@ -154,7 +215,17 @@ def _check_tensors(adapter: LoTRAdapterFiles, where: Path) -> None:
 
 
 def write_config(out_dir: str | os.PathLike, config: dict) -> Path:
-    """Write a config-only ``lotr_config.json`` (no groups, no tensors) into ``out_dir``."""
+    """Write a config-only ``lotr_config.json`` (no groups, no tensors) into ``out_dir``.
+
+    Returns the file's path. ``LoTRConfig.save_pretrained`` writes its config this way.
+
+    Examples
+    --------
+    >>> print(write_config("my-config", {"rank": [16, 8], "target_modules": ["q_proj", "v_proj"]}))
+    my-config/lotr_config.json
+    >>> read_config("my-config")
+    {'rank': [16, 8], 'target_modules': ['q_proj', 'v_proj']}
+    """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     document = {"format": "tensorlotr", "format_version": FORMAT_VERSION, "config": config}
@@ -164,7 +235,18 @@ def write_config(out_dir: str | os.PathLike, config: dict) -> Path:
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """The ``config`` of ``path/lotr_config.json`` (an adapter or a config-only folder)."""
+    """The ``config`` of ``path/lotr_config.json`` (an adapter or a config-only folder).
+
+    Ranks are lists, ``[r_out, r_in]`` or one number, as written.
+
+    Examples
+    --------
+    >>> from tensorlotr import LoTRConfig
+    >>> _ = LoTRConfig(rank=(16, 8), target_modules=["q_proj"]).save_pretrained("saved-config")
+    >>> config = read_config("saved-config")
+    >>> config["rank"], config["target_modules"]
+    ([16, 8], ['q_proj'])
+    """
     config_path = Path(path) / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; is {path} a LoTR adapter folder?")

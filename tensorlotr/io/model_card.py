@@ -52,7 +52,29 @@ def _merge_front(existing: str, meta: dict[str, object]) -> str:
 
 
 def card_body(adapter: LoTRAdapterFiles, adapter_name: str = "default") -> str:
-    """The card's text: a table of groups with ranks and sizes against LoRA, and loading code."""
+    """The card's text: a table of groups with ranks and sizes against LoRA, and loading code.
+
+    Per group: the layers ``L``, the shape (d_out, d_in), the rank (r_out, r_in), LoTR's
+    ``r_out*d_out + r_in*d_in + L*r_out*r_in`` parameters, and LoRA's ``L*r*(d_out + d_in)``
+    at ``r = min(r_out, r_in)``.
+
+    Examples
+    --------
+    Six (32, 32) query projections at rank 4: 4*32 + 4*32 + 6*4*4 = 352 parameters, against
+    6*4*(32 + 32) = 1,536 for LoRA:
+
+    >>> import numpy as np
+    >>> from tensorlotr.adapter import AdapterBuilder
+    >>> from tensorlotr.core import tucker2
+    >>> tucker = tucker2(np.random.default_rng(0).standard_normal((6, 32, 32)), rank=4)  # (L, d_out, d_in)
+    >>> builder = AdapterBuilder()
+    >>> builder.add_group("query", [f"layer.{i}.query" for i in range(6)], tucker, fan_in_fan_out=False)
+    >>> adapter = builder.build(["query"], "by_name", [], {"name_or_path": "my-base"})
+    >>> print("\\n".join(card_body(adapter).splitlines()[4:7]))
+    | group | layers | shape (d_out x d_in) | rank (r_out x r_in) | LoTR params | LoRA params, same rank |
+    |---|---|---|---|---|---|
+    | query | 6 | 32x32 | 4x4 | 352 | 1,536 |
+    """
     base = adapter.base_model.get("name_or_path") or "BASE_MODEL"
     rows = []
     lotr_total = lora_total = 0
@@ -99,7 +121,38 @@ def card_body(adapter: LoTRAdapterFiles, adapter_name: str = "default") -> str:
 
 
 def write_model_card(folder: str | os.PathLike, adapter: LoTRAdapterFiles, adapter_name: str = "default") -> Path:
-    """Write or update ``folder/README.md`` for ``adapter``; an edited body is kept."""
+    """Write or update ``folder/README.md`` for ``adapter``; an edited body is kept.
+
+    Returns the card's path. The front matter's keys (``library_name``, ``tags``,
+    ``base_model``) are rewritten each time; other keys and the body stay as the user left them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensorlotr.adapter import AdapterBuilder
+    >>> from tensorlotr.core import tucker2
+    >>> tucker = tucker2(np.random.default_rng(0).standard_normal((2, 6, 5)), rank=(3, 2))  # (L, d_out, d_in)
+    >>> builder = AdapterBuilder()
+    >>> builder.add_group("query", ["layer.0.query", "layer.1.query"], tucker, fan_in_fan_out=False)
+    >>> adapter = builder.build(["query"], "by_name", [], {"name_or_path": "my-base"})
+    >>> card = write_model_card("my-adapter", adapter)
+    >>> print(card.read_text()[:120])
+    ---
+    library_name: tensorlotr
+    tags:
+    - tensorlotr
+    - lotr
+    - tucker-2
+    - adapter
+    base_model: my-base
+    ---
+    <BLANKLINE>
+    # LoTR adapter
+    ...
+    >>> _ = card.write_text(card.read_text().replace("# LoTR adapter", "# My sentiment adapter"))
+    >>> "# My sentiment adapter" in write_model_card("my-adapter", adapter).read_text()  # the edit is kept
+    True
+    """
     path = Path(folder) / CARD_NAME
     meta = _front_matter(adapter.base_model.get("name_or_path"))
     if path.is_file():

@@ -23,12 +23,45 @@ ZOO_FORMAT_VERSION = 1
 
 
 def is_zoo_dir(path: str | os.PathLike) -> bool:
-    """True for a folder holding ``zoo_config.json``."""
+    """True for a folder holding ``zoo_config.json``.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> Path("my-zoo").mkdir()
+    >>> is_zoo_dir("my-zoo")
+    False
+    >>> _ = Path("my-zoo/zoo_config.json").write_text("{}")
+    >>> is_zoo_dir("my-zoo")
+    True
+    """
     return (Path(path) / ZOO_CONFIG_NAME).is_file()
 
 
 def write_zoo(out_dir: str | os.PathLike, zoo: ZooFiles) -> Path:
-    """Write ``zoo``'s two files into ``out_dir`` (weights first; each renamed into place)."""
+    """Write ``zoo``'s two files into ``out_dir`` (weights first; each renamed into place).
+
+    Returns the folder. The weights file holds each group's ``U`` (d_out, r_out) and ``V``
+    (d_in, r_in) once, and per adapter a (r_out, r_in) core for each of its modules.
+
+    Examples
+    --------
+    Two adapters ``a`` and ``b`` of one group of two (6, 5) layers, sharing ``U`` (6, 3) and
+    ``V`` (5, 2):
+
+    >>> from pathlib import Path
+    >>> import torch
+    >>> from tensorlotr.adapter.layout import GroupLayout, ZooAdapter, ZooFiles, factor_key, zoo_core_key
+    >>> layout = GroupLayout(["layer.0.query", "layer.1.query"], shape=(6, 5), rank=(3, 2), scale=1.0)
+    >>> u, v = torch.randn(6, 3), torch.randn(5, 2)  # U (d_out, r_out), V (d_in, r_in)
+    >>> tensors = {factor_key("query", "out_factor"): u, factor_key("query", "in_factor"): v}
+    >>> tensors |= {zoo_core_key(a, m): torch.randn(3, 2) for a in ("a", "b") for m in layout.modules}
+    >>> adapters = {a: ZooAdapter(f"lora-{a}", {"query": layout.modules}) for a in ("a", "b")}
+    >>> print(write_zoo("my-zoo", ZooFiles({"query": layout}, adapters, tensors)))
+    my-zoo
+    >>> sorted(p.name for p in Path("my-zoo").iterdir())
+    ['zoo_config.json', 'zoo_model.safetensors']
+    """
     document = {
         "format": "tensorlotr-zoo",
         "format_version": ZOO_FORMAT_VERSION,
@@ -41,7 +74,27 @@ def write_zoo(out_dir: str | os.PathLike, zoo: ZooFiles) -> Path:
 
 
 def read_zoo(path: str | os.PathLike) -> ZooFiles:
-    """Read and check a zoo folder; errors name the file and what is wrong."""
+    """Read and check a zoo folder; errors name the file and what is wrong.
+
+    Examples
+    --------
+    A zoo of two adapters of one group of two (6, 5) layers at rank (3, 2):
+
+    >>> import torch
+    >>> from tensorlotr.adapter.layout import GroupLayout, ZooAdapter, ZooFiles, factor_key, zoo_core_key
+    >>> layout = GroupLayout(["layer.0.query", "layer.1.query"], shape=(6, 5), rank=(3, 2), scale=1.0)
+    >>> u, v = torch.randn(6, 3), torch.randn(5, 2)  # U (d_out, r_out), V (d_in, r_in)
+    >>> tensors = {factor_key("query", "out_factor"): u, factor_key("query", "in_factor"): v}
+    >>> tensors |= {zoo_core_key(a, m): torch.randn(3, 2) for a in ("a", "b") for m in layout.modules}
+    >>> adapters = {a: ZooAdapter(f"lora-{a}", {"query": layout.modules}) for a in ("a", "b")}
+    >>> _ = write_zoo("two-adapters", ZooFiles({"query": layout}, adapters, tensors))
+    >>> zoo = read_zoo("two-adapters")
+    >>> sorted(zoo.adapters), zoo.n_params  # U and V once (18 + 10), four (3, 2) cores (24)
+    (['a', 'b'], 52)
+    >>> b = zoo.adapter("b")  # a plain LoTR adapter: the shared factors and b's cores
+    >>> b.groups["query"].rank, tuple(b.core("layer.1.query").shape), tuple(b.factor("query", "out_factor").shape)
+    ((3, 2), (3, 2), (6, 3))
+    """
     folder = Path(path)
     config_path, weights_path = folder / ZOO_CONFIG_NAME, folder / ZOO_WEIGHTS_NAME
     if not config_path.is_file():

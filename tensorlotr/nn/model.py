@@ -125,6 +125,32 @@ class LoTRModel(nn.Module):
     the wrapper lacks are looked up on the base model, as with PEFT's ``PeftModel``.
 
     Build it with :func:`get_lotr_model`, :meth:`from_pretrained` or :meth:`from_lora`.
+
+    Shapes: a group of ``L`` adapted layers of weight (d_out, d_in) holds ``U`` (d_out, r_out)
+    and ``V`` (d_in, r_in) once, and a core ``G_l`` (r_out, r_in) in each layer; the layer adds
+    ``scale * x V G_l^T U^T`` to its output, ``x`` (..., d_in).
+
+    Examples
+    --------
+    A 2-layer BERT of hidden size 32: each group stacks two (32, 32) weights, with ``U``
+    (32, 4), ``V`` (32, 4) and a (4, 4) core per layer.
+
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> from tensorlotr import LoTRConfig, get_lotr_model
+    >>> bert = BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    ... )
+    >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+    >>> {name: (len(g.modules), g.shape, g.rank) for name, g in lotr.groups.items()}
+    {'query': (2, (32, 32), (4, 4)), 'value': (2, (32, 32), (4, 4))}
+    >>> tuple(lotr.lotr_factors["query"].out_factor.shape), tuple(lotr.lotr_factors["query"].in_factor.shape)
+    ((32, 4), (32, 4))
+    >>> lotr(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state.shape  # (batch, tokens, hidden)
+    torch.Size([1, 3, 32])
+    >>> lotr.add_adapter("other", LoTRConfig(rank=2, target_modules=["query"]))
+    >>> lotr(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), adapter_names=["default", "other"]).last_hidden_state.shape
+    torch.Size([2, 3, 32])
     """
 
     def __init__(
@@ -405,7 +431,28 @@ class LoTRModel(nn.Module):
         return list(self._copies_of.get(self.active_adapter, {}).values())
 
     def add_adapter(self, adapter_name: str, config: LoTRConfig) -> None:
-        """Attach a new adapter ``adapter_name`` with ``config``; it starts inactive, as in PEFT."""
+        """Attach a new adapter ``adapter_name`` with ``config``; it starts inactive, as in PEFT.
+
+        Its groups get their own ``U`` (d_out, r_out) and ``V`` (d_in, r_in), and each of
+        their layers a core (r_out, r_in), at ``config``'s ranks.
+
+        Examples
+        --------
+        A 2-layer BERT of hidden size 32 with the adapter ``"default"`` at rank 4; ``"other"``
+        adds rank-2 factors (32, 2) and two (2, 2) cores to the ``query`` projections:
+
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+        >>> lotr.add_adapter("other", LoTRConfig(rank=2, target_modules=["query"]))
+        >>> lotr.active_adapters, sorted(lotr.lotr_configs)
+        (['default'], ['default', 'other'])
+        >>> lotr.adapter_groups["other"]["query"].rank, lotr.tucker("query", adapter="other").core.shape
+        ((2, 2), torch.Size([2, 2, 2]))
+        """
         _check_adapter_name(adapter_name)
         groups = self._plan(self.base_model, config)
         if config.init == "svd":
@@ -413,7 +460,26 @@ class LoTRModel(nn.Module):
         self._attach(adapter_name, config, groups, source=f"adapter {adapter_name!r}", initialise=True)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or a list of names) the active adapters; only they train."""
+        """Make ``adapter_name`` (or a list of names) the active adapters; only they train.
+
+        The updates of several active adapters add up: ``dW_l = sum_a U_a G_{a,l} V_a^T``.
+
+        Examples
+        --------
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+        >>> lotr.add_adapter("other", LoTRConfig(rank=2, target_modules=["query"]))
+        >>> lotr.set_adapter("other")  # only its U (32, 2), V (32, 2) and two (2, 2) cores train
+        >>> lotr.active_adapter, lotr.get_nb_trainable_parameters()[0]  # 2*32 + 2*32 + 2*2*2
+        ('other', 136)
+        >>> lotr.set_adapter(["default", "other"])  # both train: 576 + 136
+        >>> lotr.active_adapters, lotr.get_nb_trainable_parameters()[0]
+        (['default', 'other'], 712)
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.lotr_configs]
         if not names or unknown:
@@ -430,7 +496,23 @@ class LoTRModel(nn.Module):
         self._mark_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter ``adapter_name``: its cores, the factors no other adapter uses, its copies."""
+        """Remove adapter ``adapter_name``: its cores, the factors no other adapter uses, its copies.
+
+        Examples
+        --------
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+        >>> lotr.add_adapter("other", LoTRConfig(rank=2, target_modules=["query"]))
+        >>> sorted(lotr.lotr_factors)  # the U and V of each group, by adapter
+        ['other--query', 'query', 'value']
+        >>> lotr.delete_adapter("other")
+        >>> sorted(lotr.lotr_configs), sorted(lotr.lotr_factors)
+        (['default'], ['query', 'value'])
+        """
         if adapter_name not in self.lotr_configs:
             raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(self.lotr_configs)}")
         if len(self.lotr_configs) == 1:
@@ -496,6 +578,26 @@ class LoTRModel(nn.Module):
         """The group's update as a :class:`tensorlotr.Tucker2`: ``dW_l = U (scale G_l) V^T``.
 
         The tensors are detached copies: core (L, r_out, r_in), U (d_out, r_out), V (d_in, r_in).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model, tucker2
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+        >>> tucker = lotr.tucker("query")  # two layers of 32 x 32 at rank (4, 4)
+        >>> tucker
+        Tucker2(shape=(2, 32, 32), rank=(4, 4))
+        >>> tuple(tucker.core.shape), tuple(tucker.out_factor.shape), tuple(tucker.in_factor.shape)
+        ((2, 4, 4), (32, 4), (32, 4))
+        >>> float(tucker.norm())  # the cores start at zero: so does the update
+        0.0
+        >>> lotr.load_tucker("query", tucker2(torch.randn(2, 32, 32), rank=4))  # set U, V and the cores
+        >>> lotr.tucker("query").to_dense().shape  # the updates dW_l, (L, d_out, d_in)
+        torch.Size([2, 32, 32])
         """
         adapter = adapter or self.active_adapter
         layout, factors = self._group(group, adapter)
@@ -531,6 +633,25 @@ class LoTRModel(nn.Module):
         """Run the base model without any adapter inside the ``with`` block.
 
         The original ``modules_to_save`` run in place of their trained copies, as in PEFT.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model, tucker2
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"])).eval()
+        >>> lotr.load_tucker("value", tucker2(torch.randn(2, 32, 32), rank=4))  # a non-zero update, as if trained
+        >>> inputs = torch.tensor([[1, 2, 3]])
+        >>> adapted = lotr(input_ids=inputs).last_hidden_state  # (1, 3, 32)
+        >>> with lotr.disable_adapter():
+        ...     base = lotr(input_ids=inputs).last_hidden_state
+        >>> torch.allclose(adapted, base)
+        False
+        >>> torch.equal(lotr(input_ids=inputs).last_hidden_state, adapted)  # the adapter is back after the block
+        True
         """
         layers = [layer for _, layer in self.lotr_layers()]
         if any(layer.merged for layer in layers):
@@ -550,7 +671,28 @@ class LoTRModel(nn.Module):
                 layer.active = state
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """Add the active adapters' updates (or those of ``adapter_names``) into the base weights."""
+        """Add the active adapters' updates (or those of ``adapter_names``) into the base weights.
+
+        Each adapted weight (d_out, d_in) gets ``scale * U G_l V^T``; the adapter layers stay,
+        and :meth:`unmerge_adapter` subtracts the updates again.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model, tucker2
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"])).eval()
+        >>> lotr.load_tucker("value", tucker2(torch.randn(2, 32, 32), rank=4))  # a non-zero update, as if trained
+        >>> inputs = torch.tensor([[1, 2, 3]])
+        >>> adapted = lotr(input_ids=inputs).last_hidden_state  # (1, 3, 32)
+        >>> lotr.merge_adapter()  # now W_l + dW_l, no extra work per token
+        >>> torch.allclose(lotr(input_ids=inputs).last_hidden_state, adapted, atol=1e-5)
+        True
+        >>> lotr.unmerge_adapter()
+        """
         for _, layer in self.lotr_layers():
             layer.merge(adapter_names)
 
@@ -669,6 +811,31 @@ class LoTRModel(nn.Module):
         calls this (FSDP2 gathers the sharded tensors then) and only the one with
         ``is_main_process`` writes. ``push_to_hub=True`` then uploads the folder as
         :meth:`push_to_hub` does (``repo_id``, ``token``, ``private``, ``commit_message`` in ``kwargs``).
+
+        The weights file holds per group ``factors.<group>.out_factor`` (d_out, r_out) and
+        ``factors.<group>.in_factor`` (d_in, r_in), and per adapted module ``cores.<module>``
+        (r_out, r_in).
+
+        Examples
+        --------
+        >>> from pathlib import Path
+        >>> from safetensors.torch import load_file
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+        >>> lotr.add_adapter("other", LoTRConfig(rank=2, target_modules=["query"]))
+        >>> lotr.save_pretrained("my-adapter")  # "default" at the top, "other" in a subfolder
+        >>> sorted(str(p.relative_to("my-adapter")) for p in Path("my-adapter").rglob("*.*"))
+        ['README.md', 'lotr_config.json', 'lotr_model.safetensors',
+         'other/README.md', 'other/lotr_config.json', 'other/lotr_model.safetensors']
+        >>> tensors = load_file("my-adapter/lotr_model.safetensors")
+        >>> tuple(tensors["factors.query.out_factor"].shape), tuple(tensors["factors.query.in_factor"].shape)
+        ((32, 4), (32, 4))
+        >>> tuple(tensors["cores.encoder.layer.1.attention.self.query"].shape)
+        (4, 4)
         """
         if any(layer.merged for _, layer in self.lotr_layers()):
             raise RuntimeError("unmerge_adapter() before save_pretrained(): the cores are saved separately")
@@ -732,6 +899,27 @@ class LoTRModel(nn.Module):
         ``cache_dir``, ``local_files_only``) go to the Hub. Raises ``ValueError`` when the adapter
         does not fit the model (a missing module, another shape), and for a PEFT LoRA folder,
         naming :meth:`from_lora` and ``tensorlotr convert``.
+
+        Examples
+        --------
+        Save an adapter of a 2-layer BERT of hidden size 32, then attach it to a fresh base of
+        the same shapes:
+
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, LoTRModel, get_lotr_model
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+        >>> lotr.save_pretrained("my-adapter")
+        >>> loaded = LoTRModel.from_pretrained(BertModel(bert), "my-adapter")  # frozen, in eval mode
+        >>> loaded.groups["query"].shape, loaded.groups["query"].rank, loaded.get_nb_trainable_parameters()[0]
+        ((32, 32), (4, 4), 0)
+        >>> torch.equal(loaded.tucker("query").out_factor, lotr.tucker("query").out_factor)  # U (32, 4)
+        True
+        >>> LoTRModel.from_pretrained(BertModel(bert), "my-adapter", is_trainable=True).get_nb_trainable_parameters()[0]
+        576
         """
         from ..io.hub import resolve_folder
         from ..io.zoo_format import is_zoo_dir, read_zoo
@@ -807,6 +995,24 @@ class LoTRModel(nn.Module):
 
         ``rank``, ``energy`` and ``n_iter`` are :func:`tensorlotr.convert_lora`'s; its report is
         ``lotr.conversion_report``.
+
+        Examples
+        --------
+        ``my-lora/`` holds a PEFT LoRA of rank 4 on ``q_proj`` and ``v_proj`` of a 2-layer Llama
+        of hidden size 32: each group's LoRA is two (32, 4) ``B`` and two (4, 32) ``A``, 512
+        parameters; at rank 4, LoTR keeps ``U`` (32, 4), ``V`` (32, 4) and two (4, 4) cores, 288.
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from tensorlotr import LoTRModel
+        >>> llama = LlamaConfig(
+        ...     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        ...     num_key_value_heads=4, max_position_embeddings=32,
+        ... )
+        >>> lotr = LoTRModel.from_lora(LlamaForCausalLM(llama), "my-lora", rank=4)
+        >>> [(g.group, g.rank, g.lora_params, g.lotr_params) for g in lotr.conversion_report.groups]
+        [('q_proj', (4, 4), 512, 288), ('v_proj', (4, 4), 512, 288)]
+        >>> lotr.groups["q_proj"].shape, lotr.active_adapter
+        ((32, 32), 'default')
         """
         from ..convert import convert_lora
         from ..io.hub import resolve_folder
@@ -830,6 +1036,20 @@ class LoTRModel(nn.Module):
         With a new ``adapter_name`` it is added as a named adapter, inactive (as in PEFT). With
         ``adapter_name=None`` or an existing name, its tensors are loaded into that adapter,
         which must have the same layout (resuming from a checkpoint).
+
+        Examples
+        --------
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRConfig, get_lotr_model
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
+        >>> lotr.save_pretrained("my-adapter")
+        >>> lotr.load_adapter("my-adapter", adapter_name="saved")  # a second adapter, inactive
+        >>> sorted(lotr.lotr_configs), lotr.active_adapters
+        (['default', 'saved'], ['default'])
+        >>> lotr.load_adapter("my-adapter")  # into the active adapter, as when resuming
         """
         from ..io.hub import resolve_folder
 
@@ -922,5 +1142,23 @@ def get_lotr_model(model: nn.Module, config: LoTRConfig) -> LoTRModel:
     LoTRModel
         Trainable parameters: per group ``r_out*d_out + r_in*d_in + L*r_out*r_in``, plus
         the ``modules_to_save``.
+
+    Examples
+    --------
+    A 2-layer BERT classifier of hidden size 32, rank 4 on ``query`` and ``value``: per group
+    ``4*32 + 4*32 + 2*4*4 = 288`` parameters, plus the classifier head (32 x 2 + 2 = 66).
+
+    >>> import torch
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from tensorlotr import LoTRConfig, get_lotr_model
+    >>> bert = BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    ... )
+    >>> config = LoTRConfig(rank=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    >>> lotr = get_lotr_model(BertForSequenceClassification(bert), config)
+    >>> lotr.get_nb_trainable_parameters()[0]  # 2 * 288 + 66
+    642
+    >>> lotr(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([1])).logits.shape  # (batch, num_labels)
+    torch.Size([1, 2])
     """
     return LoTRModel(model, config)

@@ -63,7 +63,40 @@ class LoadBestAdapterCallback(TrainerCallback):
 
 
 class LoTRTrainer(Trainer):
-    """``transformers.Trainer`` whose checkpoints hold the LoTR adapter, not the base model."""
+    """``transformers.Trainer`` whose checkpoints hold the LoTR adapter, not the base model.
+
+    It takes ``transformers.Trainer``'s arguments. Each checkpoint holds ``lotr_config.json``,
+    ``lotr_model.safetensors`` (per group ``U`` (d_out, r_out), ``V`` (d_in, r_in) and a
+    (r_out, r_in) core per layer, plus the ``modules_to_save``), a model card, the tokenizer
+    when one is given, and ``Trainer``'s optimizer, scheduler and state files.
+
+    Examples
+    --------
+    Two steps on 16 random sequences of 8 tokens, with a 2-layer BERT classifier of hidden
+    size 32:
+
+    >>> import torch
+    >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+    >>> from tensorlotr import LoTRConfig, LoTRTrainer, get_lotr_model
+    >>> bert = BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    ... )
+    >>> config = LoTRConfig(rank=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    >>> lotr = get_lotr_model(BertForSequenceClassification(bert), config)
+    >>> train = [{"input_ids": torch.randint(64, (8,)), "labels": i % 2} for i in range(16)]
+    >>> args = TrainingArguments(
+    ...     "checkpoints", max_steps=2, per_device_train_batch_size=8, save_steps=2, report_to=[], use_cpu=True,
+    ...     disable_tqdm=True,
+    ... )
+    >>> trainer = LoTRTrainer(model=lotr, args=args, train_dataset=train)
+    >>> trainer.train().global_step  # Trainer prints its last log line first
+    {...}
+    2
+    >>> from pathlib import Path
+    >>> sorted(p.name for p in Path("checkpoints/checkpoint-2").iterdir())
+    ['README.md', 'lotr_config.json', 'lotr_model.safetensors', 'optimizer.pt', 'rng_state.pth',
+     'scheduler.pt', 'trainer_state.json', 'training_args.bin']
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
