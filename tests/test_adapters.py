@@ -82,6 +82,9 @@ def test_get_lotr_model_on_a_wrapped_model_points_to_add_adapter():
         tlr.get_lotr_model(lotr, tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
     with pytest.raises(ValueError, match="add_adapter"):
         tlr.get_lotr_model(lotr.base_model, tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
+    for bad in ("copy", "keys", "a.b", "__base__"):
+        with pytest.raises(ValueError, match="adapter name"):
+            lotr.add_adapter(bad, tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
 
 
 def test_save_lays_adapters_out_as_peft_and_loads_them_back(peft_pair, tmp_path):

@@ -36,6 +36,8 @@ DEFAULT_ADAPTER = "default"
 def _check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or "/" in name or name == BASE_ADAPTER:
         raise ValueError(f"adapter names must be non-empty, without '.' or '/', and not {BASE_ADAPTER!r}; got {name!r}")
+    if hasattr(nn.ParameterDict, name) or hasattr(nn.ModuleDict, name):  # the cores are a ParameterDict by name
+        raise ValueError(f"adapter name {name!r} is the name of a torch container method; choose another")
 
 
 def _split_name(name: str) -> tuple[str, str]:
