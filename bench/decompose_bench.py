@@ -8,7 +8,7 @@ and v_proj at d x d (the fine-tuned model is the base plus a planted Tucker-2 up
 16 and small noise). With a warm page cache it measures:
 
 - the read-only floors: reading every byte of both checkpoints, and loading every tensor of
-  both as float32 (what any consumer of bf16 weights does);
+  both as float32 in a fresh process (what any consumer of bf16 weights does);
 - ``tensorlotr decompose … --target-modules q_proj,v_proj --rank R`` in a child process, with
   1 and 0 power iterations: its wall time, the job's own time (without starting Python and
   importing torch), peak RSS (VmHWM), passes and error. Each of ``--rounds`` runs follows a
@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import PEAK_RSS_SOURCE, machine
+from _util import PEAK_RSS_SOURCE, machine, run_isolated
 
 CLI_WITH_PEAK = (
     PEAK_RSS_SOURCE
@@ -98,16 +98,28 @@ def read_floor(work: Path) -> float:
     return time.perf_counter() - start
 
 
-def tensor_floor(work: Path) -> float:
-    """Seconds to load every tensor of both checkpoints as float32, one at a time."""
-    from safetensors import safe_open
+FLOOR_CODE = """
+import json, time, torch
+from safetensors import safe_open
+torch.set_num_threads({threads})
+start = time.perf_counter()
+for path in {files!r}:
+    with safe_open(path, framework="pt") as handle:
+        for key in handle.keys():
+            handle.get_tensor(key).to(torch.float32)
+print(json.dumps({{"seconds": time.perf_counter() - start}}))
+"""
 
-    start = time.perf_counter()
-    for path in _files(work):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                handle.get_tensor(key).to(torch.float32)
-    return time.perf_counter() - start
+
+def tensor_floor(work: Path) -> float:
+    """Seconds to load every tensor of both checkpoints as float32, one at a time, in a fresh process.
+
+    A fresh process, as the decomposition runs in: the loop's cost depends on the allocator's
+    state (each 64 MiB float32 tensor is a new mapping whose pages fault in), and in a process
+    that has already freed large tensors the same loop was measured ten times faster.
+    """
+    files = [str(path) for path in _files(work)]
+    return run_isolated(FLOOR_CODE.format(threads=torch.get_num_threads(), files=files))["seconds"]
 
 
 def run(work: Path, rank: int, power: int) -> tuple[float, float, dict]:

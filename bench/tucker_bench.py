@@ -1,6 +1,6 @@
 """Benchmark of the Tucker-2 core. Prints a markdown table.
 
-    python bench/tucker_bench.py [--dtypes float32,float64] [--skip-llama]
+    python bench/tucker_bench.py [--dtypes float32,float64] [--skip-llama] [--ours-only]
 
 1. RoBERTa-base shape (L=12, d=768, LoRA r=8), Tucker ranks 8 and 32, float32 and float64:
    tucker2_lowrank against tensorly's partial_tucker on the dense stack, side by side in
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,26 @@ def roberta_rows(dtypes: tuple[str, ...]) -> list[str]:
     return rows
 
 
+def ours_only_rows(dtypes: tuple[str, ...]) -> list[str]:
+    """``tucker2_lowrank`` alone at RoBERTa-base shape: the min of 15 calls (5 with HOOI), in ms."""
+    import torch
+
+    rows = ["| backend | dtype | Tucker rank | HOSVD (ms) | HOOI, 10 sweeps (ms) |", "|---|---|---|---|---|"]
+    for dtype, backend in ((dtype, backend) for dtype in dtypes for backend in ("numpy", "pytorch")):
+        B, A = (x.astype(dtype) for x in lora_stack(12, 768, 8))
+        B, A = (torch.from_numpy(B), torch.from_numpy(A)) if backend == "pytorch" else (B, A)
+        cells = []
+        for rank in (8, 32):
+            times = []
+            for n_iter, calls in ((0, 15), (10, 5)):
+                fn = partial(tlr.tucker2_lowrank, B, A, rank, n_iter=n_iter)
+                fn()
+                times.append(interleaved([fn], calls=[calls], rounds=1)[0][0] * 1e3)
+            cells.append(f"| {backend} | {dtype} | {rank} | {times[0]:.2f} | {times[1]:.1f} |")
+        rows += cells
+    return rows
+
+
 LLAMA_CODE = (
     PEAK_RSS_SOURCE
     + """
@@ -108,8 +129,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32,float64", help="comma-separated dtypes of the RoBERTa rows")
     parser.add_argument("--skip-llama", action="store_true", help="only the RoBERTa-shape rows")
+    parser.add_argument(
+        "--ours-only", action="store_true", help="only tucker2_lowrank's times (min of 15), e.g. to compare commits"
+    )
     args = parser.parse_args()
     print(f"Machine: {machine()}\n")
+    if args.ours_only:
+        print("\n".join(ours_only_rows(tuple(args.dtypes.split(",")))))
+        return
     print(
         "RoBERTa-base shape: L=12, d=768, LoRA r=8; times in ms, min / median, run side by side: per round 5 calls "
         "of ours and 1 of tensorly's, 3 rounds (2 for HOOI)\n"

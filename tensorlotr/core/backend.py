@@ -43,18 +43,28 @@ def backend_for(*arrays: Any) -> Iterator[str]:
 
 @contextmanager
 def small_lapack_calls(*arrays: Any) -> Iterator[None]:
-    """One BLAS thread for numpy inside the body, which makes many small QRs and SVDs.
+    """One BLAS/LAPACK thread inside the body, which makes many small QRs and SVDs.
 
-    OpenBLAS starts its threads for every LAPACK call, and for d x r factors that costs
-    more than the call: a 768 x 96 QR takes 15 ms on 2 threads and 2.5 ms on one. Torch's
-    CPU kernels do not pay this, so torch inputs run as they are. The BLAS libraries are
-    found once per process (a scan of the loaded libraries costs about 1 ms).
+    Threads are started (or woken) for every call, and for d x r factors that costs more
+    than the call: a 768 x 96 QR takes 15 ms on numpy's 2 OpenBLAS threads and 2.5 ms on one;
+    torch's ``ormqr`` at 768 x 96 took 8 ms on 2 threads of a busy machine and 0.07 ms on one.
+    numpy's BLAS libraries are found once per process (threadpoolctl's scan of the loaded
+    libraries costs about 1 ms); for torch the intra-op thread count is set to 1 and restored
+    (process-wide, for the duration of the body). A list stands for its first array.
     """
-    if backend_name(*arrays) != "numpy":
-        yield
+    arrays = tuple(a[0] if isinstance(a, (list, tuple)) and a else a for a in arrays)
+    if backend_name(*arrays) == "numpy":
+        with _thread_pools().limit(limits=1, user_api="blas"):
+            yield
         return
-    with _thread_pools().limit(limits=1, user_api="blas"):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=1)

@@ -68,33 +68,34 @@ def relative_error_lowrank(
     B, A, scale
         As in :func:`tensorlotr.tucker2_lowrank`.
     """
-    stack = lowrank_layers(B, A, scale)
-    if stack.shape != tucker.shape:
-        raise ValueError(
-            f"LoRA factors describe a stack of shape {stack.shape} but the Tucker2 has shape {tucker.shape}"
-        )
-    with backend_for(stack.first, tucker.core), small_lapack_calls(stack.first):
-        q_out, r_out = tl.qr(_float64(tucker.out_factor))
-        q_in, r_in = tl.qr(_float64(tucker.in_factor))
-        cores = contract("po,loi,qi->lpq", r_out, _float64(tucker.core), r_in)
-        residual_sq = reference_sq = 0.0
-        first = 0
-        for b, a, s in stack.batches:  # n layers of one rank: b (n, d_out, r), a (n, r, d_in)
-            b, a, n = _float64(b), _float64(a), int(b.shape[0])
-            s_sq = scales_like(s * s, b)
-            c = tl.matmul(tl.transpose(q_out), b)  # (n, r_out', r)
-            d = tl.matmul(a, q_in)  # (n, r, r_in')
-            r_a = swap(triangle(swap(a)))  # ||M A|| = ||M R_a^T|| for any M
-            r_b_perp = triangle(b - tl.matmul(q_out, c))
-            r_a_perp = swap(triangle(swap(a) - tl.matmul(q_in, swap(d))))
-            residual_sq += _sum(s_sq * per_layer_sq(tl.matmul(r_b_perp, r_a)))
-            residual_sq += _sum(s_sq * per_layer_sq(tl.matmul(c, r_a_perp)))
-            residual_sq += _sum(
-                per_layer_sq(scales_like(s, b)[:, None, None] * tl.matmul(c, d) - cores[first : first + n])
+    with small_lapack_calls(B):
+        stack = lowrank_layers(B, A, scale)
+        if stack.shape != tucker.shape:
+            raise ValueError(
+                f"LoRA factors describe a stack of shape {stack.shape} but the Tucker2 has shape {tucker.shape}"
             )
-            reference_sq += _sum(s_sq * per_layer_sq(tl.matmul(triangle(b), r_a)))
-            first += n
-        return _ratio(residual_sq**0.5, reference_sq**0.5)
+        with backend_for(stack.first, tucker.core):
+            q_out, r_out = tl.qr(_float64(tucker.out_factor))
+            q_in, r_in = tl.qr(_float64(tucker.in_factor))
+            cores = contract("po,loi,qi->lpq", r_out, _float64(tucker.core), r_in)
+            residual_sq = reference_sq = 0.0
+            first = 0
+            for b, a, s in stack.batches:  # n layers of one rank: b (n, d_out, r), a (n, r, d_in)
+                b, a, n = _float64(b), _float64(a), int(b.shape[0])
+                s_sq = scales_like(s * s, b)
+                c = tl.matmul(tl.transpose(q_out), b)  # (n, r_out', r)
+                d = tl.matmul(a, q_in)  # (n, r, r_in')
+                r_a = swap(triangle(swap(a)))  # ||M A|| = ||M R_a^T|| for any M
+                r_b_perp = triangle(b - tl.matmul(q_out, c))
+                r_a_perp = swap(triangle(swap(a) - tl.matmul(q_in, swap(d))))
+                residual_sq += _sum(s_sq * per_layer_sq(tl.matmul(r_b_perp, r_a)))
+                residual_sq += _sum(s_sq * per_layer_sq(tl.matmul(c, r_a_perp)))
+                residual_sq += _sum(
+                    per_layer_sq(scales_like(s, b)[:, None, None] * tl.matmul(c, d) - cores[first : first + n])
+                )
+                reference_sq += _sum(s_sq * per_layer_sq(tl.matmul(triangle(b), r_a)))
+                first += n
+            return _ratio(residual_sq**0.5, reference_sq**0.5)
 
 
 def _sum(x: Array) -> float:

@@ -13,7 +13,17 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 
-from .backend import Array, all_finite, as_float, backend_for, check_finite, check_ndim, compute_dtype, to_float
+from .backend import (
+    Array,
+    all_finite,
+    as_float,
+    backend_for,
+    check_finite,
+    check_ndim,
+    compute_dtype,
+    small_lapack_calls,
+    to_float,
+)
 from .contract import PROJECT_LOWRANK, contract
 from .linalg import triangle
 
@@ -215,6 +225,7 @@ def _stacked(whole: Array | Sequence[Array], layers: list[Array], dtype: Any) ->
 
 def lowrank_norm_sq(B: Array | Sequence[Array], A: Array | Sequence[Array], scale: ScaleArg = 1.0) -> float:
     """``sum_l ||s_l B_l A_l||_F^2`` of LoRA factors (as in :func:`lowrank_layers`), from r x r Gram matrices."""
-    stack = lowrank_layers(B, A, scale)
-    with backend_for(stack.first):
-        return stack.norm_sq()
+    with small_lapack_calls(B):
+        stack = lowrank_layers(B, A, scale)
+        with backend_for(stack.first):
+            return stack.norm_sq()
