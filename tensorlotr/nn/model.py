@@ -1026,6 +1026,67 @@ class LoTRModel(nn.Module):
         lotr.conversion_report = report
         return lotr
 
+    @classmethod
+    def from_peft_model(
+        cls,
+        peft_model: nn.Module,
+        config: LoTRConfig | None = None,
+        *,
+        rank: int | tuple[int, int] | None = None,
+        is_trainable: bool = True,
+    ) -> LoTRModel:
+        """Convert a live PEFT LoRA model to LoTR in memory: the second half of a LoRA warm-up.
+
+        Each group's stack ``dW_l = scale_l B_l A_l`` is decomposed in factored form
+        (:func:`tensorlotr.tucker2_lowrank`, HOSVD) at the group's rank; the LoRA layers
+        are removed from the base model (PEFT's ``unload``: the trained copies of
+        ``modules_to_save`` stay) and a LoTR adapter set to the decomposition is attached.
+        Where the stack's exact rank is below the requested one, the factors get random
+        orthonormal columns with zero cores, so the model still computes the LoRA's
+        function and every direction can train. ``peft_model`` is consumed.
+
+        Parameters
+        ----------
+        peft_model : peft.PeftModel
+            With a LoRA adapter (its active one; not DoRA, not merged).
+        config : LoTRConfig, optional
+            Must target exactly modules the LoRA adapts. Default: ``rank`` (or the LoRA's
+            ``r``), ``alpha = lora_alpha``, the LoRA's modules and ``modules_to_save``.
+        rank : int or (r_out, r_in), optional
+            The ranks of the default config.
+        is_trainable : bool
+            Leave the adapter trainable (the default, to go on training) or freeze it.
+
+        The relative error of each group's conversion is in ``lotr.conversion_errors``.
+
+        Examples
+        --------
+        A PEFT LoRA of rank 2 on the two ``query`` layers of a BERT of hidden size 32, its
+        ``B`` set at random (as after some training), then LoTR at rank 4, the exact rank
+        of the two-layer stack, which computes the same function:
+
+        >>> import peft, torch
+        >>> from transformers import BertConfig, BertModel
+        >>> from tensorlotr import LoTRModel
+        >>> bert = BertConfig(
+        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        ... )
+        >>> lora = peft.get_peft_model(BertModel(bert).eval(), peft.LoraConfig(r=2, target_modules=["query"]))
+        >>> for name, p in lora.named_parameters():
+        ...     if "lora_B" in name:
+        ...         _ = torch.nn.init.normal_(p, std=0.1)
+        >>> x = torch.tensor([[1, 2, 3]])
+        >>> expected = lora(input_ids=x).last_hidden_state
+        >>> lotr = LoTRModel.from_peft_model(lora, rank=4).eval()
+        >>> list(lotr.groups), lotr.groups["query"].rank, lotr.conversion_errors["query"] < 1e-6
+        (['query'], (4, 4), True)
+        >>> torch.allclose(lotr(input_ids=x).last_hidden_state, expected, atol=1e-5)
+        True
+        """
+        from .from_peft import lotr_from_peft_model
+
+        return lotr_from_peft_model(peft_model, config, rank=rank, is_trainable=is_trainable)
+
     def load_adapter(
         self,
         adapter_dir: str | os.PathLike,
