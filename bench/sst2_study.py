@@ -122,6 +122,9 @@ def methods() -> list[Method]:
     return out
 
 
+DEFAULT_LOTR = "LoTR 8 by_name"  # the library's defaults at rank 8: the reference of the comparisons
+
+
 def conversion_name(rank: int) -> str:
     return f"LoRA r=8 -> LoTR {rank}"
 
@@ -321,29 +324,19 @@ def build_projected(model: Any, opts: dict[str, Any], lr: float) -> tuple[Any, A
 
 
 def lora_to_lotr(peft_model: Any, opts: dict[str, Any]) -> Any:
-    """Convert a PEFT LoRA model in memory: Tucker-2 of each target's stack of ``scale * B A``.
+    """Convert a PEFT LoRA model in memory with :meth:`tensorlotr.LoTRModel.from_peft_model`.
 
-    The base model comes back without LoRA layers and with LoRA's trained head; a LoTR
-    adapter of ``opts`` is attached and set to the conversion, through the public API
-    (:func:`tensorlotr.tucker2`, :meth:`LoTRModel.load_tucker`).
+    Each target's stack of ``scale * B A`` becomes a Tucker-2 (HOSVD) at ``opts``'s rank and
+    groups; the base model keeps LoRA's trained head.
     """
     import tensorlotr as tlr
 
-    deltas: dict[str, list[torch.Tensor]] = {t: [] for t in TARGETS}
-    for name, module in peft_model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in deltas and hasattr(module, "get_delta_weight"):
-            deltas[leaf].append(module.get_delta_weight("default").detach().to(torch.float64))
-    head = peft_model.base_model.model.get_submodule(HEAD[0]).modules_to_save["default"].state_dict()
-    base = peft_model.unload()
-    lotr = build_lotr(base, {**opts, "init": "zeros"})
-    lotr.get_base_model().get_submodule(HEAD[0]).load_state_dict(head)
     r_out, r_in = (int(x) for x in str(opts["rank"]).split("x"))
-    for group in lotr.groups:
-        members = TARGETS if group not in deltas else [group]
-        stack = torch.stack([d for t in members for d in deltas[t]])
-        lotr.load_tucker(group, tlr.tucker2(stack, (r_out, r_in)))
-    return lotr
+    config = tlr.LoTRConfig(
+        rank=(r_out, r_in), alpha=float(opts["alpha"]), target_modules=TARGETS, groups=opts["groups"],
+        modules_to_save=HEAD,
+    )  # fmt: skip
+    return tlr.LoTRModel.from_peft_model(peft_model, config)
 
 
 # --- one run --------------------------------------------------------------------------
@@ -569,17 +562,58 @@ def run_jobs(jobs: list[tuple[Method, float, int, Settings]], log: RunLog, worke
             first = rows[0]
             bar.set_postfix_str(f"{first['method']} lr={first['lr']:g} s{first['seed']}: {first['dev_accuracy']:.3f}")
             bar.update()
+        if pool is not None:
+            pool.close()
+            pool.join()
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
 
 
-def study(chosen: list[Method], args: argparse.Namespace, settings: Settings, log: RunLog) -> dict[str, float]:
+GRID_EXTENSION = 2.5  # a method whose best rate is the grid's largest is also tried at 2.5x that
+
+
+def extended(
+    grid: list[float], base: list[float], log: RunLog, method: Method, seed: int, limit: int
+) -> list[float] | None:
+    """``grid`` and a larger rate, if its best rate is its largest and it grew from ``base`` under ``limit`` times."""
+    best = best_lr(log, method, grid, seed)
+    if best is None or best != max(grid) or len(grid) - len(base) >= limit:
+        return None
+    return [*grid, round(max(grid) * GRID_EXTENSION, 8)]
+
+
+def method_grids(chosen: list[Method], args: argparse.Namespace, log: RunLog) -> dict[str, list[float]]:
+    """Each method's grid as far as runs.csv holds its extensions."""
+    grids = {}
+    for m in chosen:
+        grid = list(args.lrs)
+        while (longer := extended(grid, args.lrs, log, m, args.seeds[0], args.extend)) and log.done(
+            m, longer[-1], args.seeds[0]
+        ):
+            grid = longer
+        grids[m.name] = grid
+    return grids
+
+
+def study(
+    chosen: list[Method], args: argparse.Namespace, settings: Settings, log: RunLog
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Tune each method's rate on the grid (extended upwards where the best is its edge), then run the seeds."""
     tune_seed = args.seeds[0]
-    tune_jobs = [(m, lr, tune_seed, settings) for m in chosen for lr in args.lrs if not log.done(m, lr, tune_seed)]
-    run_jobs(tune_jobs, log, args.workers, "tuning the learning rates")
-    chosen_lr = {m.name: best_lr(log, m, args.lrs, tune_seed) for m in chosen}
+    grids = method_grids(chosen, args, log)
+    for round_ in range(args.extend + 1):
+        jobs = [(m, lr, tune_seed, settings) for m in chosen for lr in grids[m.name] if not log.done(m, lr, tune_seed)]
+        run_jobs(jobs, log, args.workers, "tuning the learning rates" if round_ == 0 else "extending the grids")
+        changed = False
+        for m in chosen:
+            longer = extended(grids[m.name], args.lrs, log, m, tune_seed, args.extend)
+            if longer is not None:
+                grids[m.name], changed = longer, True
+        if not changed:
+            break
+    chosen_lr = {m.name: best_lr(log, m, grids[m.name], tune_seed) for m in chosen}
     seed_jobs = [
         (m, chosen_lr[m.name], seed, settings)
         for m in chosen
@@ -587,7 +621,7 @@ def study(chosen: list[Method], args: argparse.Namespace, settings: Settings, lo
         if not log.done(m, chosen_lr[m.name], seed)  # type: ignore[arg-type]
     ]
     run_jobs(seed_jobs, log, args.workers, "seeds at the chosen rates")
-    return chosen_lr  # type: ignore[return-value]
+    return chosen_lr, grids  # type: ignore[return-value]
 
 
 # --- the report -----------------------------------------------------------------------
@@ -597,9 +631,14 @@ class Line:
     family: str
     params: int
     lr: float
-    accs: list[float] = field(default_factory=list)
+    by_seed: dict[int, float] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
     edge: bool = False
+    ablation: bool = False
+
+    @property
+    def accs(self) -> list[float]:
+        return list(self.by_seed.values())
 
     @property
     def mean(self) -> float:
@@ -610,13 +649,20 @@ class Line:
         return statistics.stdev(self.accs) if len(self.accs) > 1 else 0.0
 
 
-def summarise(chosen: list[Method], chosen_lr: dict[str, float], log: RunLog, args: argparse.Namespace) -> list[Line]:
+def summarise(
+    chosen: list[Method],
+    chosen_lr: dict[str, float],
+    grids: dict[str, list[float]],
+    log: RunLog,
+    args: argparse.Namespace,
+) -> list[Line]:
     lines = []
     for m in chosen:
         lr = chosen_lr[m.name]
         rows = list({r["seed"]: r for r in log.of(m) if _same(r["lr"], lr) and r["seed"] in args.seeds}.values())
-        line = Line(m.name, m.family, rows[0]["adapter_params"], lr, edge=lr in (min(args.lrs), max(args.lrs)))
-        line.accs = [r["dev_accuracy"] for r in rows]
+        edge = lr in (min(grids[m.name]), max(grids[m.name]))
+        line = Line(m.name, m.family, rows[0]["adapter_params"], lr, edge=edge, ablation=m.ablation)
+        line.by_seed = {r["seed"]: r["dev_accuracy"] for r in rows}
         line.seconds = [r["train_seconds"] for r in rows]
         lines.append(line)
         if m.kind == "lora" and m.opts["r"] == 8:
@@ -627,7 +673,7 @@ def summarise(chosen: list[Method], chosen_lr: dict[str, float], log: RunLog, ar
                 ]  # fmt: skip
                 if conv:
                     c = Line(conversion_name(rank), conv[0]["family"], conv[0]["adapter_params"], lr)
-                    c.accs = [r["dev_accuracy"] for r in conv]
+                    c.by_seed = {r["seed"]: r["dev_accuracy"] for r in conv}
                     c.seconds = [r["train_seconds"] for r in conv]
                     lines.append(c)
     return lines
@@ -639,15 +685,13 @@ def write_summary(lines: list[Line], out: Path, args: argparse.Namespace, wall: 
         writer.writerow(["method", "family", "adapter_params", "lr", "seeds", "mean_dev_accuracy", "std_dev_accuracy"])
         for ln in lines:
             writer.writerow([ln.method, ln.family, ln.params, ln.lr, len(ln.accs), f"{ln.mean:.5f}", f"{ln.std:.5f}"])
-    table = [
-        "| method | adapter params | lr | dev accuracy (mean ± sd) | seeds | train s / run |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for ln in lines:
-        lr = f"{ln.lr:g}" + (" (edge)" if ln.edge else "")
-        secs = f"{statistics.fmean(ln.seconds):.0f}" if ln.seconds else ""
-        accuracy = f"{100 * ln.mean:.2f} ± {100 * ln.std:.2f}"
-        table.append(f"| {ln.method} | {ln.params:,} | {lr} | {accuracy} | {len(ln.accs)} | {secs} |")
+    main = [ln for ln in lines if not ln.ablation]
+    ablations = [ln for ln in lines if ln.ablation]
+    table = accuracy_table(main)
+    if ablations:
+        table += ["", "Ablations of LoTR rank 8 (a tensor per target):", "", *accuracy_table(ablations)]
+    table += ["", "Against LoRA and default LoTR, by seed (mean paired difference ± 2 standard errors, points):", ""]
+    table += comparison_table(lines)
     text = "\n".join(table)
     header = (
         f"{args.steps} steps x {args.batch} sentences, lr grid {', '.join(f'{lr:g}' for lr in args.lrs)} "
@@ -658,13 +702,54 @@ def write_summary(lines: list[Line], out: Path, args: argparse.Namespace, wall: 
     return header + text
 
 
+def accuracy_table(lines: list[Line]) -> list[str]:
+    table = [
+        "| method | adapter params | lr | dev accuracy (mean ± sd) | seeds | train s / run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for ln in lines:
+        lr = f"{ln.lr:g}" + (" (edge)" if ln.edge else "")
+        secs = f"{statistics.fmean(ln.seconds):.0f}" if ln.seconds else ""
+        accuracy = f"{100 * ln.mean:.2f} ± {100 * ln.std:.2f}"
+        table.append(f"| {ln.method} | {ln.params:,} | {lr} | {accuracy} | {len(ln.accs)} | {secs} |")
+    return table
+
+
+def paired_difference(a: Line, b: Line) -> tuple[float, float] | None:
+    """Mean of ``a - b`` over the seeds both ran (same data sample and order) and 2 standard errors, in points."""
+    seeds = sorted(set(a.by_seed) & set(b.by_seed))
+    if len(seeds) < 2:
+        return None
+    diffs = [100 * (a.by_seed[s] - b.by_seed[s]) for s in seeds]
+    return statistics.fmean(diffs), 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def comparison_table(lines: list[Line]) -> list[str]:
+    loras = [ln for ln in lines if ln.family == "LoRA" or ln.method == DEFAULT_LOTR]
+    others = [ln for ln in lines if ln not in loras]
+    if not loras or not others:
+        return []
+    table = [
+        "| method | adapter params | " + " | ".join(f"vs {ln.method} ({ln.params:,})" for ln in loras) + " |",
+        "|---|---:|" + "---:|" * len(loras),
+    ]
+    for ln in others:
+        cells = []
+        for lora in loras:
+            diff = paired_difference(ln, lora)
+            cells.append("" if diff is None else f"{diff[0]:+.2f} ± {diff[1]:.2f}")
+        table.append(f"| {ln.method} | {ln.params:,} | " + " | ".join(cells) + " |")
+    return table
+
+
 def plot(lines: list[Line], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = dict(zip(sorted({ln.family for ln in lines}), "osD^v<>phX*", strict=False))
+    lines = [ln for ln in lines if not ln.ablation]
+    markers = dict(zip(dict.fromkeys(ln.family for ln in lines), "osD^v<>phX*", strict=False))
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     for family in markers:
         chosen = [ln for ln in lines if ln.family == family]
@@ -693,21 +778,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the packaged MiniLM)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 3e-3, 1e-2])
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument(
+        "--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2]
+    )
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3])
+    parser.add_argument(
+        "--extend", type=int, default=2, help="times a grid may grow by 2.5x where its best rate is its largest"
+    )
     parser.add_argument("--dev-limit", type=int, default=None, help="evaluate on this many dev rows (both halves)")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=None, help="comma-separated method names")
     parser.add_argument("--no-ablations", action="store_true", help="leave out the LoTR ablations")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--quick", action="store_true", help="smoke version: 30 steps, 400 dev rows, one seed and rate")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke version: 30 steps, 400 dev rows, one seed and rate, no extension"
+    )
     parser.add_argument("--list", action="store_true", help="list the methods and exit")
+    parser.add_argument("--report", action="store_true", help="no runs: summarise and plot what runs.csv holds")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds, args.lrs = min(args.steps, 30), args.seeds[:1], [3e-3]
+        args.steps, args.seeds, args.lrs, args.extend = min(args.steps, 30), args.seeds[:1], [3e-3], 0
         args.dev_limit = args.dev_limit or 400
-    if args.steps < 1 or args.batch < 1 or not args.lrs or not args.seeds:
-        parser.error("--steps and --batch must be positive; --lrs and --seeds non-empty")
+    if args.steps < 1 or args.batch < 1 or args.extend < 0 or not args.lrs or not args.seeds:
+        parser.error("--steps and --batch must be positive, --extend not negative; --lrs and --seeds non-empty")
     return args
 
 
@@ -732,9 +825,17 @@ def main(argv: list[str] | None = None) -> int:
     load_data(args.data, args.dev_limit)  # fail early on a bad folder
     log = RunLog(args.out / "runs.csv")
     start = time.perf_counter()
-    chosen_lr = study(chosen, args, settings, log)
+    if args.report:
+        grids = method_grids(chosen, args, log)
+        chosen_lr = {m.name: best_lr(log, m, grids[m.name], args.seeds[0]) for m in chosen}
+        chosen = [m for m in chosen if chosen_lr[m.name] is not None and log.done(m, chosen_lr[m.name], args.seeds[0])]
+    else:
+        chosen_lr, grids = study(chosen, args, settings, log)
     wall = time.perf_counter() - start
-    lines = summarise(chosen, chosen_lr, log, args)
+    lines = summarise(chosen, chosen_lr, grids, log, args)
+    if not lines:
+        print(f"{args.out / 'runs.csv'} holds no finished method", file=sys.stderr)
+        return 1
     print(write_summary(lines, args.out, args, wall))
     plot(lines, args.out / "accuracy_vs_params.png")
     print(f"\nwrote {args.out / 'runs.csv'}, summary.csv, summary.md and accuracy_vs_params.png in {wall / 60:.1f} min")

@@ -81,13 +81,45 @@ def test_every_kind_runs_resumes_and_reports(study, data, tmp_path):
 def test_tuning_picks_the_best_rate_on_the_tune_half(study, data, tmp_path):
     out = tmp_path / "out"
     argv = ["--data", str(data), "--out", str(out), "--steps", "2", "--batch", "4", "--workers", "1"]
-    argv += ["--methods", "LoTR 4 by_name", "--seeds", "0,1", "--lrs", "0.001,0.01", "--dev-limit", "20"]
+    argv += [
+        "--methods",
+        "LoTR 4 by_name",
+        "--seeds",
+        "0,1",
+        "--lrs",
+        "0.001,0.01",
+        "--dev-limit",
+        "20",
+        "--extend",
+        "0",
+    ]
     assert study.main(argv) == 0
     rows = read_rows(out / "runs.csv")
     tune = {float(r["lr"]): float(r["tune_accuracy"]) for r in rows if r["seed"] == "0"}
     assert set(tune) == {0.001, 0.01}
     best = max(tune, key=lambda lr: (tune[lr], -lr))
     assert [float(r["lr"]) for r in rows if r["seed"] == "1"] == [best]
+
+
+def test_a_grid_grows_where_its_best_rate_is_its_largest(study, tmp_path):
+    log = study.RunLog(tmp_path / "runs.csv")
+    method = next(m for m in study.methods() if m.name == "LoRA r=1")
+
+    def run(lr, accuracy):
+        row = {
+            "method": method.name, "family": method.family, "kind": method.kind, "config": method.config,
+            "adapter_params": 1, "lr": lr, "seed": 0, "dev_accuracy": accuracy, "tune_accuracy": accuracy,
+            "train_seconds": 1.0, "steps": 1, "batch": 1,
+        }  # fmt: skip
+        log.add([row])
+
+    run(0.001, 0.80)
+    run(0.01, 0.85)
+    assert study.extended([0.001, 0.01], [0.001, 0.01], log, method, 0, limit=2) == [0.001, 0.01, 0.025]
+    assert study.extended([0.001, 0.01], [0.001, 0.01], log, method, 0, limit=0) is None
+    run(0.025, 0.70)  # the larger rate is worse: the grid stops there
+    assert study.extended([0.001, 0.01, 0.025], [0.001, 0.01], log, method, 0, limit=2) is None
+    assert study.best_lr(log, method, [0.001, 0.01, 0.025], 0) == 0.01
 
 
 def test_in_memory_conversion_at_full_rank_reproduces_the_lora(study):
