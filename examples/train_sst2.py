@@ -43,9 +43,7 @@ def main() -> None:
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     tokenizer, model = load_classifier(default_model_dir())
-    config = tlr.LoTRConfig(
-        rank=args.rank, alpha=2 * args.rank, target_modules=["query", "value"], modules_to_save=["classifier"]
-    )
+    config = tlr.LoTRConfig(rank=args.rank, target_modules=["query", "value"], modules_to_save=["classifier"])
     lotr = tlr.get_lotr_model(model, config)
     lotr.print_trainable_parameters()
     train = read_tsv(args.data / "train.tsv", limit=args.train_rows)
@@ -56,7 +54,7 @@ def main() -> None:
             output_dir=str(args.out),
             max_steps=args.steps,
             per_device_train_batch_size=32,
-            learning_rate=3e-3,
+            learning_rate=5e-3,
             save_steps=max(1, args.steps // 2),
             logging_steps=20,
             report_to=[],

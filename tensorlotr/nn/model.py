@@ -1057,7 +1057,10 @@ class LoTRModel(nn.Module):
         is_trainable : bool
             Leave the adapter trainable (the default, to go on training) or freeze it.
 
-        The relative error of each group's conversion is in ``lotr.conversion_errors``.
+        Returns
+        -------
+        LoTRModel
+            ``conversion_errors`` holds each group's relative error of the conversion.
 
         Examples
         --------
