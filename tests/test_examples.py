@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -61,3 +62,15 @@ def test_qlotr_example(tmp_path):
     merged = re.search(r"quantized again\): max \|logit difference\| = (\S+)", done.stdout)
     assert merged and float(merged.group(1)) < 0.1  # the second rounding moves the logits a little
     assert (tmp_path / "adapter" / "lotr_config.json").is_file()
+
+
+def test_lora_warmup_example(tmp_path):
+    out = tmp_path / "adapter"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "lora_warmup.py"), "--steps", "6", "--batch", "8", "--out", str(out)],
+        capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    accuracies = [float(x) for x in re.findall(r"accuracy ([0-9.]+)", done.stdout)]
+    assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies)
+    assert "converted to LoTR rank 8" in done.stdout
+    assert (out / "lotr_config.json").is_file() and (out / "lotr_model.safetensors").is_file()
