@@ -23,8 +23,12 @@ from tensorlotr.io.lotr_format import read_adapter
 #: The child: the command line, with a pause (``READY`` written, then a long sleep) at ``STAGE``.
 CHILD = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
+
+    # a shell's background job (`make test &`) starts with SIGINT ignored, and Python keeps it
+    # so; a user's Ctrl-C reaches a foreground process, which this child stands for
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     import tensorlotr.io.atomic as atomic
     import tensorlotr.io.lotr_format as lotr_format
