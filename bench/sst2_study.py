@@ -8,7 +8,8 @@ and its order depend on the seed only), adapters on ``query`` and ``value``, the
 head trained in full, AdamW without weight decay, a linear schedule with 10% warm-up, bf16
 autocast (CPU or CUDA). ``dev.tsv`` is split once, at random, into two halves: the
 learning rate of each method is chosen on the *tune* half with seed 0 over one grid
-(``--lrs``), and the chosen rate is run with every seed (``--seeds``) and reported on the
+(``--lrs``, grown by 2.5x at most ``--extend`` times where its best rate is its largest),
+and the chosen rate is run with every seed (``--seeds``) and reported on the
 other, *held-out* half, so the reported accuracy is not the one the rate was chosen on.
 
 Methods (``--methods`` picks some by name, ``--list`` shows them):
@@ -24,8 +25,9 @@ Methods (``--methods`` picks some by name, ``--list`` shows them):
 
 Outputs, in ``--out``: ``runs.csv`` (one row per run; the study resumes from it and skips
 runs already there), ``summary.csv`` and ``summary.md`` (mean and standard deviation over
-seeds at each method's chosen rate) and ``accuracy_vs_params.png``. ``--quick`` is the
-smoke version (few steps, small dev sample, one seed).
+seeds at each method's chosen rate, and paired differences against LoRA and default LoTR)
+and ``accuracy_vs_params.png``. ``--report`` rewrites them from ``runs.csv`` without
+training; ``--quick`` is the smoke version (30 steps, 400 dev sentences, one seed and rate).
 """
 
 from __future__ import annotations
