@@ -107,19 +107,18 @@ def lotr_from_peft_model(
     """Convert a PEFT LoRA model to a LoTR model in memory; see :meth:`LoTRModel.from_peft_model`."""
     from .model import LoTRModel
 
+    if config is not None and rank is not None:
+        raise ValueError("give either config or rank, not both")
     adapter, lora_config = _lora_config(peft_model)
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     layers = _lora_layers(base, adapter)
-    ranks = {layer.A.shape[0] for layer in layers.values()}
     if config is None:
         config = LoTRConfig(
-            rank=rank if rank is not None else max(ranks),
+            rank=rank if rank is not None else max(layer.A.shape[0] for layer in layers.values()),
             alpha=float(lora_config.lora_alpha),
             target_modules=_target_pattern(list(layers)),
             modules_to_save=list(lora_config.modules_to_save) if lora_config.modules_to_save else None,
         )
-    elif rank is not None:
-        raise ValueError("give either config or rank, not both")
     _check_targets(base, config, layers)
     base = peft_model.unload()  # the LoRA layers go; the trained copies of modules_to_save stay
     lotr = LoTRModel(base, config)
