@@ -19,12 +19,18 @@ Examples
 True
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
+
 from ._version import __version__
-from .adapter import LoTRConfig
-from .convert import convert_lora, export_lora
 from .core import Tucker2, relative_error, relative_error_lowrank, tucker2, tucker2_lowrank
-from .decomposition import decompose
-from .zoo import add_to_zoo, compress_zoo
 
 __all__ = [
     "LoTRConfig",
@@ -44,17 +50,62 @@ __all__ = [
     "tucker2_lowrank",
 ]
 
+#: Public names imported on first use, so that ``import tensorlotr`` (and the math core) load
+#: neither torch, the torch bindings nor the jobs: name -> module that defines it.
+_LAZY = {
+    "LoTRConfig": "tensorlotr.adapter",
+    "LoTRModel": "tensorlotr.nn",
+    "get_lotr_model": "tensorlotr.nn",
+    "LoTRTrainer": "tensorlotr.nn",
+    "convert_lora": "tensorlotr.jobs.convert",
+    "export_lora": "tensorlotr.jobs.export",
+    "decompose": "tensorlotr.jobs.decompose",
+    "compress_zoo": "tensorlotr.jobs.zoo",
+    "add_to_zoo": "tensorlotr.jobs.zoo",
+}
 
-#: Names of the torch bindings, imported on first use so that the file jobs never load them
-#: (and ``LoTRTrainer``'s transformers.Trainer import, which takes seconds, happens on demand).
-_LAZY = {"LoTRModel": "nn", "get_lotr_model": "nn", "LoTRTrainer": "nn"}
+#: Modules that moved when the folders became the layers: the old, documented path -> the new
+#: one. ``import tensorlotr.convert`` still works and gives the very module object of the new
+#: path (so ``monkeypatch`` and ``isinstance`` see one module), loaded only when imported.
+MOVED_MODULES = {
+    "tensorlotr.convert": "tensorlotr.jobs.convert",
+    "tensorlotr.decomposition": "tensorlotr.jobs.decompose",
+    "tensorlotr.zoo": "tensorlotr.jobs.zoo",
+    "tensorlotr.calibration": "tensorlotr.jobs.calibration",
+    "tensorlotr.logs": "tensorlotr.jobs.logs",
+    "tensorlotr.demo": "tensorlotr.jobs.demo",
+    "tensorlotr.data": "tensorlotr.jobs.data",
+    "tensorlotr.driver": "tensorlotr.jobs.driver",
+    "tensorlotr.heal": "tensorlotr.nn.heal",
+    "tensorlotr.optim": "tensorlotr.nn.optim",
+    "tensorlotr.io.atomic": "tensorlotr.files.atomic",
+    "tensorlotr.io.jsonfile": "tensorlotr.files.jsonfile",
+    "tensorlotr.io.hub": "tensorlotr.files.hub",
+}
 
 
-def __getattr__(name: str):
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves an old module path of :data:`MOVED_MODULES` to the module at its new path."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        return importlib.import_module(MOVED_MODULES[spec.name])
+
+    def exec_module(self, module: ModuleType) -> None:
+        """The module ran at its new path already."""
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())
+
+
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -18,21 +18,23 @@ MODULES = [
     "tensorlotr.adapter.groups",
     "tensorlotr.adapter.layout",
     "tensorlotr.report",
-    "tensorlotr.driver",
-    "tensorlotr.optim",
-    "tensorlotr.data",
-    "tensorlotr.convert",
+    "tensorlotr.jobs.driver",
+    "tensorlotr.nn.optim",
+    "tensorlotr.jobs.data",
+    "tensorlotr.jobs.convert",
+    "tensorlotr.jobs.export",
+    "tensorlotr.jobs.inspect",
     "tensorlotr.nn.model",
     "tensorlotr.nn.trainer",
     "tensorlotr.io.lotr_format",
-    "tensorlotr.io.atomic",
-    "tensorlotr.io.hub",
+    "tensorlotr.files.atomic",
+    "tensorlotr.files.hub",
     "tensorlotr.io.zoo_format",
     "tensorlotr.io.model_card",
-    "tensorlotr.logs",
-    "tensorlotr.decomposition",
-    "tensorlotr.cli",
-    "tensorlotr.demo",
+    "tensorlotr.jobs.logs",
+    "tensorlotr.jobs.decompose",
+    "tensorlotr.cli.main",
+    "tensorlotr.jobs.demo",
 ]
 
 
@@ -73,10 +75,12 @@ def tiny_runs(folder) -> None:
 
 #: What the examples of a module find in their working directory, by module.
 FIXTURES = {
-    "tensorlotr.convert": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.jobs.convert": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.jobs.export": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.jobs.inspect": [("my-lora", tiny_peft_lora)],
     "tensorlotr.nn.model": [("my-lora", tiny_peft_lora)],
-    "tensorlotr.cli": [("my-lora", tiny_peft_lora)],
-    "tensorlotr.logs": [("runs", tiny_runs)],
+    "tensorlotr.cli.main": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.jobs.logs": [("runs", tiny_runs)],
 }
 
 
@@ -107,7 +111,11 @@ def _public(name: str) -> list[tuple[str, object]]:
     every name without a leading underscore."""
     module = importlib.import_module(name)
     package = importlib.import_module(name.rsplit(".", 1)[0])
-    exported = getattr(module, "__all__", None) or (package.__name__ != "tensorlotr" and package.__all__) or None
+    exported = (
+        getattr(module, "__all__", None)
+        or (package.__name__ != "tensorlotr" and getattr(package, "__all__", None))
+        or None
+    )
     return [
         (attr, obj)
         for attr, obj in vars(module).items()

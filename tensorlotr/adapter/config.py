@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..core import normalize_rank
+from ..files.atomic import atomic_file
+from ..files.hub import resolve_folder
 
+#: The file of a LoTR adapter (or config-only) folder that holds its config.
+CONFIG_NAME = "lotr_config.json"
+#: The version of the folder format that this code writes and reads.
+FORMAT_VERSION = 1
 INITS = ("zeros", "normal", "svd")
 GROUP_MODES = ("by_name", "shared")
 #: Dtypes the adapter's factors and cores may be kept in (``adapter_dtype``).
@@ -227,8 +236,6 @@ class LoTRConfig:
 
     def save_pretrained(self, save_directory: str | Any) -> Any:
         """Write this config as ``lotr_config.json`` in ``save_directory`` (no tensors)."""
-        from ..io.lotr_format import write_config
-
         return write_config(save_directory, self.to_dict())
 
     @classmethod
@@ -238,7 +245,51 @@ class LoTRConfig:
         ``hub_kwargs`` (``subfolder``, ``revision``, ``token``, ``cache_dir``,
         ``local_files_only``) go to the Hub; see :func:`tensorlotr.io.hub.resolve_folder`.
         """
-        from ..io.hub import resolve_folder
-        from ..io.lotr_format import read_config
-
         return cls.from_dict(read_config(resolve_folder(path_or_id, what="LoTR config", **hub_kwargs)), strict=False)
+
+
+def write_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Write a config-only ``lotr_config.json`` (no groups, no tensors) into ``out_dir``.
+
+    Returns the file's path. ``LoTRConfig.save_pretrained`` writes its config this way.
+
+    Examples
+    --------
+    >>> print(write_config("my-config", {"rank": [16, 8], "target_modules": ["q_proj", "v_proj"]}))
+    my-config/lotr_config.json
+    >>> read_config("my-config")
+    {'rank': [16, 8], 'target_modules': ['q_proj', 'v_proj']}
+    """
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"format": "tensorlotr", "format_version": FORMAT_VERSION, "config": config}
+    with atomic_file(folder / CONFIG_NAME, force=True) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+    return folder / CONFIG_NAME
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config`` of ``path/lotr_config.json`` (an adapter or a config-only folder).
+
+    Ranks are lists, ``[r_out, r_in]`` or one number, as written.
+
+    Examples
+    --------
+    >>> from tensorlotr import LoTRConfig
+    >>> _ = LoTRConfig(rank=(16, 8), target_modules=["q_proj"]).save_pretrained("saved-config")
+    >>> config = read_config("saved-config")
+    >>> config["rank"], config["target_modules"]
+    ([16, 8], ['q_proj'])
+    """
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing; is {path} a LoTR adapter folder?")
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != "tensorlotr":
+        raise ValueError(f"{config_path} is not a tensorlotr config")
+    if not isinstance(document.get("config"), dict):
+        raise ValueError(f"{config_path} has no 'config' object")
+    return document["config"]

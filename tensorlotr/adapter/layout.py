@@ -14,6 +14,7 @@ The torch bindings and the jobs build and consume :class:`LoTRAdapterFiles`;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,38 @@ class LoTRAdapterFiles:
     def modules_to_save(self) -> dict[str, torch.Tensor]:
         """Full tensors of the modules trained in full, by parameter path."""
         return saved_parameters(self.tensors)
+
+    def tucker(self, group: str, modules: Sequence[str] | None = None, dtype: torch.dtype = torch.float64) -> Tucker2:
+        """Group ``group`` as a :class:`tensorlotr.Tucker2` with the scale in its cores.
+
+        Cores (L, r_out, r_in) for ``modules`` (default: all of the group's, in order),
+        ``U`` (d_out, r_out) and ``V`` (d_in, r_in), all in ``dtype``.
+        """
+        layout = self.groups[group]
+        names = list(modules if modules is not None else layout.modules)
+        cores = torch.stack([layout.scale * self.core(m).to(dtype) for m in names])
+        return Tucker2(cores, self.factor(group, OUT_FACTOR).to(dtype), self.factor(group, IN_FACTOR).to(dtype))
+
+    def lora_factors(
+        self, group: str, dtype: torch.dtype | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Group ``group`` seen as a LoRA at scale 1: ``{module: (B_l, A_l)}``, exactly.
+
+        ``scale U G_l V^T = B_l A_l`` with rank ``r = min(r_out, r_in)``: for ``r_in <= r_out``
+        ``B_l = scale U G_l`` (d_out, r) and ``A_l = V^T`` (r, d_in); otherwise ``B_l = U``
+        and ``A_l = scale G_l V^T``. ``dtype`` defaults to the factors' own.
+        """
+        layout = self.groups[group]
+        u, v = self.factor(group, OUT_FACTOR).detach(), self.factor(group, IN_FACTOR).detach()
+        if dtype is not None:
+            u, v = u.to(dtype), v.to(dtype)
+        r_out, r_in = layout.rank
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module in layout.modules:
+            core = layout.scale * self.core(module).detach().to(u.dtype)
+            b, a = (u @ core, v.T) if r_in <= r_out else (u, core @ v.T)
+            out[module] = (b.contiguous(), a.contiguous())
+        return out
 
 
 class AdapterBuilder:

@@ -1,7 +1,7 @@
 """File formats: LoTR adapter folders, PEFT LoRA folders, atomic writes."""
 
 from ..adapter.layout import GroupLayout, LoTRAdapterFiles
-from .atomic import atomic_dir, atomic_file
+from ..files.atomic import atomic_dir, atomic_file
 from .lotr_format import is_lotr_dir, read_adapter, write_adapter
 
 __all__ = [

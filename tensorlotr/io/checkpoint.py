@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..adapter.groups import CONV1D_MODEL_TYPES, is_conv1d
-from .jsonfile import read_json_object
+from ..files.jsonfile import read_json_object
 
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

@@ -21,13 +21,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..adapter.config import CONFIG_NAME, FORMAT_VERSION
 from ..adapter.layout import GroupLayout, LoTRAdapterFiles, expected_shapes
-from .atomic import atomic_file
-from .jsonfile import read_json_object
+from ..files.atomic import atomic_file
+from ..files.jsonfile import read_json_object
 
-CONFIG_NAME = "lotr_config.json"
 WEIGHTS_NAME = "lotr_model.safetensors"
-FORMAT_VERSION = 1
 
 
 def write_adapter(out_dir: str | os.PathLike, adapter: LoTRAdapterFiles) -> Path:
@@ -109,7 +108,8 @@ def is_lotr_dir(path: str | os.PathLike) -> bool:
 
     Examples
     --------
-    >>> print(write_config("config-only", {"rank": 8}))
+    >>> from tensorlotr import LoTRConfig
+    >>> print(LoTRConfig(rank=8).save_pretrained("config-only"))
     config-only/lotr_config.json
     >>> is_lotr_dir("config-only"), is_lotr_dir(".")
     (True, False)
@@ -212,50 +212,3 @@ def _check_tensors(adapter: LoTRAdapterFiles, where: Path) -> None:
                 raise ValueError(f"{where}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{where}: tensor {key!r} contains NaN or Inf values")
-
-
-def write_config(out_dir: str | os.PathLike, config: dict) -> Path:
-    """Write a config-only ``lotr_config.json`` (no groups, no tensors) into ``out_dir``.
-
-    Returns the file's path. ``LoTRConfig.save_pretrained`` writes its config this way.
-
-    Examples
-    --------
-    >>> print(write_config("my-config", {"rank": [16, 8], "target_modules": ["q_proj", "v_proj"]}))
-    my-config/lotr_config.json
-    >>> read_config("my-config")
-    {'rank': [16, 8], 'target_modules': ['q_proj', 'v_proj']}
-    """
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    document = {"format": "tensorlotr", "format_version": FORMAT_VERSION, "config": config}
-    with atomic_file(folder / CONFIG_NAME, force=True) as tmp:
-        tmp.write_text(json.dumps(document, indent=2) + "\n")
-    return folder / CONFIG_NAME
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """The ``config`` of ``path/lotr_config.json`` (an adapter or a config-only folder).
-
-    Ranks are lists, ``[r_out, r_in]`` or one number, as written.
-
-    Examples
-    --------
-    >>> from tensorlotr import LoTRConfig
-    >>> _ = LoTRConfig(rank=(16, 8), target_modules=["q_proj"]).save_pretrained("saved-config")
-    >>> config = read_config("saved-config")
-    >>> config["rank"], config["target_modules"]
-    ([16, 8], ['q_proj'])
-    """
-    config_path = Path(path) / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; is {path} a LoTR adapter folder?")
-    try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or document.get("format") != "tensorlotr":
-        raise ValueError(f"{config_path} is not a tensorlotr config")
-    if not isinstance(document.get("config"), dict):
-        raise ValueError(f"{config_path} has no 'config' object")
-    return document["config"]

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from ..adapter.layout import LoTRAdapterFiles
-from .atomic import atomic_file
+from ..files.atomic import atomic_file
 
 CARD_NAME = "README.md"
 _FRONT = re.compile(r"\A---\n(.*?)\n---\n?", re.DOTALL)

@@ -27,8 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..adapter.groups import module_order
-from .atomic import atomic_file
-from .jsonfile import read_json_object
+from ..files.atomic import atomic_file
+from ..files.jsonfile import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS_NAME = "adapter_model.safetensors"

@@ -856,7 +856,7 @@ class LoTRModel(nn.Module):
             write_adapter(folder, adapter)
             write_model_card(folder, adapter, name)
         if push_to_hub:
-            from ..io.hub import push_folder
+            from ..files.hub import push_folder
 
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             push_folder(save_directory, repo_id, **kwargs)
@@ -879,7 +879,7 @@ class LoTRModel(nn.Module):
         """
         import tempfile
 
-        from ..io.hub import push_folder
+        from ..files.hub import push_folder
 
         with tempfile.TemporaryDirectory(prefix="tensorlotr-push-") as folder:
             self.save_pretrained(folder, selected_adapters=selected_adapters)
@@ -923,7 +923,7 @@ class LoTRModel(nn.Module):
         >>> LoTRModel.from_pretrained(BertModel(bert), "my-adapter", is_trainable=True).get_nb_trainable_parameters()[0]
         576
         """
-        from ..io.hub import resolve_folder
+        from ..files.hub import resolve_folder
         from ..io.zoo_format import is_zoo_dir, read_zoo
 
         folder = resolve_folder(adapter_dir, what="adapter", **hub_kwargs)
@@ -1016,8 +1016,8 @@ class LoTRModel(nn.Module):
         >>> lotr.groups["q_proj"].shape, lotr.active_adapter
         ((32, 32), 'default')
         """
-        from ..convert import convert_lora
-        from ..io.hub import resolve_folder
+        from ..files.hub import resolve_folder
+        from ..jobs.convert import convert_lora
 
         folder = resolve_folder(peft_dir, what="PEFT LoRA", **hub_kwargs)
         report = convert_lora(folder, None, rank=rank, energy=energy, n_iter=n_iter)
@@ -1117,7 +1117,7 @@ class LoTRModel(nn.Module):
         (['default', 'saved'], ['default'])
         >>> lotr.load_adapter("my-adapter")  # into the active adapter, as when resuming
         """
-        from ..io.hub import resolve_folder
+        from ..files.hub import resolve_folder
 
         folder = resolve_folder(adapter_dir, what="adapter", **hub_kwargs)
         files = _read_lotr(folder, adapter_dir)

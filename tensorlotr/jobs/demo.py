@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from ..nn import LoTRConfig, LoTRModel, get_lotr_model
+from ..progress import Progress, no_progress
+from ..report import Result
 from .data import builtin_sentiment, read_tsv
-from .nn import LoTRConfig, LoTRModel, get_lotr_model
-from .progress import Progress, no_progress
-from .report import Result
 
 
 def default_model_dir() -> Path:

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from .adapter import group_modules, module_order
-from .adapter.layout import (
+from ..adapter import group_modules, module_order
+from ..adapter.layout import (
     IN_FACTOR,
     OUT_FACTOR,
     GroupLayout,
@@ -40,6 +40,21 @@ from .adapter.layout import (
     zoo_core_key,
     zoo_saved_key,
 )
+from ..core import (
+    Tucker2,
+    lowrank_norm_sq,
+    normalize_rank,
+    relative_error_lowrank,
+    tucker2_lowrank,
+    tucker2_weighted,
+)
+from ..files.atomic import atomic_dir, check_output
+from ..io import is_lotr_dir, read_adapter
+from ..io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
+from ..io.peft_lora import PeftLoRA
+from ..io.zoo_format import is_zoo_dir, read_zoo, write_zoo
+from ..progress import Progress, no_progress
+from ..report import Result, format_table, to_json
 from .calibration import (
     REPORT_NAME,
     Calibration,
@@ -50,21 +65,6 @@ from .calibration import (
     compression_document,
     error_sums,
 )
-from .core import (
-    Tucker2,
-    lowrank_norm_sq,
-    normalize_rank,
-    relative_error_lowrank,
-    tucker2_lowrank,
-    tucker2_weighted,
-)
-from .io import is_lotr_dir, read_adapter
-from .io.atomic import atomic_dir, check_output
-from .io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
-from .io.peft_lora import PeftLoRA
-from .io.zoo_format import is_zoo_dir, read_zoo, write_zoo
-from .progress import Progress, no_progress
-from .report import Result, format_table, to_json
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -746,7 +746,7 @@ def _heal_zoo(
 
     Returns each adapter's heal report (as a dict).
     """
-    from .heal import LoRATeacher, heal_adapter  # the torch bindings, only when healing
+    from ..nn.heal import LoRATeacher, heal_adapter  # the torch bindings, only when healing
 
     assert cal.base_model is not None and cal.inputs is not None and cal.stats is not None
     reports = {}

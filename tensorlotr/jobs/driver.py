@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .adapter import AdapterBuilder, Group, LoTRAdapterFiles
-from .core import Tucker2
-from .progress import Progress, no_progress
-from .report import Result, format_table, to_json
+from ..adapter import AdapterBuilder, Group, LoTRAdapterFiles
+from ..core import Tucker2
+from ..progress import Progress, no_progress
+from ..report import Result, format_table, to_json
 
 
 @dataclass
@@ -287,7 +287,7 @@ def save_adapter(
     """
     if out_dir is None:
         return
-    from .io import atomic_dir, write_adapter
+    from ..io import atomic_dir, write_adapter
 
     with atomic_dir(out_dir, force=force) as tmp:
         write_adapter(tmp, files)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .core import normalize_rank, tucker2
+from ..core import normalize_rank, tucker2
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
+from .._version import __version__
 
 
 class Terminated(BaseException):
@@ -189,14 +189,14 @@ class _ListAction(argparse.Action):
 
 def _check_outputs(out: Path | None, inputs: Sequence[Path], force: bool) -> None:
     """Refuse ``.``/``..``, outputs that overlap an input (even with ``--force``), and existing outputs."""
-    from .io.atomic import check_output
+    from ..files.atomic import check_output
 
     check_output(out, force, inputs=inputs)
 
 
 def _cmd_demo(args: argparse.Namespace) -> Any:
-    from .demo import run_demo
-    from .progress import tqdm_progress
+    from ..jobs.demo import run_demo
+    from ..progress import tqdm_progress
 
     inputs = [p for p in (args.data, args.eval_data, args.model) if p is not None]
     if args.output is not None:
@@ -213,8 +213,8 @@ def _cmd_demo(args: argparse.Namespace) -> Any:
 
 
 def _cmd_convert(args: argparse.Namespace) -> Any:
-    from .convert import convert_lora
-    from .progress import tqdm_progress
+    from ..jobs.convert import convert_lora
+    from ..progress import tqdm_progress
 
     _check_outputs(args.out_dir, [args.peft_dir], args.force)
     return convert_lora(
@@ -225,15 +225,15 @@ def _cmd_convert(args: argparse.Namespace) -> Any:
 
 
 def _cmd_export(args: argparse.Namespace) -> Any:
-    from .convert import export_lora
+    from ..jobs.convert import export_lora
 
     _check_outputs(args.out_dir, [args.lotr_dir], args.force)
     return export_lora(args.lotr_dir, args.out_dir, adapter=args.adapter, force=args.force)
 
 
 def _cmd_zoo_compress(args: argparse.Namespace) -> Any:
-    from .progress import tqdm_progress
-    from .zoo import compress_zoo
+    from ..jobs.zoo import compress_zoo
+    from ..progress import tqdm_progress
 
     if len(args.paths) < 2:
         raise ValueError("zoo compress needs at least one SOURCE and the OUT_DIR")
@@ -247,8 +247,8 @@ def _cmd_zoo_compress(args: argparse.Namespace) -> Any:
 
 
 def _cmd_zoo_add(args: argparse.Namespace) -> Any:
-    from .progress import tqdm_progress
-    from .zoo import add_to_zoo
+    from ..jobs.zoo import add_to_zoo
+    from ..progress import tqdm_progress
 
     return add_to_zoo(
         args.zoo_dir, args.source, name=args.name, refit=args.refit, rank=args.rank, energy=args.energy,
@@ -259,9 +259,9 @@ def _cmd_zoo_add(args: argparse.Namespace) -> Any:
 def _cmd_decompose(args: argparse.Namespace) -> Any:
     import torch
 
-    from .convert import export_lora
-    from .decomposition import decompose
-    from .progress import tqdm_progress
+    from ..jobs.convert import export_lora
+    from ..jobs.decompose import decompose
+    from ..progress import tqdm_progress
 
     inputs = [args.base_dir, args.finetuned_dir]
     _check_outputs(args.out_dir, inputs, args.force)
@@ -282,8 +282,8 @@ def _cmd_decompose(args: argparse.Namespace) -> Any:
 
 
 def _cmd_tb2parquet(args: argparse.Namespace) -> Any:
-    from .logs import EventFileWarning, tb2parquet
-    from .progress import tqdm_progress
+    from ..jobs.logs import EventFileWarning, tb2parquet
+    from ..progress import tqdm_progress
 
     _check_outputs(args.out, [args.log_dir], args.force)
     with warnings.catch_warnings():
@@ -298,7 +298,7 @@ def _cmd_tb2parquet(args: argparse.Namespace) -> Any:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> Any:
-    from .convert import inspect_adapter
+    from ..jobs.convert import inspect_adapter
 
     return inspect_adapter(args.dir)
 
@@ -374,7 +374,7 @@ def _calibration(args: argparse.Namespace, adapter: Path, base_model: Path | Non
     """The job's ``calibration`` from the flags (None without --calibration-data)."""
     if args.calibration_data is None:
         return None
-    from .calibration import calibration_from_files
+    from ..jobs.calibration import calibration_from_files
 
     return calibration_from_files(
         base_model or args.base_model, args.calibration_data, adapter, samples=args.calibration_samples,
@@ -553,7 +553,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Checks across flags, before any work starts; errors come from the command's own parser."""
     _check_calibration(args)
     if args.command == "tb2parquet":
-        from .logs import check_arguments
+        from ..jobs.logs import check_arguments
 
         try:
             check_arguments(args.names, args.tags, args.index)

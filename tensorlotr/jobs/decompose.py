@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Group, LoTRAdapterFiles, group_modules, matches, module_order
-from .adapter.groups import no_match_message, oriented_shape
+from ..adapter import Group, LoTRAdapterFiles, group_modules, matches, module_order
+from ..adapter.groups import no_match_message, oriented_shape
+from ..core import Tucker2, check_energy, normalize_rank, tucker2_streaming, tucker2_weighted
+from ..files.atomic import check_output
+from ..io.checkpoint import WeightSource, open_weights
+from ..progress import Progress, no_progress
+from ..report import Result
 from .calibration import Calibration, CalibrationStats, as_calibration, error_sums
-from .core import Tucker2, check_energy, normalize_rank, tucker2_streaming, tucker2_weighted
 from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
-from .io.atomic import check_output
-from .io.checkpoint import WeightSource, open_weights
-from .progress import Progress, no_progress
-from .report import Result
 
 
 @dataclass(kw_only=True)
@@ -158,7 +158,7 @@ class Decomposition:
         >>> lotr.groups["query"].rank, lotr.get_nb_trainable_parameters()[0]  # 4*32 + 4*32 + 2*4*4
         ((4, 4), 288)
         """
-        from .nn.model import LoTRModel
+        from ..nn.model import LoTRModel
 
         return LoTRModel.from_adapter_files(model, self.adapter, is_trainable=is_trainable)
 

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter.layout import IN_FACTOR, OUT_FACTOR, LoTRAdapterFiles
-from .core import Tucker2, lowrank_norm_sq, relative_error_lowrank, weighted_residuals_lowrank
-from .progress import Progress, no_progress
-from .report import Result
+from ..adapter.layout import LoTRAdapterFiles
+from ..core import Tucker2, lowrank_norm_sq, relative_error_lowrank, weighted_residuals_lowrank
+from ..progress import Progress, no_progress
+from ..report import Result
 
 #: Eigenvalues of C below this share of the largest are dropped from its factor.
 _CUTOFF = 1e-12
@@ -549,10 +549,7 @@ def error_sums(
 
 def group_tucker(files: LoTRAdapterFiles, group: str, modules: Sequence[str] | None = None) -> Tucker2:
     """Group ``group`` of an adapter as a Tucker2 (the scale in the cores), for ``modules`` (default: all)."""
-    layout = files.groups[group]
-    names = list(modules if modules is not None else layout.modules)
-    cores = torch.stack([layout.scale * files.core(m).double() for m in names])
-    return Tucker2(cores, files.factor(group, OUT_FACTOR).double(), files.factor(group, IN_FACTOR).double())
+    return files.tucker(group, modules)
 
 
 def compression_document(report: Result) -> dict[str, Any]:
@@ -571,7 +568,7 @@ def add_report_columns(rows: list[dict[str, Any]], folder: str | os.PathLike, se
     that names a row in it and in ``rows``. A folder without the file (an adapter compressed
     without calibration, or by an older tensorlotr) is left as it is.
     """
-    from .io.jsonfile import read_json_object
+    from ..files.jsonfile import read_json_object
 
     path = Path(folder) / REPORT_NAME
     if not path.is_file():
@@ -588,8 +585,8 @@ def add_report_columns(rows: list[dict[str, Any]], folder: str | os.PathLike, se
 
 def _head_of(folder: Path) -> tuple[str | None, int | None]:
     """PEFT's task type of the adapter in ``folder`` and, for a classification head it saves, its number of labels."""
-    from .io import is_lotr_dir, read_adapter
-    from .io.peft_lora import CONFIG_NAME, PeftLoRA
+    from ..io import is_lotr_dir, read_adapter
+    from ..io.peft_lora import CONFIG_NAME, PeftLoRA
 
     if (folder / CONFIG_NAME).is_file():
         lora = PeftLoRA(folder)

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import LoTRAdapterFiles
-from .calibration import resolve_modules
-from .nn import LoTRModel
-from .progress import Progress, no_progress
-from .report import Result
+from ..adapter import LoTRAdapterFiles
+from ..jobs.calibration import resolve_modules
+from ..progress import Progress, no_progress
+from ..report import Result
+from .model import LoTRModel
 
 Batch = Mapping[str, Any]
 

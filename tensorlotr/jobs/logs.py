@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .progress import Progress, no_progress
-from .report import Result
+from ..progress import Progress, no_progress
+from ..report import Result
 
 EVENT_GLOB = "*tfevents*"
 #: Names that ``names`` may not take: the output's own columns, and ``run``.
@@ -437,7 +437,7 @@ def tb2parquet(
     >>> pd.read_parquet("logs.parquet").equals(read_logs("runs", names=names))
     True
     """
-    from .io.atomic import atomic_file, check_output
+    from ..files.atomic import atomic_file, check_output
 
     check_arguments(names, tags, index)
     check_output(out_path, force, inputs=[log_dir])

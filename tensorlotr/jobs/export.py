@@ -1,0 +1,139 @@
+"""LoTR -> PEFT LoRA: ``export_lora``, exact, since ``U G_l V^T`` is a LoRA of rank ``min(r_out, r_in)``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapter import LoTRAdapterFiles
+from ..files.atomic import atomic_dir, check_output
+from ..io import read_adapter
+from ..io.peft_lora import lora_config, lora_keys, saved_tensor_key, write_peft_lora
+from ..io.zoo_format import is_zoo_dir, read_zoo
+from ..report import Result
+
+
+def _task_type(model_class: str | None) -> str | None:
+    if not model_class:
+        return None
+    for suffix, task in (
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
+        if model_class.endswith(suffix):
+            return task
+    return None
+
+
+@dataclass(kw_only=True)
+class ExportReport(Result):
+    """What :func:`export_lora` wrote: the PEFT LoRA's modules, ranks by group and parameters.
+
+    Examples
+    --------
+    >>> from tensorlotr import convert_lora
+    >>> _ = convert_lora("my-lora", "lotr-a")
+    >>> print(export_lora("lotr-a", "lora-a"))
+    wrote PEFT LoRA lora-a: 4 modules (q_proj: r=8, v_proj: r=8), 2,048 params
+    """
+
+    source: str
+    output: str
+    modules: int
+    ranks: dict[str, int]
+    lora_params: int
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        ranks = ", ".join(f"{g}: r={r}" for g, r in self.ranks.items())
+        return f"wrote PEFT LoRA {self.output}: {self.modules} modules ({ranks}), {self.lora_params:,} params"
+
+
+def export_lora(
+    lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, adapter: str | None = None, force: bool = False
+) -> ExportReport:
+    """Write a LoTR adapter as a PEFT LoRA folder, exactly.
+
+    ``dW_l = scale U G_l V^T`` becomes a LoRA of rank ``r = min(r_out, r_in)``: with
+    ``r_in <= r_out``, ``B_l = scale U G_l`` (d_out, r_in) and ``A_l = V^T``; otherwise
+    ``B_l = U`` and ``A_l = scale G_l V^T``. ``lora_alpha = r`` so PEFT's scale is 1, and
+    groups of different ranks get ``rank_pattern`` / ``alpha_pattern`` entries.
+
+    Parameters
+    ----------
+    lotr : path or LoTRModel
+        A LoTR adapter folder, a zoo folder (with ``adapter``) or a model with adapters attached.
+    out_dir : path
+        Written atomically; an existing folder needs ``force``.
+    adapter : str, optional
+        Which adapter of a zoo to export (exact with respect to the zoo).
+
+    Returns
+    -------
+    ExportReport
+        Modules, rank by group, LoRA parameters, output path.
+
+    Examples
+    --------
+    A LoTR adapter of rank (8, 8) on two groups of 2 layers (32 x 32) becomes a LoRA of
+    rank 8 on 4 modules: ``B_l`` (32, 8) and ``A_l`` (8, 32) each.
+
+    >>> from tensorlotr import convert_lora
+    >>> _ = convert_lora("my-lora", "lotr-b")
+    >>> report = export_lora("lotr-b", "lotr-b-as-lora")
+    >>> report.modules, report.ranks, report.lora_params
+    (4, {'q_proj': 8, 'v_proj': 8}, 2048)
+    """
+    source_dir = lotr if isinstance(lotr, (str, os.PathLike)) else None
+    check_output(out_dir, force, inputs=[source_dir])
+    files = _adapter_files(lotr, adapter)
+    source = str(lotr) if isinstance(lotr, (str, os.PathLike)) else type(lotr).__name__
+    source += f" (adapter {adapter})" if adapter else ""
+    tensors: dict[str, torch.Tensor] = {}
+    rank_of_module: dict[str, int] = {}
+    fan_in_fan_out = False
+    for name, group in files.groups.items():
+        fan_in_fan_out |= group.fan_in_fan_out
+        for module, (b, a) in files.lora_factors(name, dtype=torch.float32).items():
+            key_a, key_b = lora_keys(module)
+            # the factors are shared by the group's modules; PEFT stores one copy per module
+            tensors[key_a], tensors[key_b] = a.clone(), b.clone()
+            rank_of_module[module] = min(group.rank)
+    for key, tensor in files.modules_to_save.items():
+        tensors[saved_tensor_key(key)] = tensor
+    modules_to_save = sorted({k.rsplit(".", 1)[0] for k in files.modules_to_save})
+    task_type = files.base_model.get("task_type") or _task_type(files.base_model.get("class"))
+    config = lora_config(
+        rank_of_module, fan_in_fan_out, modules_to_save, task_type, files.base_model.get("name_or_path")
+    )
+    with atomic_dir(out_dir, force=force) as tmp:
+        write_peft_lora(tmp, config, tensors)
+    return ExportReport(
+        source=source,
+        output=str(out_dir),
+        modules=len(rank_of_module),
+        ranks={name: min(g.rank) for name, g in files.groups.items()},
+        lora_params=sum(t.numel() for k, t in tensors.items() if ".lora_" in k),
+        modules_to_save=modules_to_save,
+    )
+
+
+def _adapter_files(lotr: str | os.PathLike | Any, adapter: str | None) -> LoTRAdapterFiles:
+    """The adapter to export: a LoTR folder, one adapter of a zoo folder, or a model's adapter."""
+    if not isinstance(lotr, (str, os.PathLike)):
+        return lotr.adapter_files() if adapter is None else lotr.adapter_files(adapter)
+    if is_zoo_dir(lotr):
+        zoo = read_zoo(lotr)
+        if adapter is None:
+            raise ValueError(f"{lotr} is a zoo of {len(zoo.adapters)} adapters; choose one with --adapter NAME")
+        return zoo.adapter(adapter)
+    if adapter is not None:
+        raise ValueError(f"{lotr} is a single LoTR adapter, not a zoo; drop --adapter")
+    return read_adapter(lotr)
