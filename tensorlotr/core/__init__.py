@@ -10,7 +10,7 @@ imports), ``svd`` (rank choice, singular vectors, HOOI, the dense HOSVD on array
 (the output-aware Tucker-2, weighted by the layers' input second moments).
 """
 
-from .backend import check_energy, normalize_rank
+from .backend import check_energy, check_rank, clipped_rank_note, max_rank, normalize_rank
 from .contract import contract, plan_cache_info
 from .error import relative_error, relative_error_lowrank
 from .hosvd import tucker2, tucker2_lowrank
@@ -24,10 +24,13 @@ __all__ = [
     "LayerStack",
     "Tucker2",
     "check_energy",
+    "check_rank",
     "choose_rank",
+    "clipped_rank_note",
     "contract",
     "lowrank_layers",
     "lowrank_norm_sq",
+    "max_rank",
     "normalize_rank",
     "plan_cache_info",
     "relative_error",

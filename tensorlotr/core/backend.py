@@ -175,6 +175,56 @@ def normalize_rank(rank: int | Sequence[int] | None) -> tuple[int, int] | None:
     return pair
 
 
+def max_rank(n_layers: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """The largest Tucker-2 ranks a stack of ``n_layers`` matrices of ``shape`` (d_out, d_in) has.
+
+    ``(min(d_out, L*d_in), min(d_in, L*d_out))``: the ranks of the mode-1 and mode-2 unfoldings.
+
+    Examples
+    --------
+    >>> max_rank(2, (32, 8))
+    (16, 8)
+    """
+    (d_out, d_in) = shape
+    return min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
+
+
+def check_rank(group: str, n_layers: int, shape: tuple[int, int], rank: tuple[int, int]) -> None:
+    """Refuse (``ValueError``) a rank above :func:`max_rank` for a group of ``n_layers`` of ``shape``.
+
+    Examples
+    --------
+    >>> check_rank("q_proj", 2, (32, 8), (16, 8))
+    >>> check_rank("q_proj", 2, (32, 8), (17, 8))
+    Traceback (most recent call last):
+    ...
+    ValueError: group 'q_proj' (2 layers of 32x8, d_out x d_in) cannot take rank (17, 8): ...
+    """
+    (d_out, d_in), (r_out, r_in) = shape, rank
+    max_out, max_in = max_rank(n_layers, shape)
+    if r_out > max_out or r_in > max_in:
+        raise ValueError(
+            f"group {group!r} ({n_layers} layers of {d_out}x{d_in}, d_out x d_in) cannot take rank ({r_out}, {r_in}): "
+            f"the largest sensible rank is ({max_out}, {max_in}) = (min(d_out, L*d_in), min(d_in, L*d_out)); "
+            f"lower rank, or set rank_pattern[{group!r}]"
+        )
+
+
+def clipped_rank_note(group: str, requested: tuple[int, int] | None, kept: Sequence[int]) -> str | None:
+    """The report's note for a group kept below the rank asked for (its exact rank is lower), else None.
+
+    Examples
+    --------
+    >>> clipped_rank_note("q_proj", (64, 64), (16, 8))
+    'group q_proj: rank 64x64 is above its exact rank; kept 16x8'
+    >>> clipped_rank_note("q_proj", (8, 8), (8, 8)) is None
+    True
+    """
+    if requested is None or (kept[0] >= requested[0] and kept[1] >= requested[1]):
+        return None
+    return f"group {group}: rank {requested[0]}x{requested[1]} is above its exact rank; kept {kept[0]}x{kept[1]}"
+
+
 def check_energy(energy: float | None) -> None:
     """Raise ``ValueError`` unless ``energy`` is None or in (0, 1]."""
     if energy is not None and not 0.0 < float(energy) <= 1.0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapter import AdapterBuilder, Group, LoTRAdapterFiles
-from ..core import Tucker2
+from ..core import Tucker2, clipped_rank_note
 from ..progress import Progress, no_progress
 from ..report import Result, format_table, to_json
 
@@ -252,11 +252,7 @@ def run_plan(
                 **outcome.details,
             )
         )
-    notes = [
-        f"group {g.group}: rank {rank[0]}x{rank[1]} is above its exact rank; kept {g.rank[0]}x{g.rank[1]}"
-        for g in reports
-        if rank is not None and tuple(g.rank) != tuple(rank)
-    ]
+    notes = [note for g in reports if (note := clipped_rank_note(g.group, rank, g.rank))]
     return PlanResult(builder, reports, total_sq, err_sq, notes)
 
 

@@ -42,6 +42,7 @@ from ..adapter.layout import (
 )
 from ..core import (
     Tucker2,
+    clipped_rank_note,
     lowrank_norm_sq,
     normalize_rank,
     relative_error_lowrank,
@@ -584,11 +585,8 @@ def _empty(b: torch.Tensor, a: torch.Tensor, n_layers: int) -> Tucker2:
 def _clipped_notes(zoo: ZooFiles, rank: tuple[int, int] | None, energy: float | None) -> list[str]:
     if rank is None or energy is not None:
         return []
-    return [
-        f"group {name}: rank {rank[0]}x{rank[1]} is above its exact rank; kept {g.rank[0]}x{g.rank[1]}"
-        for name, g in zoo.groups.items()
-        if g.rank[0] < rank[0] or g.rank[1] < rank[1]  # a rank raised for min_retention has its own note
-    ]
+    # a rank raised for min_retention has its own note
+    return [note for name, g in zoo.groups.items() if (note := clipped_rank_note(name, rank, g.rank))]
 
 
 def add_to_zoo(

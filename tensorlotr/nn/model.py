@@ -17,7 +17,7 @@ from torch import nn
 from ..adapter import LoTRConfig
 from ..adapter.groups import is_conv1d
 from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, LoTRAdapterFiles, core_key, factor_key, saved_key
-from ..core import Tucker2, tucker2
+from ..core import Tucker2, check_rank, tucker2
 from .layer import BASE_ADAPTER, LoTRFactors, LoTRLayer, share_input_products
 from .targets import (
     build_groups,
@@ -73,18 +73,6 @@ def _refuse_adapted(model: nn.Module) -> None:
             f"the model already carries a LoTR adapter: {len(adapted)} LoTRLayer modules ({names}) of rank "
             f"{', '.join(map(str, ranks))}; add another adapter with LoTRModel.add_adapter(name, config), attach it to "
             "a fresh base model, or remove the existing one first with unload() or merge_and_unload() on its LoTRModel"
-        )
-
-
-def _check_rank(group: str, n_layers: int, shape: tuple[int, int], rank: tuple[int, int]) -> None:
-    """Refuse a rank above the largest a stack of ``n_layers`` matrices of ``shape`` (d_out, d_in) can have."""
-    (d_out, d_in), (r_out, r_in) = shape, rank
-    max_out, max_in = min(d_out, n_layers * d_in), min(d_in, n_layers * d_out)
-    if r_out > max_out or r_in > max_in:
-        raise ValueError(
-            f"group {group!r} ({n_layers} layers of {d_out}x{d_in}, d_out x d_in) cannot take rank ({r_out}, {r_in}): "
-            f"the largest sensible rank is ({max_out}, {max_in}) = (min(d_out, L*d_in), min(d_in, L*d_out)); "
-            f"lower rank, or set rank_pattern[{group!r}]"
         )
 
 
@@ -240,7 +228,7 @@ class LoTRModel(nn.Module):
         names = resolve_targets(model, config)
         groups = build_groups(model, names, config)
         for g in groups:
-            _check_rank(g.name, len(g.modules), g.shape, config.rank_of(g.name, g.modules))
+            check_rank(g.name, len(g.modules), g.shape, config.rank_of(g.name, g.modules))
         return {
             g.name: GroupLayout(
                 list(g.modules),
