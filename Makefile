@@ -34,9 +34,11 @@ test: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
+# style (ruff) and static types (mypy over tensorlotr/, strict: see [tool.mypy] in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check tensorlotr tests bench examples
 	$(BIN)/ruff format --check tensorlotr tests bench examples
+	$(BIN)/mypy tensorlotr
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache

@@ -26,11 +26,20 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .core import Tucker2, relative_error, relative_error_lowrank, tucker2, tucker2_lowrank
+
+if TYPE_CHECKING:  # the names of _LAZY, for type checkers; at run time __getattr__ imports them
+    from .adapter import LoTRConfig
+    from .jobs.convert import convert_lora
+    from .jobs.decompose import decompose
+    from .jobs.export import export_lora
+    from .jobs.zoo import add_to_zoo, compress_zoo
+    from .nn import LoTRModel, LoTRTrainer, get_lotr_model
 
 __all__ = [
     "LoTRConfig",
@@ -87,7 +96,9 @@ MOVED_MODULES = {
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves an old module path of :data:`MOVED_MODULES` to the module at its new path."""
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MOVED_MODULES:
             return None
         return importlib.util.spec_from_loader(fullname, self)
@@ -103,6 +114,61 @@ if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
     sys.meta_path.insert(0, _MovedModuleFinder())
 
 
+def _register_with_peft() -> None:
+    """Import :mod:`tensorlotr.peft`, which registers LoTR with PEFT; never let it break ``import peft``."""
+    try:
+        importlib.import_module("tensorlotr.peft")
+    except Exception as exc:  # an unsupported PEFT refuses LoTR adapters itself, with the reason
+        if not getattr(exc, "unsupported_peft", False):
+            import warnings
+
+            warnings.warn(f"tensorlotr could not register LoTR with PEFT: {exc!r}", RuntimeWarning, stacklevel=2)
+
+
+class _PeftLoader(importlib.abc.Loader):
+    """PEFT's own loader, which registers LoTR right after ``peft`` has run."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        _register_with_peft()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+class _PeftFinder(importlib.abc.MetaPathFinder):
+    """Finds ``peft`` as the other finders do and wraps its loader in :class:`_PeftLoader`, so that
+    ``import tensorlotr`` alone makes ``PeftModel.from_pretrained`` know ``peft_type`` LOTR, without
+    importing PEFT (or torch) before something else does."""
+
+    _searching = False
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "peft" or self._searching:
+            return None
+        self._searching = True
+        try:
+            finders = [f for f in sys.meta_path if f is not self and hasattr(f, "find_spec")]
+            spec = next((s for f in finders if (s := f.find_spec(fullname, path, target)) is not None), None)
+        finally:
+            self._searching = False
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PeftLoader(spec.loader)
+        return spec
+
+
+if not any(isinstance(finder, _PeftFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _PeftFinder())
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
@@ -111,3 +177,8 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+_peft = sys.modules.get("peft")
+if _peft is not None and not getattr(getattr(_peft, "__spec__", None), "_initializing", False):
+    _register_with_peft()  # PEFT was imported first: register now

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -57,7 +57,7 @@ class Result:
         return self.text()
 
 
-def _asdict(value: Any) -> Any:
+def _asdict(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     if isinstance(value, (list, tuple)):
@@ -65,7 +65,7 @@ def _asdict(value: Any) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> object:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -73,7 +73,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def format_value(value: Any) -> str:
+def format_value(value: object) -> str:
     """A table cell: floats in short scientific or fixed form, ints with thousands separators.
 
     Examples
@@ -96,7 +96,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
     """Rows of dicts as an aligned text table; numbers are right-aligned.
 
     Examples
@@ -122,7 +122,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def to_json(report: Any) -> str:
+def to_json(report: object) -> str:
     """A report as indented JSON; tuples become lists, non-finite floats become strings.
 
     Examples
@@ -137,7 +137,7 @@ def to_json(report: Any) -> str:
     }
     """
 
-    def clean(value: Any) -> Any:
+    def clean(value: object) -> object:
         if isinstance(value, dict):
             return {str(k): clean(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from models import inputs, minilm_dir, sst2_dir, tiny_bert
 from peft import LoraConfig, get_peft_model
 
-from tensorlotr.calibration import Calibration, calibrate, error_sums, group_tucker
+from tensorlotr.calibration import Calibration, calibrate, error_sums
 from tensorlotr.convert import convert_lora, inspect_adapter
 from tensorlotr.core import (
     relative_error_lowrank,
@@ -203,7 +203,7 @@ def test_calibrated_conversion_lowers_the_output_error_and_full_rank_stays_exact
     lora, files = PeftLoRA(tmp_path / "peft"), read_adapter(tmp_path / "plain")
     for row in calibrated.groups:
         names = files.groups[row.group].modules
-        plain_sums = error_sums(group_tucker(files, row.group), *lora.load(names), stats.factors(names))
+        plain_sums = error_sums(files.tucker(row.group), *lora.load(names), stats.factors(names))
         assert row.output_error < plain_sums.output_error - 0.01
     assert calibrated.output_error < 1 and plain.output_error is None
     assert (tmp_path / "calibrated" / "compression_report.json").is_file()
@@ -343,8 +343,8 @@ def test_calibrated_decompose_lowers_the_output_error_with_an_exact_weight_error
         deltas = [(finetuned.get_submodule(m).weight - base.get_submodule(m).weight).detach().double() for m in modules]
         eye = torch.eye(32, dtype=torch.float64)
         factors = stats.factors(modules)
-        ours = error_sums(group_tucker(files, row.group), deltas, [eye] * 3, [1.0] * 3, factors)
-        theirs = error_sums(group_tucker(plain_files, row.group), deltas, [eye] * 3, [1.0] * 3, factors)
+        ours = error_sums(files.tucker(row.group), deltas, [eye] * 3, [1.0] * 3, factors)
+        theirs = error_sums(plain_files.tucker(row.group), deltas, [eye] * 3, [1.0] * 3, factors)
         assert ours.output_error < theirs.output_error - 0.02
         assert row.relative_error == pytest.approx(ours.weight_error, abs=1e-5)  # exact, from the extra pass
         assert row.route.endswith("+calibrated") and row.output_error is not None

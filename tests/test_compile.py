@@ -17,7 +17,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tensorlotr as tlr
-from tensorlotr.nn.layer import ADAPTER_FORWARD, plan_batched
+from tensorlotr.nn.layer import ADAPTER_FORWARD
+from tensorlotr.nn.planner import plan_batched
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import functools
 import importlib
 import inspect
 import io
@@ -17,14 +18,31 @@ MODULES = [
     "tensorlotr.adapter.config",
     "tensorlotr.adapter.groups",
     "tensorlotr.adapter.layout",
+    "tensorlotr.adapter.lora",
     "tensorlotr.report",
     "tensorlotr.jobs.driver",
     "tensorlotr.nn.optim",
     "tensorlotr.jobs.data",
+    "tensorlotr.io.text",
+    "tensorlotr.nn.calibration",
+    "tensorlotr.jobs.calibration",
+    "tensorlotr.jobs.compression_report",
+    "tensorlotr.jobs.zoo.sources",
+    "tensorlotr.jobs.zoo.fit",
+    "tensorlotr.jobs.zoo.report",
+    "tensorlotr.jobs.zoo.compress",
+    "tensorlotr.jobs.zoo.add",
+    "tensorlotr.jobs.zoo.inspect",
+    "tensorlotr.jobs.zoo.heal",
     "tensorlotr.jobs.convert",
     "tensorlotr.jobs.export",
     "tensorlotr.jobs.inspect",
     "tensorlotr.nn.model",
+    "tensorlotr.nn.layer",
+    "tensorlotr.nn.planner",
+    "tensorlotr.nn.sharing",
+    "tensorlotr.nn.modules_to_save",
+    "tensorlotr.nn.saving",
     "tensorlotr.nn.trainer",
     "tensorlotr.io.lotr_format",
     "tensorlotr.files.atomic",
@@ -73,6 +91,9 @@ def tiny_runs(folder) -> None:
                 writer.add_scalar("train/loss", 1.0 / (step + 1), step)
 
 
+#: Two LoRAs of one base (:func:`tiny_peft_lora` with seeds 0 and 1), for the zoo's examples.
+TWO_LORAS = [("lora-a", tiny_peft_lora), ("lora-b", functools.partial(tiny_peft_lora, seed=1))]
+
 #: What the examples of a module find in their working directory, by module.
 FIXTURES = {
     "tensorlotr.jobs.convert": [("my-lora", tiny_peft_lora)],
@@ -81,6 +102,9 @@ FIXTURES = {
     "tensorlotr.nn.model": [("my-lora", tiny_peft_lora)],
     "tensorlotr.cli.main": [("my-lora", tiny_peft_lora)],
     "tensorlotr.jobs.logs": [("runs", tiny_runs)],
+    "tensorlotr.jobs.calibration": [("my-lora", tiny_peft_lora)],
+    "tensorlotr.jobs.zoo.sources": [("my-lora", tiny_peft_lora)],
+    **{f"tensorlotr.jobs.zoo.{job}": TWO_LORAS for job in ("fit", "compress", "add", "inspect", "heal")},
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from models import VOCAB, inputs, tiny_bert, tiny_llama
 
 import tensorlotr as tlr
-from tensorlotr.nn.layer import Step
+from tensorlotr.nn.planner import Step
 
 LOW = [torch.bfloat16, torch.float16]
 

@@ -1,4 +1,4 @@
-"""What an adapter is: its config, the rules that group modules into stacks, and its tensors.
+"""What an adapter is: its config, the rules that group modules into stacks, its tensors, and a LoRA's conversion to it.
 
 Independent of torch modules and of files; :mod:`tensorlotr.io` writes it and
 :mod:`tensorlotr.nn` attaches it to models.
@@ -7,12 +7,16 @@ Independent of torch modules and of files; :mod:`tensorlotr.io` writes it and
 from .config import DEFAULT_TARGETS, LoTRConfig
 from .groups import Group, group_modules, layer_index, layer_pattern, matches, module_order
 from .layout import AdapterBuilder, GroupLayout, LoTRAdapterFiles, core_key, factor_key, saved_key
+from .lora import LoRAConversion, LoRAFactors, LoRALayers, lora_to_lotr
 
 __all__ = [
     "DEFAULT_TARGETS",
     "AdapterBuilder",
     "Group",
     "GroupLayout",
+    "LoRAConversion",
+    "LoRAFactors",
+    "LoRALayers",
     "LoTRAdapterFiles",
     "LoTRConfig",
     "core_key",
@@ -20,6 +24,7 @@ __all__ = [
     "group_modules",
     "layer_index",
     "layer_pattern",
+    "lora_to_lotr",
     "matches",
     "module_order",
     "saved_key",

@@ -7,13 +7,14 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, Unpack
 
 from ..core import normalize_rank
 from ..files.atomic import atomic_file
-from ..files.hub import resolve_folder
+from ..files.hub import HubOptions, resolve_folder
 
 #: The file of a LoTR adapter (or config-only) folder that holds its config.
 CONFIG_NAME = "lotr_config.json"
@@ -50,6 +51,15 @@ Examples
 """
 
 Rank = int | tuple[int, int]
+_T = TypeVar("_T")
+
+
+def _rank_pair(rank: Rank, what: str) -> tuple[int, int]:
+    """``rank`` as ``(r_out, r_in)``; ``ValueError`` naming ``what`` for anything else."""
+    pair = normalize_rank(rank)
+    if pair is None:
+        raise ValueError(f"{what} must be an int or a pair (r_out, r_in), got None")
+    return pair
 
 
 @dataclass
@@ -141,8 +151,8 @@ class LoTRConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.rank = normalize_rank(self.rank)  # type: ignore[assignment]
-        self.rank_pattern = {k: normalize_rank(v) for k, v in self.rank_pattern.items()}  # type: ignore[misc]
+        self.rank = _rank_pair(self.rank, "rank")
+        self.rank_pattern = {k: _rank_pair(v, f"rank_pattern[{k!r}]") for k, v in self.rank_pattern.items()}
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):
@@ -181,7 +191,7 @@ class LoTRConfig:
 
     def rank_of(self, group: str, modules: tuple[str, ...] | list[str] = ()) -> tuple[int, int]:
         """``(r_out, r_in)`` of ``group``, whose module paths are ``modules``."""
-        return self._pattern_value(self.rank_pattern, self.rank, group, modules, "rank_pattern")  # type: ignore[return-value]
+        return _rank_pair(self._pattern_value(self.rank_pattern, self.rank, group, modules, "rank_pattern"), "rank")
 
     def scale_of(self, group: str, modules: tuple[str, ...] | list[str] = ()) -> float:
         """``alpha / min(r_out, r_in)`` of ``group``."""
@@ -189,11 +199,11 @@ class LoTRConfig:
         return float(alpha) / min(self.rank_of(group, modules))
 
     @staticmethod
-    def _pattern_value(pattern: dict[str, Any], default: Any, group: str, modules: Any, what: str) -> Any:
+    def _pattern_value(pattern: Mapping[str, _T], default: _T, group: str, modules: Iterable[str], what: str) -> _T:
         """A group's value from ``pattern``: by group name, else by PEFT's module-regex rule."""
         if group in pattern:
             return pattern[group]
-        values = {}
+        values: dict[str, _T] = {}
         for module in modules:
             key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", module)), None)
             values[module] = pattern[key] if key is not None else default
@@ -210,8 +220,8 @@ class LoTRConfig:
         """A JSON-ready dict; ranks become lists; keys kept in ``extra`` come back at the top level."""
         out = dataclasses.asdict(self)
         extra = out.pop("extra")
-        out["rank"] = list(self.rank)  # type: ignore[arg-type]
-        out["rank_pattern"] = {k: list(v) for k, v in self.rank_pattern.items()}
+        out["rank"] = list(_rank_pair(self.rank, "rank"))
+        out["rank_pattern"] = {k: list(_rank_pair(v, k)) for k, v in self.rank_pattern.items()}
         return {**extra, **out}
 
     @classmethod
@@ -234,12 +244,12 @@ class LoTRConfig:
         extra = {**data.get("extra", {}), **{k: data[k] for k in unknown}}
         return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
 
-    def save_pretrained(self, save_directory: str | Any) -> Any:
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
         """Write this config as ``lotr_config.json`` in ``save_directory`` (no tensors)."""
         return write_config(save_directory, self.to_dict())
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Any, **hub_kwargs: Any) -> LoTRConfig:
+    def from_pretrained(cls, path_or_id: str | os.PathLike[str], **hub_kwargs: Unpack[HubOptions]) -> LoTRConfig:
         """The config of a saved adapter (or config) folder, or of a Hub repo id.
 
         ``hub_kwargs`` (``subfolder``, ``revision``, ``token``, ``cache_dir``,
@@ -248,7 +258,7 @@ class LoTRConfig:
         return cls.from_dict(read_config(resolve_folder(path_or_id, what="LoTR config", **hub_kwargs)), strict=False)
 
 
-def write_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
+def write_config(out_dir: str | os.PathLike[str], config: dict[str, Any]) -> Path:
     """Write a config-only ``lotr_config.json`` (no groups, no tensors) into ``out_dir``.
 
     Returns the file's path. ``LoTRConfig.save_pretrained`` writes its config this way.
@@ -268,7 +278,7 @@ def write_config(out_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
     return folder / CONFIG_NAME
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``config`` of ``path/lotr_config.json`` (an adapter or a config-only folder).
 
     Ranks are lists, ``[r_out, r_in]`` or one number, as written.
@@ -290,6 +300,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or document.get("format") != "tensorlotr":
         raise ValueError(f"{config_path} is not a tensorlotr config")
-    if not isinstance(document.get("config"), dict):
+    config = document.get("config")
+    if not isinstance(config, dict):
         raise ValueError(f"{config_path} has no 'config' object")
-    return document["config"]
+    return config

@@ -74,7 +74,7 @@ def select_modules(
     target_modules: str | Iterable[str],
     *,
     exclude_modules: str | Iterable[str] | None = None,
-    layers_to_transform: Iterable[int] | None = None,
+    layers_to_transform: int | Iterable[int] | None = None,
     layers_pattern: str | Iterable[str] | None = None,
     heads: Iterable[str] = (),
 ) -> list[str]:
@@ -82,10 +82,13 @@ def select_modules(
 
     ``target_modules`` follows :func:`matches`; ``"all-linear"`` takes every candidate but
     ``heads`` (the output head, which the caller finds). ``exclude_modules`` uses the same
-    matching rule; ``layers_to_transform`` keeps the listed layer indices (see :func:`layer_index`).
+    matching rule; ``layers_to_transform`` keeps the listed layer indices (or the one index; see
+    :func:`layer_index`).
     """
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     skipped = set(heads) if all_linear else set()
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
     layers = None if layers_to_transform is None else set(layers_to_transform)
     chosen = []
     for name in candidates:

@@ -260,7 +260,7 @@ def built_config(
     """The config of an adapter built from decompositions: per-group ranks, every scale 1 (alpha = min(rank))."""
     if not layouts:
         raise ValueError("the adapter has no groups")
-    ranks = {name: tuple(g.rank) for name, g in layouts.items()}
+    ranks = {name: (g.rank[0], g.rank[1]) for name, g in layouts.items()}
     first = next(iter(ranks.values()))
     return LoTRConfig(
         rank=first,

@@ -20,9 +20,15 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from ..jobs.calibration import Calibration
+    from ..report import Result
 
 
 class Terminated(BaseException):
@@ -173,7 +179,14 @@ def parse_groups(text: str) -> str | dict[str, list[str]]:
 class _ListAction(argparse.Action):
     """A comma-separated list; the old space-separated form still works, with a deprecation warning."""
 
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        values = [values] if isinstance(values, str) else list(values or [])
         if len(values) > 1:
             warnings.warn(
                 f"{option_string} A B C is deprecated; use {option_string} A,B,C", FutureWarning, stacklevel=2
@@ -194,7 +207,7 @@ def _check_outputs(out: Path | None, inputs: Sequence[Path], force: bool) -> Non
     check_output(out, force, inputs=inputs)
 
 
-def _cmd_demo(args: argparse.Namespace) -> Any:
+def _cmd_demo(args: argparse.Namespace) -> Result:
     from ..jobs.demo import run_demo
     from ..progress import tqdm_progress
 
@@ -212,7 +225,7 @@ def _cmd_demo(args: argparse.Namespace) -> Any:
     return report
 
 
-def _cmd_convert(args: argparse.Namespace) -> Any:
+def _cmd_convert(args: argparse.Namespace) -> Result:
     from ..jobs.convert import convert_lora
     from ..progress import tqdm_progress
 
@@ -224,14 +237,14 @@ def _cmd_convert(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
-def _cmd_export(args: argparse.Namespace) -> Any:
+def _cmd_export(args: argparse.Namespace) -> Result:
     from ..jobs.convert import export_lora
 
     _check_outputs(args.out_dir, [args.lotr_dir], args.force)
     return export_lora(args.lotr_dir, args.out_dir, adapter=args.adapter, force=args.force)
 
 
-def _cmd_zoo_compress(args: argparse.Namespace) -> Any:
+def _cmd_zoo_compress(args: argparse.Namespace) -> Result:
     from ..jobs.zoo import compress_zoo
     from ..progress import tqdm_progress
 
@@ -246,7 +259,7 @@ def _cmd_zoo_compress(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
-def _cmd_zoo_add(args: argparse.Namespace) -> Any:
+def _cmd_zoo_add(args: argparse.Namespace) -> Result:
     from ..jobs.zoo import add_to_zoo
     from ..progress import tqdm_progress
 
@@ -256,7 +269,7 @@ def _cmd_zoo_add(args: argparse.Namespace) -> Any:
     )  # fmt: skip
 
 
-def _cmd_decompose(args: argparse.Namespace) -> Any:
+def _cmd_decompose(args: argparse.Namespace) -> Result:
     import torch
 
     from ..jobs.convert import export_lora
@@ -281,7 +294,7 @@ def _cmd_decompose(args: argparse.Namespace) -> Any:
     return report
 
 
-def _cmd_tb2parquet(args: argparse.Namespace) -> Any:
+def _cmd_tb2parquet(args: argparse.Namespace) -> Result:
     from ..jobs.logs import EventFileWarning, tb2parquet
     from ..progress import tqdm_progress
 
@@ -297,7 +310,7 @@ def _cmd_tb2parquet(args: argparse.Namespace) -> Any:
     return summary
 
 
-def _cmd_inspect(args: argparse.Namespace) -> Any:
+def _cmd_inspect(args: argparse.Namespace) -> Result:
     from ..jobs.convert import inspect_adapter
 
     return inspect_adapter(args.dir)
@@ -312,10 +325,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default in (None, False) or action.default is argparse.SUPPRESS:
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
-def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    func: Callable[[argparse.Namespace], Result],
+) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
     parser.set_defaults(func=func, parser=parser)
     return parser
@@ -370,7 +388,7 @@ def _calibration_flags(parser: argparse.ArgumentParser, *, heal_factors: bool, h
         parser.add_argument("--heal-factors", action="store_true", help="the heal trains the factors too")
 
 
-def _calibration(args: argparse.Namespace, adapter: Path, base_model: Path | None = None) -> Any:
+def _calibration(args: argparse.Namespace, adapter: Path, base_model: Path | None = None) -> Calibration | None:
     """The job's ``calibration`` from the flags (None without --calibration-data)."""
     if args.calibration_data is None:
         return None
@@ -561,7 +579,7 @@ def _check_args(args: argparse.Namespace) -> None:
             args.parser.error(f"{exc}")
 
 
-def _print(result: Any, args: argparse.Namespace) -> None:
+def _print(result: Result, args: argparse.Namespace) -> None:
     print(result.to_json() if getattr(args, "json", False) else result.text())
 
 
@@ -572,7 +590,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _on_sigterm(_signum: int, _frame: Any) -> None:
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise Terminated
 
 

@@ -3,8 +3,8 @@
 It knows nothing of torch modules or file formats. This module is its whole public
 surface: code outside ``tensorlotr.core`` imports from here only.
 
-Modules, each importing only those above it: ``backend`` and ``contract`` (no core
-imports), ``svd`` (rank choice, singular vectors, HOOI, the dense HOSVD on arrays),
+Modules, each importing only those above it: ``backend`` (no core imports), ``contract``,
+``svd`` (rank choice, singular vectors, HOOI, the dense HOSVD on arrays),
 ``lowrank`` (LoRA-factored stacks), ``tensor`` (``Tucker2``), ``hosvd`` (``tucker2``,
 ``tucker2_lowrank``), ``error`` and ``streaming`` (stacks read one layer at a time), ``weighted``
 (the output-aware Tucker-2, weighted by the layers' input second moments).

@@ -9,26 +9,28 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import tensorly as tl
 
-Array = Any  # a numpy array or a torch tensor
+#: A numpy array or a torch tensor. The core never imports torch and tensorly's functions are
+#: untyped, so the alias stays ``Any``: a union would be checked against nothing they return.
+Array: TypeAlias = Any
 
 
-def is_torch(x: Any) -> bool:
+def is_torch(x: object) -> bool:
     """True for a torch tensor, found without importing torch."""
     return type(x).__module__.startswith("torch")
 
 
-def backend_name(*arrays: Any) -> str:
+def backend_name(*arrays: object) -> str:
     """The tensorly backend for ``arrays``: ``"pytorch"`` if any is a torch tensor."""
     return "pytorch" if any(is_torch(a) for a in arrays) else "numpy"
 
 
 @contextmanager
-def backend_for(*arrays: Any) -> Iterator[str]:
+def backend_for(*arrays: object) -> Iterator[str]:
     """Run the body under the tensorly backend that matches ``arrays``.
 
     The backend is set for this thread only and restored afterwards.
@@ -42,7 +44,7 @@ def backend_for(*arrays: Any) -> Iterator[str]:
 
 
 @contextmanager
-def small_lapack_calls(*arrays: Any) -> Iterator[None]:
+def small_lapack_calls(*arrays: object) -> Iterator[None]:
     """One BLAS/LAPACK thread inside the body, which makes many small QRs and SVDs.
 
     Threads are started (or woken) for every call, and for d x r factors that costs more

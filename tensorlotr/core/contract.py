@@ -6,10 +6,13 @@ numpy arrays and torch tensors (opt_einsum picks the backend from the operands).
 
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 from typing import Any
 
 import opt_einsum
+
+from .backend import Array
 
 #: dW_l = U G_l V^T: (d_out, r_out), (L, r_out, r_in), (d_in, r_in) -> (L, d_out, d_in)
 RECONSTRUCT = "mo,loi,ni->lmn"
@@ -29,12 +32,12 @@ def _plan(subscripts: str, shapes: tuple[tuple[int, ...], ...]) -> Any:
     return opt_einsum.contract_expression(subscripts, *shapes, optimize="auto")
 
 
-def contract(subscripts: str, *operands: Any) -> Any:
+def contract(subscripts: str, *operands: Array) -> Array:
     """Evaluate ``subscripts`` on ``operands`` with a plan cached by their shapes."""
     shapes = tuple(tuple(int(n) for n in op.shape) for op in operands)
     return _plan(subscripts, shapes)(*operands)
 
 
-def plan_cache_info() -> Any:
+def plan_cache_info() -> functools._CacheInfo:
     """Hit and miss counts of the plan cache."""
     return _plan.cache_info()

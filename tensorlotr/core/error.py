@@ -80,8 +80,8 @@ def relative_error_lowrank(
             cores = contract("po,loi,qi->lpq", r_out, _float64(tucker.core), r_in)
             residual_sq = reference_sq = 0.0
             first = 0
-            for b, a, s in stack.batches:  # n layers of one rank: b (n, d_out, r), a (n, r, d_in)
-                b, a, n = _float64(b), _float64(a), int(b.shape[0])
+            for batch in stack.batches:  # n layers of one rank: b (n, d_out, r), a (n, r, d_in)
+                b, a, s, n = _float64(batch.B), _float64(batch.A), batch.scales, int(batch.B.shape[0])
                 s_sq = scales_like(s * s, b)
                 c = tl.matmul(tl.transpose(q_out), b)  # (n, r_out', r)
                 d = tl.matmul(a, q_in)  # (n, r, r_in')

@@ -44,6 +44,7 @@ class Householder:
 
     def __init__(self, x: Array) -> None:
         self.rows, cols = (int(n) for n in x.shape)
+        self.r: Array
         if is_torch(x):
             import torch
 

@@ -8,6 +8,7 @@ batch (batched QRs and products over the stack), layers of different ranks one a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,18 @@ from .contract import PROJECT_LOWRANK, contract
 from .linalg import triangle
 
 ScaleArg = float | Sequence[float] | Array
-#: ``(B, A, s)``: n layers of one rank r, ``B`` (n, d_out, r), ``A`` (n, r, d_in), ``s`` (n,) float64 numpy.
-Batch = tuple[Array, Array, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """n consecutive layers of one rank r: ``B`` (n, d_out, r), ``A`` (n, r, d_in) and ``scales`` (n,).
+
+    ``B`` and ``A`` are in the compute dtype; ``scales`` is a float64 numpy array.
+    """
+
+    B: Array
+    A: Array
+    scales: np.ndarray
 
 
 def swap(x: Array) -> Array:
@@ -52,9 +63,9 @@ class LowRankStack:
 
     Attributes
     ----------
-    batches : list of (B, A, s)
+    batches : list of Batch
         The layers in order, in runs of equal rank: ``B`` (n, d_out, r), ``A`` (n, r, d_in)
-        and the scales ``s`` (n,). One batch when all layers have the same rank.
+        and the scales (n,). One batch when all layers have the same rank.
     shape : (L, d_out, d_in)
     total_rank : int
         ``sum_l r_l``.
@@ -62,14 +73,14 @@ class LowRankStack:
 
     def __init__(self, batches: list[Batch]) -> None:
         self.batches = batches
-        b, a, _ = batches[0]
-        self.shape = (sum(int(b.shape[0]) for b, _, _ in batches), int(b.shape[1]), int(a.shape[2]))
-        self.total_rank = sum(int(b.shape[0]) * int(b.shape[2]) for b, _, _ in batches)
+        first = batches[0]
+        self.shape = (sum(int(x.B.shape[0]) for x in batches), int(first.B.shape[1]), int(first.A.shape[2]))
+        self.total_rank = sum(int(x.B.shape[0]) * int(x.B.shape[2]) for x in batches)
 
     @property
     def first(self) -> Array:
         """An array of the stack, to pick the backend by."""
-        return self.batches[0][0]
+        return self.batches[0].B
 
     def out_unfolding(self, in_factor: Array | None = None) -> Array:
         """A thin matrix (d_out, sum r_l) with the left singular vectors and values of ``[dW_l V]_l``.
@@ -78,8 +89,8 @@ class LowRankStack:
         """
         return _concat_columns(
             [
-                compress(b, swap(a) if in_factor is None else swap(tl.matmul(a, in_factor)), s)
-                for b, a, s in self.batches
+                compress(x.B, swap(x.A) if in_factor is None else swap(tl.matmul(x.A, in_factor)), x.scales)
+                for x in self.batches
             ]
         )
 
@@ -87,25 +98,25 @@ class LowRankStack:
         """A thin matrix (d_in, sum r_l) with the left singular vectors and values of ``[dW_l^T U]_l``."""
         return _concat_columns(
             [
-                compress(swap(a), b if out_factor is None else tl.matmul(tl.transpose(out_factor), b), s)
-                for b, a, s in self.batches
+                compress(swap(x.A), x.B if out_factor is None else tl.matmul(tl.transpose(out_factor), x.B), x.scales)
+                for x in self.batches
             ]
         )
 
     def cores(self, out_factor: Array, in_factor: Array) -> Array:
         """``G_l = s_l U^T B_l A_l V``, shape (L, r_out, r_in), never forming ``B_l A_l``."""
         parts = [
-            contract(PROJECT_LOWRANK, out_factor, b, a, in_factor) * scales_like(s, b)[:, None, None]
-            for b, a, s in self.batches
+            contract(PROJECT_LOWRANK, out_factor, x.B, x.A, in_factor) * scales_like(x.scales, x.B)[:, None, None]
+            for x in self.batches
         ]
         return parts[0] if len(parts) == 1 else tl.concatenate(parts, axis=0)
 
     def norm_sq(self) -> float:
         """``sum_l ||s_l B_l A_l||_F^2`` from the r x r Gram matrices."""
         total = 0.0
-        for b, a, s in self.batches:
-            grams = tl.matmul(swap(b), b) * tl.matmul(a, swap(a))  # (n, r, r)
-            total += to_float(tl.sum(tl.sum(grams, axis=(1, 2)) * scales_like(s * s, b)))
+        for x in self.batches:
+            grams = tl.matmul(swap(x.B), x.B) * tl.matmul(x.A, swap(x.A))  # (n, r, r)
+            total += to_float(tl.sum(tl.sum(grams, axis=(1, 2)) * scales_like(x.scales * x.scales, x.B)))
         return max(total, 0.0)
 
 
@@ -137,7 +148,7 @@ def _concat_columns(parts: list[Array]) -> Array:
 
 
 def _per_layer(x: Array | Sequence[Array], name: str, shape_doc: str) -> list[Array]:
-    if isinstance(x, (list, tuple)):
+    if isinstance(x, Sequence):
         return list(x)
     check_ndim(x, 3, name, shape_doc)
     return [x[i] for i in range(x.shape[0])]
@@ -151,16 +162,19 @@ def _check_finite(whole: Array | Sequence[Array], layers: list[Array], name: str
         check_finite(layer, f"{name}[{i}]")
 
 
-def _scales(scale: ScaleArg, n_layers: int) -> np.ndarray:
-    if np.ndim(scale) == 0 and not (hasattr(scale, "shape") and len(scale.shape) > 0):
-        scales = np.full(n_layers, float(scale))
+def per_layer_floats(value: ScaleArg, n_layers: int, what: str) -> np.ndarray:
+    """``value`` (one float, or one per layer) as ``n_layers`` finite float64s; ``ValueError`` naming ``what``."""
+    if isinstance(value, Sequence):
+        floats = np.asarray([float(v) for v in value])
+    elif np.ndim(value) == 0 and not (hasattr(value, "shape") and len(value.shape) > 0):
+        floats = np.full(n_layers, float(value))
     else:
-        scales = np.asarray([float(s) for s in (tl.to_numpy(scale) if hasattr(scale, "shape") else scale)])
-        if len(scales) != n_layers:
-            raise ValueError(f"scale has {len(scales)} values for {n_layers} layers")
-    if not np.isfinite(scales).all():
-        raise ValueError("scale contains NaN or Inf values")
-    return scales
+        floats = np.asarray([float(v) for v in tl.to_numpy(value)])
+    if len(floats) != n_layers:
+        raise ValueError(f"{what} has {len(floats)} values for {n_layers} layers")
+    if not np.isfinite(floats).all():
+        raise ValueError(f"{what} contains NaN or Inf values")
+    return floats
 
 
 def lowrank_layers(B: Array | Sequence[Array], A: Array | Sequence[Array], scale: ScaleArg) -> LowRankStack:
@@ -189,7 +203,7 @@ def lowrank_layers(B: Array | Sequence[Array], A: Array | Sequence[Array], scale
         raise ValueError(f"B has {len(bs)} layers but A has {len(as_)}")
     if not bs:
         raise ValueError("B and A must hold at least one layer")
-    scales = _scales(scale, len(bs))
+    scales = per_layer_floats(scale, len(bs), "scale")
     d_out, d_in = bs[0].shape[0], as_[0].shape[1]
     for i, (b, a) in enumerate(zip(bs, as_, strict=True)):
         check_ndim(b, 2, f"B[{i}]", "(d_out, r)")
@@ -209,12 +223,12 @@ def lowrank_layers(B: Array | Sequence[Array], A: Array | Sequence[Array], scale
     if len({int(b.shape[1]) for b in bs}) > 1:
         return LowRankStack(
             [
-                (as_float(b, dtype)[None], as_float(a, dtype)[None], scales[i : i + 1])
+                Batch(as_float(b, dtype)[None], as_float(a, dtype)[None], scales[i : i + 1])
                 for i, (b, a) in enumerate(zip(bs, as_, strict=True))
             ]
         )
     with backend_for(bs[0]):
-        return LowRankStack([(_stacked(B, bs, dtype), _stacked(A, as_, dtype), scales)])
+        return LowRankStack([Batch(_stacked(B, bs, dtype), _stacked(A, as_, dtype), scales)])
 
 
 def _stacked(whole: Array | Sequence[Array], layers: list[Array], dtype: Any) -> Array:

@@ -28,7 +28,7 @@ The core knows nothing of files: the caller supplies a :class:`LayerStack`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import tensorly as tl
 
@@ -37,10 +37,19 @@ from .hosvd import tucker2
 from .svd import choose_rank
 from .tensor import Tucker2
 
-#: ``progress(items, description, total)`` returns an iterable over ``items``, as tqdm does.
-Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
+_T = TypeVar("_T")
 #: A layer's delta as ``(first row, block of rows x d_in)`` pieces, produced on each call.
 Blocks = Callable[[], Iterable[tuple[int, Array]]]
+
+
+class Progress(Protocol):
+    """``progress(items, description, total)`` returns an iterable over ``items``, as tqdm does.
+
+    ``total`` is the number of items, or None when it is not known (as in ``tensorlotr.progress``).
+    """
+
+    def __call__(self, items: Iterable[_T], desc: str, total: int | None, /) -> Iterable[_T]:
+        """Iterate over ``items`` (``total`` of them), reporting under ``desc``."""
 
 
 class LayerStack(Protocol):
@@ -66,7 +75,7 @@ class LayerStack(Protocol):
         """``norm_sq`` (``||dW_i||^2``, from the first pass), or an error naming layer i if it is not finite."""
 
 
-def _no_progress(items: Iterable[Any], _desc: str, _total: int) -> Iterable[Any]:
+def _no_progress(items: Iterable[_T], _desc: str, _total: int | None) -> Iterable[_T]:
     return items
 
 

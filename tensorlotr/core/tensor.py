@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
 import tensorly as tl
 
 from .backend import Array, backend_for, check_ndim, to_float
 from .contract import RECONSTRUCT, TUCKER_NORM_SQ, contract
-from .svd import dense_tucker2
+from .svd import RankArg, dense_tucker2
 
 
 class Tucker2:
@@ -61,7 +61,7 @@ class Tucker2:
         r_out, r_in = self.rank
         return r_out * d_out + r_in * d_in + n_layers * r_out * r_in
 
-    def __iter__(self):  # allows ``core, U, V = tucker``, as tensorly's TuckerTensor
+    def __iter__(self) -> Iterator[Array]:  # allows ``core, U, V = tucker``, as tensorly's TuckerTensor
         return iter((self.core, self.out_factor, self.in_factor))
 
     def __repr__(self) -> str:
@@ -77,9 +77,9 @@ class Tucker2:
             gram_out = tl.dot(tl.transpose(self.out_factor), self.out_factor)
             gram_in = tl.dot(tl.transpose(self.in_factor), self.in_factor)
             sq = contract(TUCKER_NORM_SQ, self.core, gram_out, self.core, gram_in)
-            return max(to_float(sq), 0.0) ** 0.5
+            return float(max(to_float(sq), 0.0) ** 0.5)
 
-    def truncate(self, rank: Any = None, energy: float | None = None) -> Tucker2:
+    def truncate(self, rank: RankArg = None, energy: float | None = None) -> Tucker2:
         """A Tucker-2 of smaller rank: the HOSVD of this tensor at ``rank`` or ``energy``.
 
         The factors are orthonormalised first, so the result is the same as decomposing

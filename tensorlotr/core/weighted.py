@@ -47,18 +47,18 @@ At full rank the stack is reproduced exactly: ``V`` spans the rows of every ``dW
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tensorly as tl
 
 from .backend import Array, backend_for, backend_name, check_finite, check_ndim, small_lapack_calls, to_float
 from .hosvd import tucker2_lowrank
+from .lowrank import per_layer_floats
 from .svd import LeftSingular, RankArg, check_common
 from .tensor import Tucker2
 
 WeightArg = Array | Sequence[Array]
-#: A symmetric matrix as ``(E, values, rest)``: ``E diag(values) E^T + rest (I - E E^T)`` (see :func:`_eig_apply`).
-Eig = tuple[Array, Array, float | None]
 #: Eigenvalues below this share of the largest are treated as zero in pseudo-inverses.
 _CUTOFF = 1e-12
 
@@ -100,6 +100,35 @@ def _eig_apply(vectors: Array, values: Array, power: float, x: Array, rest: floa
     return out
 
 
+@dataclass(frozen=True)
+class Eig:
+    """A symmetric matrix ``S = E diag(values) E^T + rest (I - E E^T)``, ``E`` orthonormal (d, m).
+
+    ``rest`` is the eigenvalue of the complement of ``E``'s columns (None when they span everything).
+    """
+
+    vectors: Array
+    values: Array
+    rest: float | None
+
+    def power_times(self, power: float, x: Array) -> Array:
+        """``S^power @ x``; see :func:`_eig_apply`."""
+        return _eig_apply(self.vectors, self.values, power, x, self.rest)
+
+
+@dataclass(frozen=True)
+class _Projections:
+    """The weighted products of the layers for one ``V`` (see :meth:`_Layers.projections`).
+
+    ``awv[l]`` is ``A_l W_l V`` (r_l, r_in); ``h_pinv[j]`` and ``h_half[j]`` are ``H^+`` and
+    ``H^{+1/2}`` of ``H = V^T W V`` (r_in, r_in), per distinct ``Z`` (layer l uses ``Z`` number ``zid[l]``).
+    """
+
+    awv: list[Array]
+    h_pinv: list[Array]
+    h_half: list[Array]
+
+
 class _Layers:
     """The stack as per-layer float64 arrays, with the weights grouped by distinct ``Z``.
 
@@ -119,8 +148,8 @@ class _Layers:
         self.b = [_f64(x) for x in _per_layer(B)]
         self.a = [_f64(x) for x in _per_layer(A)]
         n_layers = len(self.b)
-        self.s = _floats(scale, n_layers, "scale")
-        self.w = _floats(1.0 if layer_weights is None else layer_weights, n_layers, "layer_weights")
+        self.s = per_layer_floats(scale, n_layers, "scale")
+        self.w = per_layer_floats(1.0 if layer_weights is None else layer_weights, n_layers, "layer_weights")
         if (self.w < 0).any():
             raise ValueError(f"layer_weights must be >= 0, got {self.w.tolist()}")
         self.d_out, self.d_in = int(self.b[0].shape[0]), int(self.a[0].shape[1])
@@ -154,7 +183,7 @@ class _Layers:
         return len(self.b)
 
     # --- the weighted products for a given V ------------------------------------------
-    def projections(self, v: Array) -> tuple[list[Array], list[Array], list[Array], list[Array]]:
+    def projections(self, v: Array) -> _Projections:
         """Per layer ``A_l W_l V`` (r_l, r_in); per distinct ``Z``: ``H^+`` and ``H^{+1/2}`` of ``H = V^T W V``."""
         zv = [tl.dot(_t(z), v) for z in self.z]
         gram = tl.dot(_t(v), v)
@@ -167,23 +196,23 @@ class _Layers:
         awv = [
             tl.dot(az, zv[j]) + self.delta[j] * tl.dot(a, v) for a, az, j in zip(self.a, self.az, self.zid, strict=True)
         ]
-        return awv, zv, h_pinv, h_half
+        return _Projections(awv, h_pinv, h_half)
 
     def cores(self, u: Array, v: Array) -> Array:
         """The optimal cores for ``U``, ``V``: ``G_l = s_l (U^T B_l)(A_l W_l V) H_l^+``, shape (L, r_out, r_in)."""
-        awv, _, h_pinv, _ = self.projections(v)
+        p = self.projections(v)
         return tl.stack(
             [
-                self.s[i] * tl.dot(tl.dot(_t(u), self.b[i]), tl.dot(awv[i], h_pinv[self.zid[i]]))
+                self.s[i] * tl.dot(tl.dot(_t(u), self.b[i]), tl.dot(p.awv[i], p.h_pinv[self.zid[i]]))
                 for i in range(len(self))
             ]
         )
 
     def update_out(self, v: Array, r_out: int) -> Array:
         """``U``: left singular vectors of ``[sqrt(w_l) s_l B_l (A_l W_l V) H_l^{-1/2}]_l``."""
-        awv, _, _, h_half = self.projections(v)
+        p = self.projections(v)
         columns = [
-            float(np.sqrt(self.w[i])) * self.s[i] * tl.dot(self.b[i], tl.dot(awv[i], h_half[self.zid[i]]))
+            float(np.sqrt(self.w[i])) * self.s[i] * tl.dot(self.b[i], tl.dot(p.awv[i], p.h_half[self.zid[i]]))
             for i in range(len(self))
         ]
         return LeftSingular(tl.concatenate(columns, axis=1)).basis(r_out)
@@ -214,7 +243,7 @@ class _Layers:
         k_values, k_vectors = tl.eigh(k_sum + ridge * tl.eye(r_in, **tl.context(v)))
 
         def precondition(x: Array) -> Array:  # mean(W)^-1 X (sum_l w_l G_l^T G_l)^-1
-            return _t(_eig_apply(k_vectors, k_values, -1.0, _t(_eig_apply(mean_w[0], mean_w[1], -1.0, x, mean_w[2]))))
+            return _t(_eig_apply(k_vectors, k_values, -1.0, _t(mean_w.power_times(-1.0, x))))
 
         x = v
         residual = rhs - operator(x)
@@ -262,7 +291,7 @@ class _Layers:
         return float(self.w @ res)
 
     def mean_weight(self) -> Eig:
-        """``W̄ = sum_l w_l W_l / sum_l w_l`` (damping included) as ``(E, values, rest)`` for :func:`_eig_apply`.
+        """``W̄ = sum_l w_l W_l / sum_l w_l`` (damping included), an :class:`Eig`.
 
         When the distinct ``Z`` have fewer columns than ``d_in`` in all, ``E`` is thin (d_in, m)
         and the rest of the space has eigenvalue ``rest`` (the mean damping); nothing is d_in x d_in.
@@ -275,32 +304,20 @@ class _Layers:
         delta = float(share @ np.asarray(self.delta))
         if int(stacked.shape[1]) >= self.d_in:
             values, vectors = tl.eigh(tl.dot(stacked, _t(stacked)) + delta * tl.eye(self.d_in, **tl.context(stacked)))
-            return vectors, values, None
+            return Eig(vectors, values, None)
         q, r = tl.qr(stacked)  # stacked stacked^T = Q (R R^T) Q^T
         values, vectors = tl.eigh(tl.dot(r, _t(r)))
-        return tl.dot(q, vectors), values + delta, delta
+        return Eig(tl.dot(q, vectors), values + delta, delta)
 
 
 def _is_matrix(x: WeightArg) -> bool:
-    return not isinstance(x, (list, tuple)) and len(x.shape) == 2
+    return not isinstance(x, Sequence) and len(x.shape) == 2
 
 
 def _per_layer(x: Array | Sequence[Array]) -> list[Array]:
-    if isinstance(x, (list, tuple)):
+    if isinstance(x, Sequence):
         return list(x)
     return [x[i] for i in range(int(x.shape[0]))]
-
-
-def _floats(value: float | Sequence[float] | Array, n: int, what: str) -> np.ndarray:
-    if np.ndim(value) == 0 and not (hasattr(value, "shape") and len(value.shape) > 0):
-        out = np.full(n, float(value))
-    else:
-        out = np.asarray([float(v) for v in (tl.to_numpy(value) if hasattr(value, "shape") else value)])
-        if len(out) != n:
-            raise ValueError(f"{what} has {len(out)} values for {n} layers")
-    if not np.isfinite(out).all():
-        raise ValueError(f"{what} contains NaN or Inf values")
-    return out
 
 
 def tucker2_weighted(
@@ -370,12 +387,12 @@ def tucker2_weighted(
     with backend_for(first), small_lapack_calls(first):
         layers = _Layers(B, A, scale, weights, layer_weights, damping)
         mean_w = layers.mean_weight()
-        w_half = [_t(_eig_apply(mean_w[0], mean_w[1], 0.5, _t(a), mean_w[2])) for a in layers.a]  # A_l W̄^{1/2}
+        w_half = [_t(mean_w.power_times(0.5, _t(a))) for a in layers.a]  # A_l W̄^{1/2}
         whitened = tucker2_lowrank(layers.b, w_half, rank, scale=layers.s, energy=energy)
         r_out, r_in = whitened.rank
         if plain.rank != (r_out, r_in):
             plain = tucker2_lowrank(layers.b, layers.a, (r_out, r_in), scale=layers.s)
-        starts = [_eig_apply(mean_w[0], mean_w[1], -0.5, _f64(whitened.in_factor), mean_w[2]), _f64(plain.in_factor)]
+        starts = [mean_w.power_times(-0.5, _f64(whitened.in_factor)), _f64(plain.in_factor)]
         best: tuple[float, Array, Array, Array] | None = None
         for start in starts:
             v = tl.qr(start)[0]

@@ -60,7 +60,7 @@ class LeftoverWarning(UserWarning):
 
 
 def check_output(
-    path: str | os.PathLike | None, force: bool, *, inputs: Sequence[str | os.PathLike | None] = ()
+    path: str | os.PathLike[str] | None, force: bool, *, inputs: Sequence[str | os.PathLike[str] | None] = ()
 ) -> None:
     """Check an output path early, before any work.
 
@@ -149,7 +149,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def recover_leftovers(path: str | os.PathLike) -> list[str]:
+def recover_leftovers(path: str | os.PathLike[str]) -> list[str]:
     """Restore or remove what interrupted runs left next to ``path``; returns (and warns) what was done.
 
     When ``path`` is missing and an interrupted replacement left the complete old output in
@@ -272,7 +272,7 @@ def _temporary(target: Path, folder: bool) -> Path:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` when the body succeeds.
 
     An existing ``path`` is refused with ``FileExistsError`` unless ``force`` is set, in
@@ -310,7 +310,7 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path that is renamed to ``path`` when the body succeeds.
 
     The file gets mode 0666 minus the umask (set when the body is done: writers such as

@@ -9,10 +9,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from huggingface_hub import CommitInfo
 
 #: The files an adapter repo needs; nothing else is downloaded.
 ADAPTER_PATTERNS = ("*.json", "*.safetensors", "*.bin", "README.md")
+
+
+class HubOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`resolve_folder` that loaders pass on as ``**hub_kwargs``.
+
+    Examples
+    --------
+    >>> options: HubOptions = {"revision": "main", "local_files_only": True}
+    >>> sorted(HubOptions.__annotations__)
+    ['cache_dir', 'local_files_only', 'revision', 'subfolder', 'token']
+    """
+
+    subfolder: str | None
+    revision: str | None
+    token: str | bool | None
+    cache_dir: str | os.PathLike[str] | None
+    local_files_only: bool
 
 
 def is_offline() -> bool:
@@ -29,12 +51,12 @@ def is_offline() -> bool:
 
 
 def resolve_folder(
-    path_or_id: str | os.PathLike,
+    path_or_id: str | os.PathLike[str],
     *,
     subfolder: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     what: str = "adapter",
 ) -> Path:
@@ -86,7 +108,7 @@ def resolve_folder(
             repo_id,
             revision=revision,
             token=token,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
             local_files_only=offline,
             allow_patterns=patterns,
             library_name="tensorlotr",
@@ -108,7 +130,7 @@ def resolve_folder(
 
 
 def push_folder(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike[str],
     repo_id: str,
     *,
     token: str | bool | None = None,
@@ -117,11 +139,11 @@ def push_folder(
     commit_message: str = "Upload LoTR adapter",
     create_pr: bool = False,
     **kwargs: Any,
-) -> Any:
+) -> CommitInfo | Future[CommitInfo]:
     """Create ``repo_id`` if needed and upload the files of ``folder`` (an adapter, never a base model).
 
-    Returns ``upload_folder``'s commit info. Offline (``HF_HUB_OFFLINE=1``) it raises
-    ``ConnectionError`` naming the repo, before any request.
+    Returns ``upload_folder``'s commit info (a future of it with ``run_as_future=True`` in ``kwargs``).
+    Offline (``HF_HUB_OFFLINE=1``) it raises ``ConnectionError`` naming the repo, before any request.
 
     Examples
     --------
@@ -143,7 +165,7 @@ def push_folder(
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(
+    commit: CommitInfo | Future[CommitInfo] = api.upload_folder(
         repo_id=repo_id,
         folder_path=os.fspath(folder),
         revision=revision,
@@ -151,3 +173,4 @@ def push_folder(
         create_pr=create_pr,
         **kwargs,
     )
+    return commit

@@ -84,12 +84,13 @@ class _Safetensors(WeightSource):
         # a handle per read: a long-lived one would keep every page it ever mapped resident
         try:
             with safe_open(str(self._file_of[key]), framework="pt") as handle:
-                return handle.get_tensor(key)
+                tensor: torch.Tensor = handle.get_tensor(key)
+                return tensor
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{self._file_of[key]}: cannot read {key!r}: {exc}") from None
 
 
-def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor], role: str) -> WeightSource:
+def open_weights(source: str | os.PathLike[str] | nn.Module | dict[str, torch.Tensor], role: str) -> WeightSource:
     """A :class:`WeightSource` for a model folder, an ``nn.Module`` or a state dict.
 
     ``role`` ("base", "fine-tuned") names the source in error messages.
@@ -97,10 +98,10 @@ def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor]
     if isinstance(source, nn.Module):
         source_module = source
         state = source_module.state_dict()
-        config = getattr(getattr(source_module, "config", None), "to_dict", dict)()
-        weights = _StateDict(f"{role} model ({type(source_module).__name__})", state, config)
-        weights.conv1d_modules = {n for n, m in source_module.named_modules() if is_conv1d(m)}
-        return weights
+        model_config: dict[str, Any] = getattr(getattr(source_module, "config", None), "to_dict", dict)()
+        module_weights = _StateDict(f"{role} model ({type(source_module).__name__})", state, model_config)
+        module_weights.conv1d_modules = {n for n, m in source_module.named_modules() if is_conv1d(m)}
+        return module_weights
     if isinstance(source, dict):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
@@ -111,12 +112,13 @@ def open_weights(source: str | os.PathLike | nn.Module | dict[str, torch.Tensor]
         raise FileNotFoundError(f"{role} model folder {folder} does not exist")
     config_path = folder / "config.json"
     config = read_json_object(config_path) if config_path.exists() else {}
+    weights: WeightSource
     if (folder / SAFE_INDEX).is_file():
         files = {key: folder / shard for key, shard in _weight_map(folder / SAFE_INDEX).items()}
         absent = sorted({str(p) for p in files.values() if not p.is_file()})
         if absent:
             raise FileNotFoundError(f"{role} model: shards listed in {SAFE_INDEX} are missing: {absent[:3]}")
-        weights: WeightSource = _Safetensors(str(folder), files, config)
+        weights = _Safetensors(str(folder), files, config)
     elif (folder / SAFE_NAME).is_file():
         weights = _Safetensors(str(folder), {"*": folder / SAFE_NAME}, config)
     elif (folder / BIN_NAME).is_file():

@@ -29,7 +29,7 @@ from ..files.jsonfile import read_json_object
 WEIGHTS_NAME = "lotr_model.safetensors"
 
 
-def write_adapter(out_dir: str | os.PathLike, adapter: LoTRAdapterFiles) -> Path:
+def write_adapter(out_dir: str | os.PathLike[str], adapter: LoTRAdapterFiles) -> Path:
     """Write ``adapter``'s two files into ``out_dir``, creating it if needed.
 
     Each file is written to a temporary name and renamed into place, the weights before
@@ -72,7 +72,7 @@ def write_adapter(out_dir: str | os.PathLike, adapter: LoTRAdapterFiles) -> Path
 
 
 def write_pair(
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     weights_name: str,
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str],
@@ -103,7 +103,7 @@ def write_pair(
     return folder
 
 
-def is_lotr_dir(path: str | os.PathLike) -> bool:
+def is_lotr_dir(path: str | os.PathLike[str]) -> bool:
     """True for a folder holding ``lotr_config.json`` (an adapter, or a config-only folder).
 
     Examples
@@ -117,7 +117,7 @@ def is_lotr_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def read_adapter(path: str | os.PathLike) -> LoTRAdapterFiles:
+def read_adapter(path: str | os.PathLike[str]) -> LoTRAdapterFiles:
     """Read and check an adapter folder; errors name the file and what is wrong.
 
     Every tensor is checked against its group's layout: ``U`` (d_out, r_out), ``V``

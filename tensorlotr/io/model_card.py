@@ -120,7 +120,7 @@ def card_body(adapter: LoTRAdapterFiles, adapter_name: str = "default") -> str:
     )
 
 
-def write_model_card(folder: str | os.PathLike, adapter: LoTRAdapterFiles, adapter_name: str = "default") -> Path:
+def write_model_card(folder: str | os.PathLike[str], adapter: LoTRAdapterFiles, adapter_name: str = "default") -> Path:
     """Write or update ``folder/README.md`` for ``adapter``; an edited body is kept.
 
     Returns the card's path. The front matter's keys (``library_name``, ``tags``,

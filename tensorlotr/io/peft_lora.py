@@ -231,7 +231,7 @@ class PeftLoRA:
         Keys (parameter paths in the base model) of the full tensors saved alongside.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a folder")
@@ -430,7 +430,7 @@ def lora_config(
     }
 
 
-def write_peft_lora(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+def write_peft_lora(out_dir: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write a PEFT LoRA folder: ``adapter_config.json`` and ``adapter_model.safetensors``.
 
     ``tensors`` are keyed as PEFT saves them (``base_model.model.<module>.lora_A.weight`` …).

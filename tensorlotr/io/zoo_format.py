@@ -7,7 +7,6 @@ and the adapters (source, modules by group, size and error at compression).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, ZooAdapter, ZooFiles, factor_key, zoo_core_key
+from ..files.jsonfile import read_json_object
 from .lotr_format import write_pair
 
 ZOO_CONFIG_NAME = "zoo_config.json"
@@ -22,7 +22,7 @@ ZOO_WEIGHTS_NAME = "zoo_model.safetensors"
 ZOO_FORMAT_VERSION = 1
 
 
-def is_zoo_dir(path: str | os.PathLike) -> bool:
+def is_zoo_dir(path: str | os.PathLike[str]) -> bool:
     """True for a folder holding ``zoo_config.json``.
 
     Examples
@@ -38,7 +38,7 @@ def is_zoo_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ZOO_CONFIG_NAME).is_file()
 
 
-def write_zoo(out_dir: str | os.PathLike, zoo: ZooFiles) -> Path:
+def write_zoo(out_dir: str | os.PathLike[str], zoo: ZooFiles) -> Path:
     """Write ``zoo``'s two files into ``out_dir`` (weights first; each renamed into place).
 
     Returns the folder. The weights file holds each group's ``U`` (d_out, r_out) and ``V``
@@ -73,7 +73,7 @@ def write_zoo(out_dir: str | os.PathLike, zoo: ZooFiles) -> Path:
     return write_pair(out_dir, ZOO_WEIGHTS_NAME, zoo.tensors, metadata, ZOO_CONFIG_NAME, document)
 
 
-def read_zoo(path: str | os.PathLike) -> ZooFiles:
+def read_zoo(path: str | os.PathLike[str]) -> ZooFiles:
     """Read and check a zoo folder; errors name the file and what is wrong.
 
     Examples
@@ -101,16 +101,12 @@ def read_zoo(path: str | os.PathLike) -> ZooFiles:
         raise FileNotFoundError(f"{config_path} is missing; is {folder} a LoTR zoo folder?")
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
-    try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or document.get("format") != "tensorlotr-zoo":
+    document = read_json_object(config_path)
+    if document.get("format") != "tensorlotr-zoo":
         raise ValueError(f"{config_path} is not a tensorlotr zoo")
-    if document.get("format_version", 0) > ZOO_FORMAT_VERSION:
-        raise ValueError(
-            f"{config_path} has format version {document['format_version']}; this reads {ZOO_FORMAT_VERSION}"
-        )
+    version = document.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version > ZOO_FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format version {version!r}; this reads {ZOO_FORMAT_VERSION}")
     try:
         groups = {name: GroupLayout.from_dict(g) for name, g in document["groups"].items()}
         adapters = {name: ZooAdapter.from_dict(a) for name, a in document["adapters"].items()}

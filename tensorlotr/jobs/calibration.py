@@ -1,47 +1,56 @@
-"""Calibration statistics: the second moment of each target module's inputs on real data.
+"""Calibration settings of the jobs: what output-aware compression takes, its inputs, and its error sums.
 
-:func:`calibrate` runs a base model (any transformers model, or any ``nn.Module`` called as
-``model(**batch)``) over tokenized batches and collects, for every module it is asked about,
-``C = X^T X / n`` (d_in x d_in, float64) over the ``n`` input rows (tokens) it saw, with
-padding positions left out when the batch has an ``attention_mask``. It uses plain forward
-hooks and knows nothing of LoTR layers.
+:class:`Calibration` is the ``calibration=`` of :func:`tensorlotr.convert_lora`,
+:func:`tensorlotr.decompose` and :func:`tensorlotr.zoo.compress_zoo`: statistics, or the
+tokenized inputs (:func:`tokenized_batches`) and the base model (:func:`load_base_model`) to
+collect them with, and the heal's settings. :func:`calibration_from_files` is what the command
+line's ``--base-model DIR --calibration-data FILE`` mean. :class:`ErrorSums` add up the weight
+and calibrated output errors of some layers (:func:`error_sums`), per group, adapter or in total.
 
-All target modules are collected in one pass over the data, which suits models of MiniLM's
-or RoBERTa's size (12 modules of 384 or 768 inputs: 14 or 57 MiB in float64). Modules with
-more than ``max_dense_dim`` inputs keep a frequent-directions sketch instead (``S`` with
-``sketch_rank`` rows, ``S^T S <= X^T X`` and ``X^T X - S^T S`` at most
-``||X - X_k||_F^2 / (sketch_rank - k)`` in spectral norm for every k), so a 4096-wide module
-costs ``2 * sketch_rank * 4096`` floats; to hold less at once, call :func:`calibrate` once
-per group with ``modules`` set to that group's modules. Modules that read the same input
-tensor (query, key and value of one layer) share one product per batch.
-
-The text inputs of the command line (:func:`read_texts`: a text file with one text per line,
-or a TSV with a header whose first column is the text) are tokenized by
-:func:`tokenized_batches`; :func:`load_base_model` loads a local model folder offline.
+The statistics themselves (:func:`calibrate`, :class:`CalibrationStats`) are collected by the
+forward hooks of :mod:`tensorlotr.nn.calibration`; they are importable from here too, and load
+the torch bindings on first use, so a job that is not calibrated never loads them.
 """
 
 from __future__ import annotations
 
-import csv
+import logging
 import os
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..adapter.layout import LoTRAdapterFiles
 from ..core import Tucker2, lowrank_norm_sq, relative_error_lowrank, weighted_residuals_lowrank
-from ..progress import Progress, no_progress
-from ..report import Result
+from ..io import is_lotr_dir, read_adapter
+from ..io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
+from ..io.peft_lora import PeftLoRA
+from ..io.text import read_texts
+from ..progress import Progress
 
-#: Eigenvalues of C below this share of the largest are dropped from its factor.
-_CUTOFF = 1e-12
-#: The file a calibrated job writes next to the adapter or zoo: its report, which ``inspect`` shows.
-REPORT_NAME = "compression_report.json"
+if TYPE_CHECKING:
+    from ..nn.calibration import CalibrationStats, ModuleStats, calibrate, resolve_modules
+
+__all__ = [
+    "Calibration",
+    "CalibrationStats",
+    "ErrorSums",
+    "ModuleStats",
+    "as_calibration",
+    "calibrate",
+    "calibration_from_files",
+    "error_sums",
+    "load_base_model",
+    "read_texts",
+    "resolve_modules",
+    "tokenized_batches",
+]
+
+#: Names of :mod:`tensorlotr.nn.calibration` documented as this module's, imported on first use.
+_STATISTICS = ("CalibrationStats", "ModuleStats", "calibrate", "resolve_modules")
 #: transformers model classes by PEFT task type, for :func:`load_base_model`.
 _AUTO_CLASSES = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -50,313 +59,36 @@ _AUTO_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
 }
+#: Names of classification output layers whose rows are the labels.
+_HEADS = ("classifier", "score", "out_proj")
 
 
-@dataclass
-class ModuleStats:
-    """The inputs one module saw: their count and ``X^T X`` (or a sketch of it).
+def __getattr__(name: str) -> Any:
+    if name in _STATISTICS:
+        from ..nn import calibration
 
-    Attributes
-    ----------
-    d_in : int
-        Input features.
-    rows : int
-        Input rows (tokens) seen.
-    gram : torch.Tensor or None
-        ``X^T X``, (d_in, d_in) float64, when ``d_in <= max_dense_dim``.
-    sketch : torch.Tensor or None
-        A frequent-directions sketch ``S`` (m, d_in), float64, with ``S^T S ≈ X^T X``, otherwise.
-    """
-
-    d_in: int
-    rows: int = 0
-    gram: torch.Tensor | None = None
-    sketch: torch.Tensor | None = None
-
-    def second_moment(self) -> torch.Tensor:
-        """``C = X^T X / n`` (d_in, d_in) float64 (from the sketch when there is one)."""
-        gram = self.gram if self.gram is not None else self._sketch_gram()
-        return gram / max(self.rows, 1)
-
-    def factor(self) -> torch.Tensor:
-        """``Z`` (d_in, k) float64 with ``Z Z^T = C``: ``C``'s eigenvectors times the roots of its eigenvalues.
-
-        Eigenvalues below ``1e-12`` of the largest are dropped, so ``k <= d_in``; a sketch
-        gives ``S^T / sqrt(n)`` directly (k = its rows).
-        """
-        if self.gram is None:
-            assert self.sketch is not None
-            return self.sketch.T / max(self.rows, 1) ** 0.5
-        values, vectors = torch.linalg.eigh(self.second_moment())
-        keep = values > _CUTOFF * max(float(values.max()), 0.0)
-        return vectors[:, keep] * values[keep].sqrt()
-
-    def _sketch_gram(self) -> torch.Tensor:
-        assert self.sketch is not None
-        return self.sketch.T @ self.sketch
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass
-class CalibrationStats:
-    """Input statistics of a model's modules, by module path (what :func:`calibrate` returns).
-
-    ``samples`` is the number of sequences, ``tokens`` the rows each module saw (without padding).
-    """
-
-    modules: dict[str, ModuleStats]
-    samples: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-    def factor(self, module: str) -> torch.Tensor:
-        """``Z`` (d_in, k) with ``Z Z^T = C`` of ``module``; see :meth:`ModuleStats.factor`."""
-        if module not in self.modules:
-            known = ", ".join(sorted(self.modules)[:4])
-            raise KeyError(f"no calibration statistics for module {module!r}; collected for {known}, …")
-        return self.modules[module].factor()
-
-    def factors(self, modules: Sequence[str]) -> list[torch.Tensor]:
-        """:meth:`factor` of each of ``modules``, in order."""
-        return [self.factor(m) for m in modules]
-
-    def summary(self) -> dict[str, Any]:
-        """Sequences, tokens, seconds, and how many modules keep a sketch rather than ``X^T X``."""
-        sketched = sum(s.gram is None for s in self.modules.values())
-        return {"samples": self.samples, "tokens": self.tokens, "seconds": self.seconds, "sketched_modules": sketched}
-
-
-class _Collector:
-    """Forward hooks that add each target module's input rows to its statistics."""
-
-    def __init__(self, modules: dict[str, nn.Module], max_dense_dim: int, sketch_rank: int) -> None:
-        self.stats: dict[str, ModuleStats] = {}
-        self.mask: torch.Tensor | None = None
-        self._cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
-        self.sketch_rank = sketch_rank
-        self.handles = []
-        for name, module in modules.items():
-            d_in = _in_features(module, name)
-            dense = d_in <= max_dense_dim
-            self.stats[name] = ModuleStats(
-                d_in,
-                gram=torch.zeros(d_in, d_in, dtype=torch.float64) if dense else None,
-                sketch=None if dense else torch.zeros(0, d_in, dtype=torch.float64),
-            )
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str):
-        def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
-            if not args or not torch.is_tensor(args[0]):
-                raise ValueError(f"calibration: module {name!r} was called without a tensor input")
-            self.add(name, args[0])
-
-        return hook
-
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The input rows (n, d_in), without padding positions when the batch's mask fits."""
-        x = x.detach()
-        if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
-            x = x[self.mask.to(device=x.device, dtype=torch.bool)]
-        return x.reshape(-1, x.shape[-1])
-
-    def add(self, name: str, x: torch.Tensor) -> None:
-        stats = self.stats[name]
-        if x.shape[-1] != stats.d_in:
-            raise ValueError(f"calibration: module {name!r} got inputs of width {x.shape[-1]}, expected {stats.d_in}")
-        rows = self.rows(x)
-        if stats.gram is not None:
-            key = (x.data_ptr(), tuple(x.shape))
-            if key not in self._cache:  # query, key and value of a layer read one tensor: one product
-                low = rows.float() if rows.dtype != torch.float64 else rows
-                self._cache[key] = (low.T @ low).to(device="cpu", dtype=torch.float64)
-            stats.gram += self._cache[key]
-        else:
-            stats.sketch = _frequent_directions(
-                stats.sketch, rows.to(device="cpu", dtype=torch.float64), self.sketch_rank
-            )
-        stats.rows += int(rows.shape[0])
-
-    def next_batch(self, mask: torch.Tensor | None) -> None:
-        self.mask = mask
-        self._cache.clear()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self._cache.clear()
-
-
-def _frequent_directions(sketch: torch.Tensor, rows: torch.Tensor, rank: int) -> torch.Tensor:
-    """Add ``rows`` to a frequent-directions sketch of at most ``2 * rank`` rows.
-
-    When the buffer is full its SVD ``U diag(s) V^T`` is shrunk to ``rank`` rows
-    ``diag(sqrt(s_i^2 - s_rank^2)) V^T``: ``S^T S`` never exceeds ``X^T X`` and misses at most
-    the sum of the shrinkages (Liberty's bound).
-    """
-    for start in range(0, rows.shape[0], rank):
-        sketch = torch.cat([sketch, rows[start : start + rank]])
-        if sketch.shape[0] >= 2 * rank:
-            _, values, vh = torch.linalg.svd(sketch, full_matrices=False)
-            shrunk = (values[:rank] ** 2 - values[rank] ** 2).clamp_min(0).sqrt()
-            sketch = shrunk[:, None] * vh[:rank]
-    return sketch
-
-
-def _in_features(module: nn.Module, name: str) -> int:
-    """``d_in`` of a Linear or GPT-2 Conv1D (weight (d_in, d_out)) module."""
-    if isinstance(module, nn.Linear):
-        return int(module.in_features)
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and weight is not None:
-        return int(weight.shape[0])
-    raise ValueError(f"calibration: module {name!r} is a {type(module).__name__}, not a Linear or Conv1D layer")
-
-
-def resolve_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """``names`` (module paths, as a LoRA names them) -> the model's modules.
-
-    A path the model lacks is matched by its tail: ``bert.encoder.layer.0.attention.self.query``
-    finds ``encoder.layer.0.attention.self.query`` in a bare ``BertModel``, and the reverse.
-    Raises ``ValueError`` naming the paths that match no module, or more than one.
-    """
-    available = dict(model.named_modules())
-    found: dict[str, nn.Module] = {}
-    missing = []
-    for name in names:
-        if name in available:
-            found[name] = available[name]
-            continue
-        candidates = [m for m in available if m and (m.endswith("." + name) or name.endswith("." + m))]
-        if len(candidates) == 1:
-            found[name] = available[candidates[0]]
-        else:
-            missing.append(name)
-    if missing:
-        some = ", ".join(n for n, m in list(available.items())[1:4])
-        raise ValueError(
-            f"calibration: the base model ({type(model).__name__}) has no module {missing[0]!r}"
-            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; its modules are named like {some}, …"
-        )
-    return found
-
-
-@torch.no_grad()
-def calibrate(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    modules: Iterable[str],
-    *,
-    samples: int | None = None,
-    max_dense_dim: int = 4096,
-    sketch_rank: int = 256,
-    progress: Progress | None = None,
-) -> CalibrationStats:
-    """Run ``model`` over ``batches`` and collect each module's input second moment.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The base model, without adapters (a transformers model; any module called as
-        ``model(**batch)``). It is put in eval mode.
-    batches : iterable of dict
-        Tokenized batches (``input_ids`` (B, T), ``attention_mask`` (B, T), …), as a
-        tokenizer returns them; tensors are moved to the model's device.
-    modules : iterable of str
-        Module paths, e.g. a LoRA's modules (see :func:`resolve_modules`).
-    samples : int, optional
-        Stop after this many sequences (the batch that crosses the limit is cut).
-    max_dense_dim : int
-        Above this ``d_in`` a module keeps a sketch of ``sketch_rank`` rows instead of ``X^T X``.
-    sketch_rank : int
-
-    Returns
-    -------
-    CalibrationStats
-        Per module ``X^T X`` (or its sketch) and the rows seen.
-
-    Raises
-    ------
-    ValueError
-        For a module the model lacks, no batches, or a batch without ``input_ids``.
-    """
-    start = time.perf_counter()
-    names = list(modules)
-    targets = resolve_modules(model, names)
-    collector = _Collector(targets, max_dense_dim, sketch_rank)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    seen = 0
-    try:
-        for batch in (progress or no_progress)(batches, "calibrating", None):
-            if samples is not None and seen >= samples:
-                break
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            size = _batch_size(batch)
-            if samples is not None and seen + size > samples:
-                batch = {k: v[: samples - seen] if torch.is_tensor(v) else v for k, v in batch.items()}
-                size = samples - seen
-            collector.next_batch(batch.get("attention_mask"))
-            model(**batch)
-            seen += size
-    finally:
-        collector.remove()
-    if seen == 0:
-        raise ValueError("calibration: no batches of inputs were given")
-    stats = CalibrationStats(
-        {name: collector.stats[name] for name in names},
-        samples=seen,
-        tokens=max(s.rows for s in collector.stats.values()),
-        seconds=time.perf_counter() - start,
-    )
-    unseen = [n for n, s in stats.modules.items() if s.rows == 0]
-    if unseen:
-        raise ValueError(f"calibration: modules {unseen[:3]} never ran on the inputs; are they used by forward()?")
-    return stats
-
-
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    ids = batch.get("input_ids")
-    if ids is None:
-        ids = next((v for v in batch.values() if torch.is_tensor(v)), None)
-    if ids is None:
-        raise ValueError(f"calibration: a batch holds no tensors (keys {sorted(batch)})")
-    return int(ids.shape[0])
-
-
-def read_texts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """Calibration texts from ``path``: a TSV (``.tsv``, a header row, the text in the first column) or one per line.
-
-    Empty lines are skipped. Raises ``FileNotFoundError`` for a missing file and ``ValueError``
-    for a file without texts or one that is not UTF-8.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such calibration file")
-    texts: list[str] = []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            if path.suffix.lower() == ".tsv":
-                reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-                next(reader, None)  # the header
-                lines: Iterable[str] = (row[0] if row else "" for row in reader)
-            else:
-                lines = (line.rstrip("\r\n") for line in handle)
-            for line in lines:
-                if line.strip():
-                    texts.append(line)
-                if limit is not None and len(texts) >= limit:
-                    break
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not texts:
-        raise ValueError(f"{path}: no calibration texts")
-    return texts
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def tokenized_batches(
     tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int = 128
 ) -> list[dict[str, torch.Tensor]]:
-    """``texts`` tokenized in batches (padded, truncated to ``max_length`` tokens), as PyTorch tensors."""
+    """``texts`` tokenized in batches (padded, truncated to ``max_length`` tokens), as PyTorch tensors.
+
+    Examples
+    --------
+    >>> from transformers import AutoTokenizer
+    >>> from tensorlotr.jobs.demo import default_model_dir
+    >>> tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    >>> batches = tokenized_batches(tokenizer, ["a moving film", "a dull script", "superb"], batch_size=2)
+    >>> [tuple(b["input_ids"].shape)[0] for b in batches], sorted(batches[0])
+    ([2, 1], ['attention_mask', 'input_ids', 'token_type_ids'])
+    """
     if getattr(tokenizer, "pad_token", True) is None:  # GPT-2 style tokenizers have no pad token
         tokenizer.pad_token = tokenizer.eos_token
     return [
@@ -367,13 +99,22 @@ def tokenized_batches(
 
 
 def load_base_model(
-    path: str | os.PathLike, task_type: str | None = None, num_labels: int | None = None
+    path: str | os.PathLike[str], task_type: str | None = None, num_labels: int | None = None
 ) -> tuple[Any, nn.Module]:
     """Tokenizer and model from a local transformers folder, offline.
 
     ``task_type`` (PEFT's, e.g. ``"SEQ_CLS"``) picks the model class, so module paths match
     the LoRA's; ``num_labels`` sizes a new classification head. Raises ``FileNotFoundError``
     when ``path`` is not a folder with ``config.json``.
+
+    Examples
+    --------
+    All-MiniLM-L6-v2 with a new 2-label head, as a LoRA trained with ``task_type="SEQ_CLS"`` needs it:
+
+    >>> from tensorlotr.jobs.demo import default_model_dir
+    >>> tokenizer, model = load_base_model(default_model_dir(), "SEQ_CLS", num_labels=2)
+    >>> type(model).__name__, model.config.num_labels
+    ('BertForSequenceClassification', 2)
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -385,7 +126,7 @@ def load_base_model(
     auto = getattr(transformers, _AUTO_CLASSES.get(task_type or "", "AutoModel"))
     kwargs = {"num_labels": num_labels} if num_labels is not None and task_type in ("SEQ_CLS", "TOKEN_CLS") else {}
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a new task head is expected to be untrained
+    hf_logging.set_verbosity(logging.ERROR)  # a new task head is expected to be untrained
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
         model = auto.from_pretrained(str(folder), **kwargs)
@@ -422,6 +163,19 @@ class Calibration:
         Weighted HOOI sweeps at most.
     heal_steps, heal_lr, heal_factors, held_out
         :func:`tensorlotr.heal.heal`'s ``steps``, ``lr``, ``train_factors`` and ``held_out``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tensorlotr.nn.calibration import CalibrationStats, ModuleStats
+    >>> stats = CalibrationStats({"proj": ModuleStats(3, rows=10, gram=torch.eye(3, dtype=torch.float64))})
+    >>> calibration = Calibration(stats=stats, objective="weight")
+    >>> calibration.statistics(["proj"]) is stats
+    True
+    >>> Calibration(stats=stats, heal_steps=10)
+    Traceback (most recent call last):
+    ...
+    ValueError: healing (heal_steps > 0) needs the calibration inputs and the base_model
     """
 
     inputs: Sequence[Mapping[str, Any]] | None = None
@@ -448,11 +202,15 @@ class Calibration:
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.inputs is not None:
-            self.inputs = _first_samples(list(self.inputs), self.samples)
+            from ..nn.calibration import first_samples
+
+            self.inputs = list(first_samples(self.inputs, self.samples))
 
     def statistics(self, modules: Sequence[str], progress: Progress | None = None) -> CalibrationStats:
         """The given ``stats`` (checked to cover ``modules``), or :func:`calibrate` on the inputs."""
         if self.stats is None:
+            from ..nn.calibration import calibrate
+
             assert self.inputs is not None and self.base_model is not None
             self.stats = calibrate(self.base_model, self.inputs, modules, progress=progress)
         missing = [m for m in modules if m not in self.stats.modules]
@@ -461,27 +219,21 @@ class Calibration:
         return self.stats
 
 
-def _first_samples(batches: list[Mapping[str, Any]], samples: int | None) -> list[Mapping[str, Any]]:
-    """The batches up to ``samples`` sequences (the last one cut)."""
-    if samples is None:
-        return batches
-    out, seen = [], 0
-    for batch in batches:
-        if seen >= samples:
-            break
-        size = _batch_size(batch)
-        if seen + size > samples:
-            batch = {k: v[: samples - seen] if torch.is_tensor(v) else v for k, v in batch.items()}
-            size = samples - seen
-        out.append(batch)
-        seen += size
-    return out
-
-
 def as_calibration(value: Calibration | CalibrationStats | None) -> Calibration | None:
-    """``calibration=`` of the jobs as a :class:`Calibration` (statistics alone are wrapped)."""
+    """``calibration=`` of the jobs as a :class:`Calibration` (statistics alone are wrapped).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tensorlotr.nn.calibration import CalibrationStats, ModuleStats
+    >>> stats = CalibrationStats({"proj": ModuleStats(3, rows=10, gram=torch.eye(3, dtype=torch.float64))})
+    >>> as_calibration(stats).stats is stats, as_calibration(None)
+    (True, None)
+    """
     if value is None or isinstance(value, Calibration):
         return value
+    from ..nn.calibration import CalibrationStats
+
     if isinstance(value, CalibrationStats):
         return Calibration(stats=value)
     raise TypeError(f"calibration must be a Calibration or CalibrationStats, got {type(value).__name__}")
@@ -494,6 +246,12 @@ class ErrorSums:
     ``weight`` / ``weight_ref``: ``sum ||dW_l - U G_l V^T||^2`` and ``sum ||dW_l||^2``;
     ``output`` / ``output_ref``: the same weighted by the calibration, ``||(…) Z_l||^2``
     (None without calibration).
+
+    Examples
+    --------
+    >>> total = ErrorSums(weight=1.0, weight_ref=4.0) + ErrorSums(weight=0.0, weight_ref=12.0)
+    >>> total.weight_error, total.output_error
+    (0.25, None)
     """
 
     weight: float = 0.0
@@ -535,6 +293,19 @@ def error_sums(
     """The :class:`ErrorSums` of ``tucker`` against LoRA layers ``s_l B_l A_l``, weighted by ``factors`` (``Z_l``).
 
     Exact, in float64, never forming a ``d_out x d_in`` matrix.
+
+    Examples
+    --------
+    Three LoRA layers ``B_l`` (6, 2), ``A_l`` (2, 5) and their exact Tucker-2; with calibration
+    factors ``Z_l = I`` the output error is the weight error:
+
+    >>> import torch
+    >>> from tensorlotr.core import tucker2_lowrank
+    >>> bs = [torch.randn(6, 2, dtype=torch.float64) for _ in range(3)]
+    >>> as_ = [torch.randn(2, 5, dtype=torch.float64) for _ in range(3)]
+    >>> sums = error_sums(tucker2_lowrank(bs, as_), bs, as_, [1.0] * 3, [torch.eye(5, dtype=torch.float64)] * 3)
+    >>> sums.weight_error < 1e-10, sums.output_error < 1e-10
+    (True, True)
     """
     bs = [b.double() for b in bs]
     as_ = [a.double() for a in as_]
@@ -547,48 +318,9 @@ def error_sums(
     return sums
 
 
-def group_tucker(files: LoTRAdapterFiles, group: str, modules: Sequence[str] | None = None) -> Tucker2:
-    """Group ``group`` of an adapter as a Tucker2 (the scale in the cores), for ``modules`` (default: all)."""
-    return files.tucker(group, modules)
-
-
-def compression_document(report: Result) -> dict[str, Any]:
-    """The JSON document of a calibrated job's report, written as :data:`REPORT_NAME` beside its output."""
-    return {"format": "tensorlotr-compression-report", "format_version": 1, **report.to_dict()}
-
-
-#: The error columns of a compression report that ``inspect`` shows, in order.
-ERROR_KEYS = ("relative_error", "output_error", "healed_error", "healed_output_error")
-
-
-def add_report_columns(rows: list[dict[str, Any]], folder: str | os.PathLike, section: str, key: str) -> None:
-    """Add the error columns of ``folder``'s :data:`REPORT_NAME`, when it has one, to ``rows`` (in place).
-
-    ``section`` is the report's list (``"groups"`` or ``"adapters"``) and ``key`` the field
-    that names a row in it and in ``rows``. A folder without the file (an adapter compressed
-    without calibration, or by an older tensorlotr) is left as it is.
-    """
-    from ..files.jsonfile import read_json_object
-
-    path = Path(folder) / REPORT_NAME
-    if not path.is_file():
-        return
-    entries = read_json_object(path).get(section)
-    by_name = {e.get(key): e for e in entries if isinstance(e, dict)} if isinstance(entries, list) else {}
-    for row in rows:
-        entry = by_name.get(row.get(key), {})
-        for column in ERROR_KEYS:
-            value = entry.get(column)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                row[column] = float(value)
-
-
 def _head_of(folder: Path) -> tuple[str | None, int | None]:
     """PEFT's task type of the adapter in ``folder`` and, for a classification head it saves, its number of labels."""
-    from ..io import is_lotr_dir, read_adapter
-    from ..io.peft_lora import CONFIG_NAME, PeftLoRA
-
-    if (folder / CONFIG_NAME).is_file():
+    if (folder / PEFT_CONFIG_NAME).is_file():
         lora = PeftLoRA(folder)
         task, saved = lora.config.get("task_type"), lora.load_modules_to_save()
     elif is_lotr_dir(folder):
@@ -600,14 +332,10 @@ def _head_of(folder: Path) -> tuple[str | None, int | None]:
     return task, int(heads[0].shape[0]) if heads else None
 
 
-#: Names of classification output layers whose rows are the labels.
-_HEADS = ("classifier", "score", "out_proj")
-
-
 def calibration_from_files(
-    base_model: str | os.PathLike,
-    data: str | os.PathLike,
-    adapter: str | os.PathLike,
+    base_model: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
     *,
     samples: int = 256,
     batch_size: int = 16,
@@ -623,6 +351,18 @@ def calibration_from_files(
     adapter in ``adapter`` (a PEFT LoRA or LoTR folder) was trained on (its ``task_type``)
     and, for a saved classification head, its number of labels; the first ``samples`` texts
     of ``data`` (:func:`read_texts`) are tokenized in batches of ``batch_size``.
+
+    Examples
+    --------
+    ``my-lora/`` holds a PEFT LoRA saved without a task type, so the base model is loaded as
+    the bare ``AutoModel``:
+
+    >>> from pathlib import Path
+    >>> from tensorlotr.jobs.demo import default_model_dir
+    >>> _ = Path("texts.txt").write_text("a moving film\\na dull script\\nthe ending was superb\\n")
+    >>> calibration = calibration_from_files(default_model_dir(), "texts.txt", "my-lora", samples=2, batch_size=1)
+    >>> len(calibration.inputs), type(calibration.base_model).__name__
+    (2, 'BertModel')
     """
     task, num_labels = _head_of(Path(adapter))
     tokenizer, model = load_base_model(base_model, task, num_labels)

@@ -10,30 +10,25 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..adapter import Group, LoTRAdapterFiles, group_modules
-from ..core import lowrank_norm_sq, normalize_rank, relative_error_lowrank, tucker2_lowrank, tucker2_weighted
+from ..adapter import LoTRAdapterFiles
+from ..adapter.lora import GroupConversion, OutputWeighting, lora_to_lotr
+from ..core import normalize_rank
 from ..files.atomic import check_output
 from ..io import is_lotr_dir
 from ..io.peft_lora import PeftLoRA
 from ..io.zoo_format import is_zoo_dir
 from ..progress import Progress
-from .calibration import (
-    REPORT_NAME,
-    Calibration,
-    CalibrationStats,
-    ErrorSums,
-    as_calibration,
-    compression_document,
-    error_sums,
-    group_tucker,
-)
-from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
+from .calibration import Calibration, ErrorSums, as_calibration, error_sums
+from .compression_report import REPORT_NAME, compression_document
+from .driver import AdapterReport, GroupReport, save_adapter
 from .export import ExportReport, export_lora
 from .inspect import InspectReport, inspect_adapter
+
+if TYPE_CHECKING:
+    from ..nn.calibration import CalibrationStats
+    from ..nn.heal import HealReport
 
 #: ``export_lora`` and ``inspect_adapter`` are documented as ``tensorlotr.convert``'s too.
 __all__ = ["ConversionReport", "ExportReport", "InspectReport", "convert_lora", "export_lora", "inspect_adapter"]
@@ -55,8 +50,8 @@ class ConversionReport(AdapterReport):
 
 
 def convert_lora(
-    peft_dir: str | os.PathLike,
-    out_dir: str | os.PathLike | None = None,
+    peft_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
     *,
     rank: int | tuple[int, int] | None = None,
     energy: float | None = None,
@@ -129,53 +124,30 @@ def convert_lora(
     if is_lotr_dir(peft_dir):
         raise ValueError(f"{peft_dir} is a LoTR adapter already, not a PEFT LoRA")
     lora = PeftLoRA(peft_dir)
-    plan = group_modules({m.name: m.shape for m in lora.modules.values()}, groups)
     cal = as_calibration(calibration)
     stats = cal.statistics(list(lora.modules), progress) if cal is not None else None
-    sums: dict[str, ErrorSums] = {}
-
-    def convert_group(group: Group) -> GroupOutcome:
-        names = list(group.modules)
-        bs, as_, scales = lora.load(names)
-        bs = [b.float() if b.dtype != torch.float64 else b for b in bs]
-        as_ = [a.float() if a.dtype != torch.float64 else a for a in as_]
-        # the stack has rank at most sum_l r_l in both modes: never pad beyond it
-        (d_out, d_in), total = group.shape, sum(lora.modules[n].rank for n in names)
-        exact = (min(d_out, len(names) * d_in, total), min(d_in, len(names) * d_out, total))
-        clipped = None if requested is None else (min(requested[0], exact[0]), min(requested[1], exact[1]))
-        factors = stats.factors(names) if stats is not None else None
-        if cal is None or factors is None or cal.objective == "weight":
-            tucker = tucker2_lowrank(bs, as_, clipped, scale=scales, energy=energy, n_iter=n_iter)
-        else:  # output-aware: float64, as the calibration statistics
-            b64, a64 = [b.double() for b in bs], [a.double() for a in as_]
-            tucker = tucker2_weighted(
-                b64, a64, factors, clipped, scale=scales, energy=energy, damping=cal.damping, n_iter=cal.n_iter
-            )
-        norm_sq = lowrank_norm_sq(bs, as_, scales)
-        error = relative_error_lowrank(tucker, bs, as_, scales)
-        lora_rank = max(lora.modules[n].rank for n in names)
-        details = {"lora_rank": (lora_rank, lora_rank), "lora_params": sum(lora.modules[n].n_params for n in names)}
-        if factors is not None:
-            sums[group.name] = error_sums(tucker, bs, as_, scales, factors)
-            details["output_error"] = sums[group.name].output_error
-        return GroupOutcome(tucker, norm_sq, error**2 * norm_sq, lora.fan_in_fan_out, details)
-
-    done = run_plan(plan, convert_group, progress=progress, desc="converting", rank=None if energy else requested)
-    modules_to_save = done.builder.add_saved(lora.load_modules_to_save())
-    base = {"name_or_path": lora.config.get("base_model_name_or_path"), "task_type": lora.config.get("task_type")}
-    files = done.builder.build(lora.config.get("target_modules"), groups, modules_to_save, base)
-    heal = None
+    weighting = None
+    if cal is not None and stats is not None:
+        fit = cal.objective != "weight"
+        weighting = OutputWeighting(stats.factors, fit=fit, damping=cal.damping, n_iter=cal.n_iter)
+    conversion = lora_to_lotr(
+        lora, rank=requested, energy=energy, n_iter=n_iter, groups=groups, weighting=weighting, progress=progress
+    )
+    sums = {g.group: ErrorSums(output=g.output_sq, output_ref=g.output_ref_sq) for g in conversion.groups}
+    sums = sums if weighting is not None else {}
+    rows = [_row(g, sums.get(g.group)) for g in conversion.groups]
+    files, heal, notes = conversion.files, None, list(conversion.notes)
     if cal is not None and cal.heal_steps:
-        files, heal = _heal(files, lora, cal, done.groups, progress)
-        done.notes.append(heal.text())
+        files, heal = _heal(files, lora, cal, rows, progress)
+        notes.append(heal.text())
     report = ConversionReport(
         source=str(peft_dir),
         output=str(out_dir) if out_dir is not None else None,
-        groups=done.groups,
-        modules_to_save=modules_to_save,
-        relative_error=done.relative_error,
+        groups=rows,
+        modules_to_save=conversion.modules_to_save,
+        relative_error=conversion.relative_error,
         seconds=time.perf_counter() - start,
-        notes=done.notes,
+        notes=notes,
         output_error=sum(sums.values(), ErrorSums()).output_error if sums else None,
         calibration=stats.summary() if stats is not None else None,
         heal=heal.to_dict() if heal is not None else None,
@@ -187,7 +159,25 @@ def convert_lora(
     return report
 
 
-def _heal(files: LoTRAdapterFiles, lora: PeftLoRA, cal: Calibration, rows: list[Any], progress: Progress | None):
+def _row(group: GroupConversion, sums: ErrorSums | None) -> GroupReport:
+    """The report's row of a converted group; ``sums`` carry its calibrated output errors."""
+    return GroupReport(
+        group=group.group,
+        layers=group.layers,
+        shape=group.shape,
+        rank=group.rank,
+        lotr_params=group.lotr_params,
+        relative_error=group.relative_error,
+        seconds=group.seconds,
+        lora_rank=(group.lora_rank, group.lora_rank),
+        lora_params=group.lora_params,
+        output_error=sums.output_error if sums is not None else None,
+    )
+
+
+def _heal(
+    files: LoTRAdapterFiles, lora: PeftLoRA, cal: Calibration, rows: list[GroupReport], progress: Progress | None
+) -> tuple[LoTRAdapterFiles, HealReport]:
     """Heal the converted adapter against the LoRA; set each group's errors after the heal in ``rows``."""
     from ..nn.heal import LoRATeacher, heal_adapter  # the torch bindings, only when healing
 
@@ -205,6 +195,6 @@ def _heal(files: LoTRAdapterFiles, lora: PeftLoRA, cal: Calibration, rows: list[
     for row in rows:
         modules = healed.groups[row.group].modules
         b, a, s = lora.load(modules)
-        sums = error_sums(group_tucker(healed, row.group), b, a, s, cal.stats.factors(modules))
+        sums = error_sums(healed.tucker(row.group), b, a, s, cal.stats.factors(modules))
         row.healed_error, row.healed_output_error = sums.weight_error, sums.output_error
     return healed, report

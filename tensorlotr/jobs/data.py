@@ -1,11 +1,17 @@
-"""Small text-classification data: TSV files and the built-in sentiment task."""
+"""The built-in sentiment task: a small text-classification data set of template sentences.
+
+:func:`read_tsv` lives in :mod:`tensorlotr.io.text`, the one reader of text data files; it is
+importable from here, as ``from tensorlotr.data import builtin_sentiment, read_tsv``.
+"""
 
 from __future__ import annotations
 
-import csv
 import itertools
 import random
-from pathlib import Path
+
+from ..io.text import read_tsv
+
+__all__ = ["builtin_sentiment", "read_tsv"]
 
 _TEMPLATES = [
     "the {noun} was {adj}.",
@@ -51,41 +57,3 @@ def builtin_sentiment(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[
     for split in splits:
         rng.shuffle(split)
     return splits
-
-
-def read_tsv(path: str | Path, limit: int | None = None) -> list[tuple[str, int]]:
-    """``sentence<TAB>label`` rows of a GLUE-style TSV with a header; labels are ints.
-
-    ``limit`` keeps the first rows only. Errors name the file and line.
-
-    Examples
-    --------
-    >>> from pathlib import Path
-    >>> _ = Path("reviews.tsv").write_text("sentence\\tlabel\\na moving film\\t1\\na dull script\\t0\\n")
-    >>> read_tsv("reviews.tsv")
-    [('a moving film', 1), ('a dull script', 0)]
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    rows: list[tuple[str, int]] = []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header is None or len(header) < 2:
-                raise ValueError(f"{path}: expected a header 'sentence<TAB>label'")
-            for line_no, row in enumerate(reader, start=2):
-                if len(row) < 2:
-                    raise ValueError(f"{path}:{line_no}: expected 2 tab-separated columns, got {len(row)}")
-                try:
-                    rows.append((row[0], int(row[1])))
-                except ValueError:
-                    raise ValueError(f"{path}:{line_no}: label {row[1]!r} is not an integer") from None
-                if limit is not None and len(rows) >= limit:
-                    break
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows

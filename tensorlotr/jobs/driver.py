@@ -148,7 +148,7 @@ class AdapterReport(Result):
         """Per group and in total, as an aligned text table."""
         used = [key for key in _COLUMNS if any(getattr(g, key) is not None for g in self.groups)]
         rows = [{_COLUMNS[k]: getattr(g, k) for k in used} for g in self.groups]
-        total = {_COLUMNS[k]: "" for k in used}
+        total: dict[str, Any] = {_COLUMNS[k]: "" for k in used}
         total.update(group="total", layers=sum(g.layers for g in self.groups))
         total[_COLUMNS["lotr_params"]] = self.lotr_params
         total[_COLUMNS["relative_error"]] = self.relative_error
@@ -258,7 +258,7 @@ def run_plan(
 
 def save_adapter(
     files: LoTRAdapterFiles,
-    out_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike[str] | None,
     *,
     force: bool,
     documents: dict[str, Any] | None = None,

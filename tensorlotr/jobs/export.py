@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +14,9 @@ from ..io import read_adapter
 from ..io.peft_lora import lora_config, lora_keys, saved_tensor_key, write_peft_lora
 from ..io.zoo_format import is_zoo_dir, read_zoo
 from ..report import Result
+
+if TYPE_CHECKING:
+    from ..nn.model import LoTRModel
 
 
 def _task_type(model_class: str | None) -> str | None:
@@ -57,7 +60,11 @@ class ExportReport(Result):
 
 
 def export_lora(
-    lotr: str | os.PathLike | Any, out_dir: str | os.PathLike, *, adapter: str | None = None, force: bool = False
+    lotr: str | os.PathLike[str] | LoTRModel,
+    out_dir: str | os.PathLike[str],
+    *,
+    adapter: str | None = None,
+    force: bool = False,
 ) -> ExportReport:
     """Write a LoTR adapter as a PEFT LoRA folder, exactly.
 
@@ -98,6 +105,7 @@ def export_lora(
     source += f" (adapter {adapter})" if adapter else ""
     tensors: dict[str, torch.Tensor] = {}
     rank_of_module: dict[str, int] = {}
+    ranks: dict[str, int] = {}  # by group: the rank of the LoRA view, min(r_out, r_in)
     fan_in_fan_out = False
     for name, group in files.groups.items():
         fan_in_fan_out |= group.fan_in_fan_out
@@ -105,7 +113,7 @@ def export_lora(
             key_a, key_b = lora_keys(module)
             # the factors are shared by the group's modules; PEFT stores one copy per module
             tensors[key_a], tensors[key_b] = a.clone(), b.clone()
-            rank_of_module[module] = min(group.rank)
+            rank_of_module[module] = ranks[name] = int(a.shape[0])
     for key, tensor in files.modules_to_save.items():
         tensors[saved_tensor_key(key)] = tensor
     modules_to_save = sorted({k.rsplit(".", 1)[0] for k in files.modules_to_save})
@@ -119,13 +127,13 @@ def export_lora(
         source=source,
         output=str(out_dir),
         modules=len(rank_of_module),
-        ranks={name: min(g.rank) for name, g in files.groups.items()},
+        ranks=ranks,
         lora_params=sum(t.numel() for k, t in tensors.items() if ".lora_" in k),
         modules_to_save=modules_to_save,
     )
 
 
-def _adapter_files(lotr: str | os.PathLike | Any, adapter: str | None) -> LoTRAdapterFiles:
+def _adapter_files(lotr: str | os.PathLike[str] | LoTRModel, adapter: str | None) -> LoTRAdapterFiles:
     """The adapter to export: a LoTR folder, one adapter of a zoo folder, or a model's adapter."""
     if not isinstance(lotr, (str, os.PathLike)):
         return lotr.adapter_files() if adapter is None else lotr.adapter_files(adapter)

@@ -13,7 +13,7 @@ from ..io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from ..io.peft_lora import PeftLoRA
 from ..io.zoo_format import is_zoo_dir
 from ..report import Result, format_table
-from .calibration import add_report_columns
+from .compression_report import add_report_columns
 from .zoo import inspect_zoo
 
 
@@ -56,7 +56,7 @@ class InspectReport(Result):
         return "\n".join(lines)
 
 
-def inspect_adapter(path: str | os.PathLike) -> Result:
+def inspect_adapter(path: str | os.PathLike[str]) -> Result:
     """Groups, shapes, ranks, parameters and dtype of a LoTR or PEFT LoRA folder; per adapter, for a zoo.
 
     Examples

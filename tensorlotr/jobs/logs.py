@@ -180,7 +180,7 @@ class LogsSummary(Result):
         )
 
 
-def find_event_files(log_dir: str | os.PathLike) -> list[Path]:
+def find_event_files(log_dir: str | os.PathLike[str]) -> list[Path]:
     """Event files below ``log_dir``, sorted; errors name an empty or missing folder.
 
     Examples
@@ -203,7 +203,7 @@ def find_event_files(log_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_logs(
-    log_dir: str | os.PathLike,
+    log_dir: str | os.PathLike[str],
     names: Sequence[str] | None = None,
     tags: str | None = None,
     index: Sequence[str] | None = None,
@@ -382,7 +382,7 @@ def _segment_columns(data: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(columns, index=data.index)
 
 
-def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+def write_parquet(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     """zstd parquet; float columns byte-stream-split (smaller for curves), the others dictionary-coded.
 
     The index is stored with the data, so ``pandas.read_parquet`` gives the frame back.
@@ -406,8 +406,8 @@ def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def tb2parquet(
-    log_dir: str | os.PathLike,
-    out_path: str | os.PathLike,
+    log_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
     names: Sequence[str] | None = None,
     tags: str | None = None,
     index: Sequence[str] | None = None,

@@ -1,5 +1,7 @@
 """Torch bindings: LoTR adapters on transformers models. No file formats live here."""
 
+from typing import Any
+
 from ..adapter import LoTRConfig
 from .layer import LoTRFactors, LoTRLayer
 from .model import LoTRModel, get_lotr_model
@@ -7,7 +9,7 @@ from .model import LoTRModel, get_lotr_model
 __all__ = ["LoTRConfig", "LoTRFactors", "LoTRLayer", "LoTRModel", "LoTRTrainer", "get_lotr_model"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "LoTRTrainer":  # importing transformers.Trainer takes seconds; only on demand
         from .trainer import LoTRTrainer
 

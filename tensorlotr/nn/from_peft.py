@@ -1,31 +1,25 @@
 """In-memory conversion of a live PEFT LoRA model to a trainable LoTR model (a LoRA warm-up).
 
 PEFT is not imported: the model is read through the attributes its LoRA layers have
-(``lora_A``, ``lora_B``, ``scaling``, ``base_layer``) and its ``peft_config``.
+(``lora_A``, ``lora_B``, ``scaling``, ``base_layer``) and its ``peft_config``, into
+:class:`tensorlotr.adapter.lora.LoRALayers`, which :func:`tensorlotr.adapter.lora.lora_to_lotr`
+converts at the groups and ranks of the new ``LoTRModel``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..adapter import LoTRConfig
+from ..adapter import Group, LoTRConfig
 from ..adapter.groups import select_modules
-from ..core import Tucker2, relative_error_lowrank, tucker2_lowrank
+from ..adapter.lora import LoRAFactors, LoRALayers, lora_to_lotr
 
 if TYPE_CHECKING:
     from .model import LoTRModel
-
-
-@dataclass
-class _LoRALayer:
-    B: torch.Tensor  # (d_out, r)
-    A: torch.Tensor  # (r, d_in)
-    scale: float
 
 
 def _lora_config(peft_model: nn.Module) -> tuple[str, Any]:
@@ -43,22 +37,23 @@ def _lora_config(peft_model: nn.Module) -> tuple[str, Any]:
     return name, config
 
 
-def _lora_layers(model: nn.Module, adapter: str) -> dict[str, _LoRALayer]:
-    """Each LoRA layer of ``adapter`` by module path: ``B`` (d_out, r), ``A`` (r, d_in), scale."""
+def _lora_layers(model: nn.Module, adapter: str) -> LoRALayers:
+    """Each LoRA layer of ``adapter`` by module path: ``B`` (d_out, r), ``A`` (r, d_in), scale, in float64."""
     layers = {}
-    for path, module in model.named_modules():
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+    for path, layer in model.named_modules():
+        module: Any = layer  # a PEFT LoRA layer, read through its attributes
+        lora_a = getattr(module, "lora_A", None)
         if not isinstance(lora_a, nn.ModuleDict) or adapter not in lora_a:
             continue
-        a, b = lora_a[adapter].weight, lora_b[adapter].weight  # type: ignore[index]
+        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         if a.dim() != 2 or b.dim() != 2:
             raise ValueError(f"{path}: LoRA of a {type(module.base_layer).__name__} is not a matrix LoRA")
         if getattr(module, "merged", False):
             raise ValueError(f"{path}: the LoRA is merged into the base weights; unmerge it first")
-        layers[path] = _LoRALayer(b.detach().to(torch.float64), a.detach().to(torch.float64), module.scaling[adapter])
+        layers[path] = LoRAFactors(b.detach().to(torch.float64), a.detach().to(torch.float64), module.scaling[adapter])
     if not layers:
         raise ValueError(f"the model has no LoRA layer of adapter {adapter!r}")
-    return layers
+    return LoRALayers(layers)
 
 
 def _target_pattern(paths: list[str]) -> str:
@@ -66,75 +61,63 @@ def _target_pattern(paths: list[str]) -> str:
     return "(" + "|".join(re.escape(p) for p in paths) + ")"
 
 
-def _padded(tucker: Tucker2, rank: tuple[int, int], generator: torch.Generator) -> Tucker2:
-    """``tucker`` at a larger ``rank``: orthonormal factor columns added, zero core entries."""
-    core, factors = tucker.core, []
-    for factor, r in ((tucker.out_factor, rank[0]), (tucker.in_factor, rank[1])):
-        d, k = factor.shape
-        if r > k:
-            fill = torch.randn(d, r - k, dtype=factor.dtype, generator=generator)
-            fill -= factor @ (factor.T @ fill)
-            extra, _ = torch.linalg.qr(fill)
-            factor = torch.cat([factor, extra], dim=1)
-        factors.append(factor)
-    padded = core.new_zeros(core.shape[0], rank[0], rank[1])
-    padded[:, : core.shape[1], : core.shape[2]] = core
-    return Tucker2(padded, factors[0], factors[1])
-
-
-def _check_targets(model: nn.Module, config: LoTRConfig, layers: dict[str, _LoRALayer]) -> None:
+def _check_targets(model: nn.Module, config: LoTRConfig, layers: LoRALayers) -> None:
     """Refuse, before the PEFT model is unloaded, a config that targets a module the LoRA does not adapt."""
     if config.target_modules is None or config.target_modules == "all-linear":
         return  # checked after the conversion, group by group
-    inside = tuple(f"{path}." for path in layers)
+    inside = tuple(f"{path}." for path in layers.modules)
     candidates = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
     chosen = select_modules(
         candidates, config.target_modules, exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
     )  # fmt: skip
-    missing = [m for m in chosen if m not in layers]
+    missing = [m for m in chosen if m not in layers.modules]
     if missing:
         raise ValueError(f"the config targets {missing}, which the LoRA does not adapt; target the LoRA's modules only")
 
 
 def lotr_from_peft_model(
+    cls: type[LoTRModel],
     peft_model: nn.Module,
     config: LoTRConfig | None = None,
     *,
     rank: int | tuple[int, int] | None = None,
     is_trainable: bool = True,
 ) -> LoTRModel:
-    """Convert a PEFT LoRA model to a LoTR model in memory; see :meth:`LoTRModel.from_peft_model`."""
-    from .model import LoTRModel
+    """Convert a PEFT LoRA model to a ``cls`` (a :class:`LoTRModel`) in memory; see :meth:`LoTRModel.from_peft_model`.
 
+    The LoRA layers are read, the PEFT model unloaded, ``cls`` attached with ``config``, and
+    each of its groups set to the LoRA's Tucker-2 at the group's rank, padded above the exact
+    rank (:func:`tensorlotr.adapter.lora.lora_to_lotr` with ``pad=True``).
+    """
     if config is not None and rank is not None:
         raise ValueError("give either config or rank, not both")
     adapter, lora_config = _lora_config(peft_model)
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    peft: Any = peft_model  # a peft.PeftModel, read through its methods
+    base = peft.get_base_model() if hasattr(peft, "get_base_model") else peft
     layers = _lora_layers(base, adapter)
     if config is None:
         config = LoTRConfig(
-            rank=rank if rank is not None else max(layer.A.shape[0] for layer in layers.values()),
+            rank=rank if rank is not None else max(layer.rank for layer in layers.modules.values()),
             alpha=float(lora_config.lora_alpha),
-            target_modules=_target_pattern(list(layers)),
+            target_modules=_target_pattern(list(layers.modules)),
             modules_to_save=list(lora_config.modules_to_save) if lora_config.modules_to_save else None,
         )
     _check_targets(base, config, layers)
-    base = peft_model.unload()  # the LoRA layers go; the trained copies of modules_to_save stay
-    lotr = LoTRModel(base, config)
-    generator = torch.Generator().manual_seed(0)
-    lotr.conversion_errors = {}
+    base = peft.unload()  # the LoRA layers go; the trained copies of modules_to_save stay
+    lotr = cls(base, config)
+    plan = []
     for group, layout in lotr.groups.items():
-        missing = [m for m in layout.modules if m not in layers]
+        missing = [m for m in layout.modules if m not in layers.modules]
         if missing:
             raise ValueError(f"group {group!r}: the LoRA does not adapt {missing}; target the LoRA's modules only")
-        stack = [layers[m] for m in layout.modules]
-        B, A, scales = [x.B for x in stack], [x.A for x in stack], [x.scale for x in stack]
-        tucker = tucker2_lowrank(B, A, tuple(layout.rank), scale=scales)
-        lotr.conversion_errors[group] = float(relative_error_lowrank(tucker, B, A, scale=scales))
-        lotr.load_tucker(group, _padded(tucker, tuple(layout.rank), generator))
-    lotr._trainable[lotr.active_adapter] = is_trainable
-    lotr._mark_trainable()
+        plan.append(Group(group, tuple(layout.modules), (layout.shape[0], layout.shape[1])))
+    ranks = {group: (layout.rank[0], layout.rank[1]) for group, layout in lotr.groups.items()}
+    conversion = lora_to_lotr(layers, rank=ranks, groups=plan, pad=True)
+    lotr.conversion_errors = {g.group: g.relative_error for g in conversion.groups}
+    for row in conversion.groups:
+        lotr.load_tucker(row.group, row.tucker)
+    lotr._set_trainable(lotr.active_adapter, is_trainable)
     if not is_trainable:
         lotr.eval()
     return lotr

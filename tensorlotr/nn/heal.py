@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from ..adapter import LoTRAdapterFiles
-from ..jobs.calibration import resolve_modules
 from ..progress import Progress, no_progress
 from ..report import Result
+from .calibration import resolve_modules
 from .model import LoTRModel
 
 Batch = Mapping[str, Any]
@@ -84,7 +84,7 @@ def last_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
     Padding positions (``attention_mask == 0``) are left out.
     """
     out = model(**_on(batch, _device(model)), output_hidden_states=True)
-    hidden = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else out[0]
+    hidden: torch.Tensor = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else out[0]
     mask = batch.get("attention_mask")
     if mask is not None and tuple(mask.shape) == tuple(hidden.shape[:-1]):
         hidden = hidden[mask.to(device=hidden.device, dtype=torch.bool)]
@@ -109,7 +109,9 @@ class LoRATeacher:
         The LoRA's ``modules_to_save`` tensors by parameter path, put in place while it runs.
     """
 
-    def __init__(self, updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]], saved: dict[str, torch.Tensor]):
+    def __init__(
+        self, updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]], saved: dict[str, torch.Tensor]
+    ) -> None:
         self.updates = updates
         self.saved = saved
 
@@ -142,10 +144,15 @@ class LoRATeacher:
             return outputs_of(model, batches)
 
 
-def _adds(b: torch.Tensor, a: torch.Tensor, s: float):
+def _adds(
+    b: torch.Tensor, a: torch.Tensor, s: float
+) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+    """A forward hook adding ``s B (A x)`` to a module's output."""
+
     def hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        return output + s * ((x @ a.to(x).T) @ b.to(x).T)
+        added: torch.Tensor = output + s * ((x @ a.to(x).T) @ b.to(x).T)
+        return added
 
     return hook
 
@@ -158,7 +165,10 @@ def _tensor_at(model: nn.Module, key: str) -> torch.Tensor:
     return tensor
 
 
-def _relative_error(model: nn.Module, batches: Sequence[Batch], targets: Sequence[torch.Tensor], norm_sq: float):
+def _relative_error(
+    model: nn.Module, batches: Sequence[Batch], targets: Sequence[torch.Tensor], norm_sq: float
+) -> float:
+    """``sqrt(sum ||h - t||^2 / norm_sq)`` of ``model``'s last hidden states ``h`` against ``targets``."""
     with torch.no_grad():
         err = sum(float((last_hidden(model, b) - t).square().sum()) for b, t in zip(batches, targets, strict=True))
     return math.sqrt(err / norm_sq) if norm_sq > 0 else 0.0
@@ -241,7 +251,7 @@ def heal(
         i = train[step % len(train)]
         loss = (last_hidden(model, batches[i]) - targets[i]).square().sum() / max(norm_train, 1e-30)
         optimizer.zero_grad()
-        loss.backward()
+        torch.autograd.backward(loss)
         optimizer.step()
         losses.append(float(loss.detach()))
         if (step + 1) % checks == 0 or step + 1 == steps:

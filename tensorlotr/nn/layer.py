@@ -1,27 +1,25 @@
-"""Adapter layers: the shared factors of a group, and the wrapped Linear / Conv1D.
+"""Adapter layers: the factors a group shares (:class:`LoTRFactors`) and the wrapped layer (:class:`LoTRLayer`).
 
-The adapter's forward ``((x V) G^T) U^T`` is one einsum, ``ADAPTER_FORWARD``. opt_einsum
-chooses its contraction order when a layer is built (:func:`plan_batched`, once per power of
-two of the row count N); the forward only selects the order for its N and runs it as plain
-matrix products (:func:`execute`). So ``torch.compile`` traces the forward as torch ops, and
-``torch.autocast`` casts each product as it casts a ``Linear``.
+The adapter's forward ``((x V) G^T) U^T`` is one einsum, ``ADAPTER_FORWARD``, planned when a
+layer gets an adapter (:func:`tensorlotr.nn.planner.plan_batched`) and run as plain matrix
+products (:func:`tensorlotr.nn.planner.execute`); layers of a group that read the same input
+share ``x V`` (:mod:`tensorlotr.nn.sharing`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-import opt_einsum
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from .planner import BatchedPlan, execute, find_step, plan_batched
+from .sharing import SHARE_MIN_ROWS, SharedInputProduct
 from .targets import dense_weight, quantization, set_dense_weight, weight_shape
+
+__all__ = ["ADAPTER_FORWARD", "BASE_ADAPTER", "DEFAULT_ADAPTER", "LoTRFactors", "LoTRLayer", "check_adapter_name"]
 
 #: U (d_out, r_out), G (r_out, r_in), V (d_in, r_in), x (N, d_in) -> (N, d_out). This operand
 #: order makes opt_einsum's plan compute x V (N, r_in) and (U G)^T (r_in, d_out) as row-major
@@ -29,305 +27,48 @@ from .targets import dense_weight, quantization, set_dense_weight, weight_shape
 ADAPTER_FORWARD = "mo,oi,ni,bn->bm"
 #: The operands of ``ADAPTER_FORWARD`` that ``x V`` is computed from: V and x.
 INPUT_PRODUCT = frozenset({2, 3})
-#: Sibling layers reuse ``x V`` from this many input rows up; below, the product (a few
-#: thousand multiply-adds at one token) costs less than looking it up.
-SHARE_MIN_ROWS = 32
-#: :func:`plan_batched` plans at row counts 1, 2, 4, ..., 2**BATCH_LOG2_MAX.
-BATCH_LOG2_MAX = 24
-#: A product with fewer output columns than this and at least ``TALL_ROWS`` rows runs transposed (:func:`_gemm`).
-NARROW_COLUMNS = 16
-TALL_ROWS = 64
-
-Shapes = tuple[tuple[int, ...], ...]
+#: The name PEFT gives a sample that runs without any adapter in a mixed batch.
+BASE_ADAPTER = "__base__"
+#: The name of the adapter a layer (and :func:`tensorlotr.get_lotr_model`) starts with.
+DEFAULT_ADAPTER = "default"
 
 
-# --- contraction plans ----------------------------------------------------------------
+def check_adapter_name(name: str) -> None:
+    """Refuse (``ValueError``) a name that cannot key an adapter's cores in a layer's ``ParameterDict``.
 
-
-@dataclass(frozen=True)
-class Step:
-    """One pairwise contraction of a path, in opt_einsum's convention.
-
-    The operands at ``positions`` of the working list are popped in that order, contracted by
-    ``equation`` (their subscripts in popping order), and the result is appended.
-
-    Attributes
-    ----------
-    positions : tuple of int
-        Positions in the working list, popped in this order.
-    equation : str
-        The einsum equation of the popped operands, e.g. ``"bn,ni->bi"``.
-    inputs : tuple of frozenset of int
-        For each popped operand, the original operands it is computed from.
-    sources : frozenset of int
-        The original operands the result is computed from (the union of ``inputs``).
-    gemm : (bool, bool, bool, bool) or None
-        ``(swap, transpose_first, transpose_second, transposed)`` when the step is one product of
-        two matrices: ``first @ second``, where ``first`` is the first popped operand (the second
-        if ``swap``), each transposed as flagged; with ``transposed`` it runs as
-        ``(second^T @ first^T)^T`` (see :func:`_gemm`). ``None``: the step runs with ``torch.einsum``.
+    Examples
+    --------
+    >>> check_adapter_name("legal")
+    >>> check_adapter_name("a.b")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter names must be non-empty, without '.' or '/', and not '__base__'; got 'a.b'
     """
-
-    positions: tuple[int, ...]
-    equation: str
-    inputs: tuple[frozenset[int], ...]
-    sources: frozenset[int]
-    gemm: tuple[bool, bool, bool, bool] | None
-
-    def apply(self, *operands: torch.Tensor, add_to: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-        """Contract the popped ``operands``, given in popping order.
-
-        With ``add_to`` (shaped as the result) return ``add_to + alpha * result``; a matrix product
-        then runs as one ``addmm``, with no separate scaling or addition pass over the output.
-        """
-        if self.gemm is None:
-            product = torch.einsum(self.equation, *operands)
-            return product if add_to is None else add_to + alpha * product
-        swap, transpose_first, transpose_second, transposed = self.gemm
-        first, second = (operands[1], operands[0]) if swap else (operands[0], operands[1])
-        first, second = (first.T if transpose_first else first), (second.T if transpose_second else second)
-        if transposed:
-            if add_to is None:
-                return (second.T @ first.T).T
-            return torch.addmm(add_to.T, second.T, first.T, alpha=alpha).T
-        return first @ second if add_to is None else torch.addmm(add_to, first, second, alpha=alpha)
-
-
-Path = tuple[Step, ...]
-
-
-def _gemm(equation: str, sizes: dict[str, int]) -> tuple[bool, bool, bool, bool] | None:
-    """How the pairwise ``equation`` runs as one matrix product, or None if it is not one.
-
-    ``sizes`` maps each index to its length. A tall, narrow result (fewer than ``NARROW_COLUMNS``
-    columns, at least ``TALL_ROWS`` rows: ``x V`` at prefill) is computed transposed, as
-    ``(second^T @ first^T)^T``: MKL's kernels for a GEMM with a handful of output columns run
-    about 3x slower than the same product computed with the long dimension as columns
-    (``x V`` on 2048 x 384 rows at rank 8: 0.63 ms against 0.20 ms, one thread).
-    """
-    inputs, out = equation.split("->")
-    terms = inputs.split(",")
-    if len(terms) != 2 or any(len(t) != 2 or len(set(t)) != 2 for t in (*terms, out)):
-        return None
-    first, second = terms
-    shared = set(first) & set(second)
-    if len(shared) != 1 or shared & set(out):
-        return None
-    (k,) = shared
-    free_first, free_second = first.replace(k, ""), second.replace(k, "")
-    transposed = sizes[out[1]] < NARROW_COLUMNS and sizes[out[0]] >= TALL_ROWS
-    if out == free_first + free_second:  # (f1, k) @ (k, f2)
-        return False, first != free_first + k, second != k + free_second, transposed
-    if out == free_second + free_first:  # (f2, k) @ (k, f1)
-        return True, second != free_second + k, first != k + free_first, transposed
-    return None
-
-
-@lru_cache(maxsize=256)
-def plan_path(subscripts: str, shapes: Shapes) -> Path:
-    """opt_einsum's contraction order for ``subscripts`` on operands of ``shapes``, as steps."""
-    _, info = opt_einsum.contract_path(subscripts, *shapes, shapes=True, optimize="auto")
-    terms = subscripts.split("->")[0].split(",")
-    sizes = {index: n for term, shape in zip(terms, shapes, strict=True) for index, n in zip(term, shape, strict=True)}
-    sources = [frozenset({i}) for i in range(len(shapes))]
-    steps = []
-    for positions, _, equation, *_ in info.contraction_list:
-        inputs = tuple(sources.pop(p) for p in positions)
-        merged = frozenset().union(*inputs)
-        sources.append(merged)
-        steps.append(Step(tuple(positions), equation, inputs, merged, _gemm(equation, sizes)))
-    return tuple(steps)
-
-
-def find_step(path: Path, sources: frozenset[int]) -> Step | None:
-    """The step of ``path`` whose result is computed from exactly the original ``sources``, if any."""
-    for step in path:
-        if step.sources == sources:
-            return step
-    return None
-
-
-def execute(
-    path: Path,
-    operands: list[torch.Tensor],
-    known: Mapping[frozenset[int], torch.Tensor] | None = None,
-    add_to: torch.Tensor | None = None,
-    alpha: float = 1.0,
-) -> torch.Tensor:
-    """Run ``path`` on ``operands``; a step whose sources are a key of ``known`` takes that value.
-
-    Parameters
-    ----------
-    path : Path
-        From :func:`plan_path`, or :meth:`BatchedPlan.path`, for the operands' shapes.
-    operands : list of Tensor
-        In the order of the subscripts.
-    known : mapping of frozenset of int to Tensor, optional
-        Intermediates computed elsewhere (``x V`` shared by two layers), keyed by the original
-        operands they come from.
-    add_to : Tensor, optional
-        Shaped as the result: return ``add_to + alpha * result``, the last step adding as it multiplies.
-    alpha : float
-        The result's factor when ``add_to`` is given.
-    """
-    work = list(operands)
-    last = path[-1]
-    for step in path:
-        popped = [work.pop(p) for p in step.positions]
-        if known is not None and step.sources in known:
-            work.append(known[step.sources])
-        elif add_to is not None and step is last:
-            work.append(step.apply(*popped, add_to=add_to, alpha=alpha))
-        else:
-            work.append(step.apply(*popped))
-    (result,) = work
-    return result
-
-
-@dataclass(frozen=True)
-class BatchedPlan:
-    """opt_einsum's orders for an expression one of whose axes (N rows) varies.
-
-    ``paths[i]`` serves ``N <= bounds[i]``; the last path serves every larger N. Each path is
-    the one opt_einsum chose at the power of two at or above N, so choosing costs a few integer
-    comparisons per call and never plans again.
-    """
-
-    subscripts: str
-    bounds: tuple[int, ...]
-    paths: tuple[Path, ...]
-
-    def path(self, n: int) -> Path:
-        """The path for ``n`` rows (a symbolic size under ``torch.compile``, which guards on the bounds)."""
-        for bound, path in zip(self.bounds, self.paths, strict=False):
-            if n <= bound:
-                return path
-        return self.paths[-1]
-
-
-@lru_cache(maxsize=256)
-def plan_batched(subscripts: str, shapes: Shapes, batch: tuple[int, int]) -> BatchedPlan:
-    """Plan ``subscripts`` for every row count, where axis ``batch[1]`` of operand ``batch[0]`` varies.
-
-    Parameters
-    ----------
-    subscripts : str
-        An einsum expression, e.g. ``ADAPTER_FORWARD``.
-    shapes : tuple of tuple of int
-        The operands' shapes; the entry of the varying axis is ignored.
-    batch : (int, int)
-        (operand, axis) of the varying size.
-
-    Returns
-    -------
-    BatchedPlan
-        The distinct paths for N = 1, 2, 4, ..., 2**BATCH_LOG2_MAX, each with the largest N it serves.
-    """
-    operand, axis = batch
-    bounds: list[int] = []
-    paths: list[Path] = []
-    for log2 in range(BATCH_LOG2_MAX + 1):
-        n = 1 << log2
-        sized = list(shapes)
-        sized[operand] = (*shapes[operand][:axis], n, *shapes[operand][axis + 1 :])
-        path = plan_path(subscripts, tuple(sized))
-        if paths and paths[-1] == path:
-            bounds[-1] = n
-        else:
-            paths.append(path)
-            bounds.append(n)
-    return BatchedPlan(subscripts, tuple(bounds[:-1]), tuple(paths))
-
-
-# --- x V shared by the layers of a group that read the same input ----------------------
-
-
-class _SharedInputProduct:
-    """``x V`` of one group, kept while a parent module of two or more of the group's layers runs.
-
-    The parent's forward pre-hook opens the scope and its forward hook (``always_call``) clears
-    it, so nothing outlives the parent's forward. Within it, a layer reuses the product when it
-    reads the same tensor object, unmodified (version counters), in the same grad and autocast
-    mode, as the layer that computed it. The reuse is the same tensor in the same autograd
-    graph: gradients from both layers accumulate into it.
-    """
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.entry: tuple[torch.Tensor, tuple[Any, ...], torch.Tensor] | None = None
-
-    def get(self, x: torch.Tensor, key: tuple[Any, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The product for input ``x`` under ``key``, computed by ``compute`` unless held."""
-        entry = self.entry
-        if entry is not None and entry[0] is x and entry[1] == key:
-            return entry[2]
-        value = compute()
-        self.entry = (x, key, value)
-        return value
-
-    def enter(self) -> None:
-        self.depth += 1
-
-    def exit(self) -> None:
-        self.depth = max(0, self.depth - 1)
-        if self.depth == 0:
-            self.entry = None
-
-
-class _ShareScope:
-    """Forward hooks of a parent module that opens and clears the shared products of ``factors``."""
-
-    def __init__(self, factors: list[LoTRFactors]) -> None:
-        self.factors = factors
-
-    def enter(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():
-            return  # compiled graphs compute each product; the compiler merges common subexpressions
-        for factors in self.factors:
-            factors.shared_input.enter()
-
-    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
-        for factors in self.factors:
-            factors.shared_input.exit()
-
-
-def share_input_products(model: nn.Module) -> list[RemovableHandle]:
-    """Let the layers of a group that sit in one parent module compute ``x V`` once per forward.
-
-    For each module with two or more :class:`LoTRLayer` children of the same group (query and
-    value of one attention block with ``groups="shared"``), hooks open a scope for the group's
-    factors while that module runs. Returns the hook handles; remove them to stop sharing.
-    """
-    by_parent: dict[str, dict[int, list[LoTRLayer]]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoTRLayer):
-            parent = name.rpartition(".")[0]
-            by_parent.setdefault(parent, {}).setdefault(id(module.factors), []).append(module)
-    handles = []
-    for parent, groups in by_parent.items():
-        shared = [layers[0].factors for layers in groups.values() if len(layers) > 1]
-        if shared:
-            scope = _ShareScope(shared)
-            module = model.get_submodule(parent)
-            handles.append(module.register_forward_pre_hook(scope.enter))
-            handles.append(module.register_forward_hook(scope.exit, always_call=True))
-    return handles
+    if not isinstance(name, str) or not name or "." in name or "/" in name or name == BASE_ADAPTER:
+        raise ValueError(f"adapter names must be non-empty, without '.' or '/', and not {BASE_ADAPTER!r}; got {name!r}")
+    if hasattr(nn.ParameterDict, name) or hasattr(nn.ModuleDict, name):  # the cores are a ParameterDict by name
+        raise ValueError(f"adapter name {name!r} is the name of a torch container method; choose another")
 
 
 # --- modules ------------------------------------------------------------------------------
 
 
 class LoTRFactors(nn.Module):
-    """The factors shared by every layer of a group: ``U`` (d_out, r_out) and ``V`` (d_in, r_in)."""
+    """The factors shared by every layer of a group: ``U`` (d_out, r_out) and ``V`` (d_in, r_in).
+
+    Examples
+    --------
+    >>> factors = LoTRFactors(32, 24, (4, 2))  # random orthonormal columns
+    >>> tuple(factors.out_factor.shape), tuple(factors.in_factor.shape), factors.rank
+    ((32, 4), (24, 2), (4, 2))
+    """
 
     def __init__(self, d_out: int, d_in: int, rank: tuple[int, int], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         r_out, r_in = rank
         self.out_factor = nn.Parameter(torch.empty(d_out, r_out, dtype=dtype))
         self.in_factor = nn.Parameter(torch.empty(d_in, r_in, dtype=dtype))
-        self.shared_input = _SharedInputProduct()
+        self.shared_input = SharedInputProduct()
         self.reset_orthonormal()
 
     @property
@@ -353,10 +94,6 @@ class LoTRFactors(nn.Module):
         return f"d_out={self.out_factor.shape[0]}, d_in={self.in_factor.shape[0]}, rank={self.rank}"
 
 
-#: The name PEFT gives a sample that runs without any adapter in a mixed batch.
-BASE_ADAPTER = "__base__"
-
-
 class LoTRLayer(nn.Module):
     """``y = base(x) + sum_a scale_a * ((x V_a) G_a^T) U_a^T`` around a Linear, GPT-2 Conv1D or bitsandbytes layer.
 
@@ -370,6 +107,23 @@ class LoTRLayer(nn.Module):
     Dtypes: the input is cast to the adapter's dtype (the factors'), except under
     ``torch.autocast``, which casts every product to its own dtype; the update is cast to the
     dtype of the base layer's output before it is added.
+
+    Examples
+    --------
+    A Linear of (d_out, d_in) = (32, 24) with rank-(4, 2) factors; its core starts at zero, so
+    the layer computes what the Linear does:
+
+    >>> import torch
+    >>> linear = torch.nn.Linear(24, 32)
+    >>> layer = LoTRLayer(linear, LoTRFactors(32, 24, (4, 2)), scale=2.0)
+    >>> tuple(layer.lotr_core.shape), layer.adapter_names
+    ((4, 2), ['default'])
+    >>> x = torch.randn(3, 24)
+    >>> torch.equal(layer(x), linear(x))
+    True
+    >>> _ = torch.nn.init.normal_(layer.lotr_core)  # as if trained: y = W x + b + 2 U G V^T x
+    >>> torch.allclose(layer(x), linear(x) + x @ layer.delta_weight().T, atol=1e-5)
+    True
     """
 
     is_lotr_layer = True
@@ -380,7 +134,7 @@ class LoTRLayer(nn.Module):
         factors: LoTRFactors,
         scale: float,
         dropout: float = 0.0,
-        adapter_name: str = "default",
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -435,7 +189,8 @@ class LoTRLayer(nn.Module):
     @property
     def lotr_core(self) -> nn.Parameter:
         """The core (r_out, r_in) of the first active adapter."""
-        return self.lotr_cores[self._primary()]
+        core: nn.Parameter = self.lotr_cores[self._primary()]
+        return core
 
     @property
     def factors(self) -> LoTRFactors:
@@ -455,12 +210,13 @@ class LoTRLayer(nn.Module):
         return bool(self.merged_adapters)
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         if not self.active:
             return result
         if self.batch_adapters is not None:
-            return result + self.mixed_output(x, self.batch_adapters).to(result.dtype)
+            mixed: torch.Tensor = result + self.mixed_output(x, self.batch_adapters).to(result.dtype)
+            return mixed
         for name in self.active_adapters:
             if name in self.lotr_cores and name not in self.merged_adapters:
                 result = self._update(x, name, add_to=result)
@@ -507,7 +263,7 @@ class LoTRLayer(nn.Module):
                 key = self._sharing_key(x, factors, device_type)
                 popped = [operands[min(s)] for s in step.inputs]  # V and x themselves
                 known = {INPUT_PRODUCT: shared.get(x, key, lambda: step.apply(*popped))}
-        if fused:
+        if fused and add_to is not None:
             out = execute(path, operands, known, add_to=add_to.reshape(-1, self.d_out), alpha=scale)
             return out.reshape(add_to.shape)
         delta = execute(path, operands, known).reshape(*x.shape[:-1], self.d_out)
@@ -572,10 +328,13 @@ class LoTRLayer(nn.Module):
         """``scale * U G V^T`` of ``adapter`` (default: the first active), (d_out, d_in), in ``dtype``."""
         name = adapter if adapter is not None else self._primary()
         factors = self._factors_of[name]
-        u, g, v = factors.out_factor, self.lotr_cores[name], factors.in_factor
+        u: torch.Tensor = factors.out_factor
+        g: torch.Tensor = self.lotr_cores[name]
+        v: torch.Tensor = factors.in_factor
         if dtype is not None:
             u, g, v = u.to(dtype), g.to(dtype), v.to(dtype)
-        return self.scales[name] * (u @ g @ v.T)
+        delta: torch.Tensor = self.scales[name] * (u @ g @ v.T)
+        return delta
 
     @torch.no_grad()
     def _add_to_base(self, sign: float, adapter: str) -> None:

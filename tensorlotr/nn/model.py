@@ -1,24 +1,32 @@
-"""``LoTRModel``: a transformers model with LoTR adapters, and ``get_lotr_model``."""
+"""``LoTRModel``: a model with named LoTR adapters (attach, switch, merge, unload), and ``get_lotr_model``.
+
+Saving, loading and the Hub are functions of :mod:`tensorlotr.nn.saving`, the copies of
+``modules_to_save`` :class:`tensorlotr.nn.modules_to_save.ModulesToSaveWrapper` s, and the
+conversion of a live PEFT model :mod:`tensorlotr.nn.from_peft`; the methods here delegate to them.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..adapter import LoTRConfig
 from ..adapter.groups import is_conv1d
-from ..adapter.layout import IN_FACTOR, OUT_FACTOR, GroupLayout, LoTRAdapterFiles, core_key, factor_key, saved_key
+from ..adapter.layout import GroupLayout, LoTRAdapterFiles
 from ..core import Tucker2, check_rank, tucker2
-from .layer import BASE_ADAPTER, LoTRFactors, LoTRLayer, share_input_products
+from . import saving
+from .from_peft import lotr_from_peft_model
+from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, LoTRFactors, LoTRLayer, check_adapter_name
+from .modules_to_save import ModulesToSaveWrapper, swap_module
+from .sharing import share_input_products
 from .targets import (
     build_groups,
     dense_weight,
@@ -26,26 +34,15 @@ from .targets import (
     resolve_modules_to_save,
     resolve_targets,
     unwrap,
+    weight_of,
     weight_shape,
 )
 
-#: The name of the adapter that :func:`get_lotr_model` and :meth:`LoTRModel.from_pretrained` attach.
-DEFAULT_ADAPTER = "default"
+if TYPE_CHECKING:
+    from ..adapter.lora import LoRAConversion
 
 
-def _check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name or "/" in name or name == BASE_ADAPTER:
-        raise ValueError(f"adapter names must be non-empty, without '.' or '/', and not {BASE_ADAPTER!r}; got {name!r}")
-    if hasattr(nn.ParameterDict, name) or hasattr(nn.ModuleDict, name):  # the cores are a ParameterDict by name
-        raise ValueError(f"adapter name {name!r} is the name of a torch container method; choose another")
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    parent, _, child = name.rpartition(".")
-    return parent, child
-
-
-def _bound_forward(lotr: LoTRModel, model: nn.Module) -> functools.partial:
+def _bound_forward(lotr: LoTRModel, model: nn.Module) -> functools.partial[Any]:
     """``lotr.forward`` bound to ``lotr``, carrying the base model's signature.
 
     ``transformers.Trainer`` keeps the dataset columns that ``inspect.signature(model.forward)``
@@ -86,16 +83,6 @@ def _refuse_meta_weights(model: nn.Module, groups: dict[str, GroupLayout]) -> No
                     "meta device (a model built under accelerate's init_empty_weights(), say); "
                     "load the base weights first, or use init='zeros'"
                 )
-
-
-def _gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole of ``tensor``: a DTensor (FSDP2) is all-gathered, a collective every process must join."""
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(tensor, DTensor):
-            return tensor.full_tensor()
-    return tensor
 
 
 class LoTRModel(nn.Module):
@@ -143,6 +130,11 @@ class LoTRModel(nn.Module):
     torch.Size([2, 3, 32])
     """
 
+    #: Set by :meth:`from_lora`: the conversion of the LoRA.
+    conversion_report: LoRAConversion
+    #: Set by :meth:`from_peft_model`: each group's relative error of the conversion.
+    conversion_errors: dict[str, float]
+
     def __init__(
         self,
         model: nn.Module,
@@ -154,7 +146,7 @@ class LoTRModel(nn.Module):
         factor_owner: str | None = None,
     ) -> None:
         _refuse_adapted(model)
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         initialise = layout is None
         groups = self._plan(model, config) if layout is None else layout
         if initialise and config.init == "svd":
@@ -167,17 +159,14 @@ class LoTRModel(nn.Module):
         self._factor_keys: dict[str, dict[str, str]] = {}
         self._active: list[str] = []
         self._trainable: dict[str, bool] = {}
-        self.original_modules = nn.ModuleList()  # the frozen originals of modules_to_save, by _copy_paths
-        self._copy_paths: list[str] = []
-        self.stored_copies = nn.ModuleDict()  # modules_to_save copies of adapters not in place
-        self._copies_of: dict[str, dict[str, str]] = {}  # adapter -> {path in the model: module name}
-        self._in_place: str | None = None
+        self.modules_to_save_wrappers = nn.ModuleList()  # one ModulesToSaveWrapper per module of modules_to_save
+        self._in_place: str | None = None  # the adapter whose copies of modules_to_save are in the model
         self._sharing_hooks: list[Any] = []
         for param in model.parameters():
             param.requires_grad_(False)
         self._active = [adapter_name]
         self._attach(adapter_name, config, groups, source=source, initialise=initialise, factor_owner=factor_owner)
-        self.forward = _bound_forward(self, model)
+        self.forward = _bound_forward(self, model)  # type: ignore[method-assign]  # the base model's signature
 
     def forward(self, *args: Any, labels: Any = None, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the base model with its adapters; ``labels`` are passed on when given.
@@ -194,8 +183,9 @@ class LoTRModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``, with ``adapter_names`` serving a mixed batch as in :meth:`forward`."""
+        model: Any = self.base_model  # a transformers model with generate()
         with self._mixed_batch(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+            return model.generate(*args, **kwargs)
 
     @contextmanager
     def _mixed_batch(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -206,7 +196,7 @@ class LoTRModel(nn.Module):
         unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.lotr_configs})
         if unknown:
             raise ValueError(f"adapter_names holds unknown adapters {unknown}; adapters: {sorted(self.lotr_configs)}")
-        with_copies = {n for n in set(names) if self._copies_of.get(n)}
+        with_copies = {n for n in set(names) if self._has_copies(n)}
         if with_copies and (len(set(names)) > 1 or with_copies != {self._in_place}):
             raise ValueError(
                 f"adapters {sorted(with_copies)} have modules_to_save, which a mixed batch cannot switch per sample; "
@@ -261,14 +251,14 @@ class LoTRModel(nn.Module):
         self._factor_keys[adapter] = {g: g if owner == DEFAULT_ADAPTER else f"{owner}--{g}" for g in groups}
         for group_name, group in groups.items():
             key = self._factor_keys[adapter][group_name]
-            first = unwrap(self.base_model.get_submodule(group.modules[0]))
+            first = weight_of(unwrap(self.base_model.get_submodule(group.modules[0])))
             if shared is not None and group_name in shared:
                 factors = shared[group_name]
             else:
-                dtype = torch.float64 if first.weight.dtype == torch.float64 else torch.float32
+                dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
                 if config.adapter_dtype is not None:
                     dtype = getattr(torch, config.adapter_dtype)
-                factors = LoTRFactors(*group.shape, group.rank, dtype=dtype).to(first.weight.device)
+                factors = LoTRFactors(*group.shape, group.rank, dtype=dtype).to(first.device)
                 if initialise:
                     self._initialise(factors, group, config)
             if key not in self.lotr_factors:
@@ -281,7 +271,7 @@ class LoTRModel(nn.Module):
                 else:
                     layer = LoTRLayer(module, factors, group.scale, config.dropout, adapter_name=adapter)
                     layer.active_adapters = [a for a in self._active if a in layer.lotr_cores]
-                    self._swap(name, layer.to(first.weight.device))
+                    swap_module(self.base_model, name, layer.to(first.device))
         for handle in self._sharing_hooks:
             handle.remove()
         self._sharing_hooks = share_input_products(self.base_model)
@@ -325,72 +315,56 @@ class LoTRModel(nn.Module):
         a weight the original shares with another module (a GPT-2 or Llama ``lm_head`` tied
         to the input embeddings) is never changed through it. For an adapted module the copy
         is of its base layer and shares the frozen weight: only its other tensors (a bias) train.
-        The first adapter's copies sit in the model; other adapters' wait in ``stored_copies``
-        until :meth:`set_adapter` puts them in place.
+        The first adapter's copies sit in the model; other adapters' wait in their wrapper's
+        ``stored_copies`` until :meth:`set_adapter` puts them in place.
         """
-        copies: dict[str, str] = {}
+
         in_place = self._in_place is None or self._in_place == adapter
-        stored = nn.ModuleDict()
         for name in names:
-            path, module = name, self.base_model.get_submodule(name)
-            if isinstance(module, LoTRLayer):
-                path, module = f"{name}.base_layer", module.base_layer
-            if path in self._copy_paths:
-                module = self.original_modules[self._copy_paths.index(path)]
-            inner = [f"{path}.{n}" for n, m in module.named_modules() if isinstance(m, LoTRLayer)]
+            path = name
+            if isinstance(self.base_model.get_submodule(name), LoTRLayer):
+                path = f"{name}.base_layer"
+            wrapper = next((w for w in self._wrappers() if w.path == path), None)
+            original = wrapper.original_module if wrapper is not None else self.base_model.get_submodule(path)
+            inner = [f"{path}.{n}" for n, m in original.named_modules() if isinstance(m, LoTRLayer)]
             if inner:
                 raise ValueError(
                     f"modules_to_save names {name!r}, which contains adapted modules ({', '.join(inner[:3])}); "
                     "list its other submodules instead, or leave them out of target_modules"
                 )
-            shared = {id(module.weight): module.weight} if path.endswith(".base_layer") else {}
-            duplicate = copy.deepcopy(module, shared)
-            if path not in self._copy_paths:
-                self._copy_paths.append(path)
-                self.original_modules.append(module)
-            if in_place:
-                self._swap(path, duplicate)
-            else:
-                stored[str(len(stored))] = duplicate
-            copies[path] = name
-        self._copies_of[adapter] = copies
-        if in_place and copies:
+            if wrapper is None:
+                wrapper = ModulesToSaveWrapper(self.base_model, path)
+                self.modules_to_save_wrappers.append(wrapper)
+            wrapper.add_adapter(adapter, name, place=in_place)
+        if in_place and names:
             self._in_place = adapter
-        if len(stored):
-            self.stored_copies[adapter] = stored
 
-    def _swap(self, path: str, module: nn.Module) -> nn.Module:
-        """Put ``module`` at ``path`` in the base model; return the module it replaces."""
-        parent_name, child = _split_name(path)
-        parent = self.base_model.get_submodule(parent_name)
-        previous = getattr(parent, child)
-        setattr(parent, child, module)
-        return previous
+    def _wrappers(self) -> list[ModulesToSaveWrapper]:
+        """The wrappers of the modules of every adapter's ``modules_to_save``, in the order they were listed."""
+        return [w for w in self.modules_to_save_wrappers if isinstance(w, ModulesToSaveWrapper)]
+
+    def _saved_names(self, adapter: str) -> list[str]:
+        """The modules of ``adapter``'s ``modules_to_save`` (module paths, as its config lists them)."""
+        return [w.names[adapter] for w in self._wrappers() if adapter in w.names]
+
+    def _has_copies(self, adapter: str) -> bool:
+        """True when ``adapter`` has copies of ``modules_to_save``."""
+        return bool(self._saved_names(adapter))
 
     def _place_copies(self, adapter: str) -> None:
         """Put ``adapter``'s copies of its ``modules_to_save`` in the model (originals where it has none)."""
-        if self._in_place == adapter or (self._in_place is None and not self._copies_of.get(adapter)):
+
+        if self._in_place == adapter or (self._in_place is None and not self._has_copies(adapter)):
             return
-        if self._in_place is not None:  # take the current copies out into storage
-            current = self._copies_of[self._in_place]
-            taken = nn.ModuleDict()
-            for i, path in enumerate(current):
-                original = self.original_modules[self._copy_paths.index(path)]
-                taken[str(i)] = self._swap(path, original)
-            self.stored_copies[self._in_place] = taken
-        wanted = self._copies_of.get(adapter, {})
-        if wanted:
-            stored = self.stored_copies[adapter]
-            for i, path in enumerate(wanted):
-                self._swap(path, stored[str(i)])
-            del self.stored_copies[adapter]
-        self._in_place = adapter if wanted else None
+        for wrapper in self._wrappers():
+            wrapper.set_adapter(adapter)
+        self._in_place = adapter if self._has_copies(adapter) else None
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in {"base_model", "lotr_factors", "original_modules", "stored_copies"}:
+            if name in {"base_model", "lotr_factors", "modules_to_save_wrappers", "original_modules"}:
                 raise
             return getattr(self.base_model, name)
 
@@ -418,7 +392,13 @@ class LoTRModel(nn.Module):
     @property
     def modules_to_save(self) -> list[str]:
         """The ``modules_to_save`` of the active adapter (module paths)."""
-        return list(self._copies_of.get(self.active_adapter, {}).values())
+
+        return self._saved_names(self.active_adapter)
+
+    @property
+    def original_modules(self) -> nn.ModuleList:
+        """The frozen originals of the modules of ``modules_to_save``, one per module, as PEFT keeps them."""
+        return nn.ModuleList([w.original_module for w in self._wrappers()])
 
     def add_adapter(self, adapter_name: str, config: LoTRConfig) -> None:
         """Attach a new adapter ``adapter_name`` with ``config``; it starts inactive, as in PEFT.
@@ -443,7 +423,7 @@ class LoTRModel(nn.Module):
         >>> lotr.adapter_groups["other"]["query"].rank, lotr.tucker("query", adapter="other").core.shape
         ((2, 2), torch.Size([2, 2, 2]))
         """
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         groups = self._plan(self.base_model, config)
         if config.init == "svd":
             _refuse_meta_weights(self.base_model, groups)
@@ -476,7 +456,7 @@ class LoTRModel(nn.Module):
             raise ValueError(f"no adapter {unknown or names!r}; adapters: {sorted(self.lotr_configs)}")
         if any(layer.merged for _, layer in self.lotr_layers()):
             raise RuntimeError("unmerge_adapter() before set_adapter(): merged weights cannot be switched")
-        with_copies = [n for n in names if self._copies_of.get(n)]
+        with_copies = [n for n in names if self._has_copies(n)]
         if len(with_copies) > 1:
             raise ValueError(f"adapters {with_copies} both have modules_to_save; activate one of them at a time")
         self._active = names
@@ -509,19 +489,20 @@ class LoTRModel(nn.Module):
             raise ValueError(f"{adapter_name!r} is the only adapter; unload() removes the adapters altogether")
         if self._in_place == adapter_name:
             others = [n for n in self.lotr_configs if n != adapter_name]
-            self._place_copies(next((n for n in others if self._copies_of.get(n)), others[0]))
+            self._place_copies(next((n for n in others if self._has_copies(n)), others[0]))
         for name, layer in list(self.lotr_layers()):
             if adapter_name in layer.lotr_cores:
                 layer.delete_adapter(adapter_name)
                 if not layer.lotr_cores:
-                    self._swap(name, layer.base_layer)
+                    swap_module(self.base_model, name, layer.base_layer)
         used = {k for a, keys in self._factor_keys.items() if a != adapter_name for k in keys.values()}
         for key in self._factor_keys[adapter_name].values():
             if key not in used and key in self.lotr_factors:
                 del self.lotr_factors[key]
-        if adapter_name in self.stored_copies:
-            del self.stored_copies[adapter_name]
-        for table in (self.lotr_configs, self.adapter_groups, self._factor_keys, self._copies_of, self._trainable):
+        for wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+        self.modules_to_save_wrappers = nn.ModuleList([w for w in self._wrappers() if w.names])
+        for table in (self.lotr_configs, self.adapter_groups, self._factor_keys, self._trainable):
             table.pop(adapter_name, None)
         remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.lotr_configs))]
         self.set_adapter(remaining)
@@ -540,6 +521,24 @@ class LoTRModel(nn.Module):
                 tensor = getattr(owner, attr)
                 if isinstance(tensor, nn.Parameter):
                     tensor.requires_grad_(train)
+
+    def _set_trainable(self, adapter: str, is_trainable: bool) -> None:
+        """Let adapter ``adapter`` train (when active) or freeze it."""
+        self._trainable[adapter] = is_trainable
+        self._mark_trainable()
+
+    def _saved_slots(self, adapter: str) -> dict[str, tuple[nn.Module, str]]:
+        """``adapter``'s ``modules_to_save`` tensors by plain parameter path, as (owning module, attribute).
+
+        An adapted module may be listed too (its bias changed in a full fine-tune, say): then
+        its other tensors are saved under their plain names (``….dense.bias``) and its frozen
+        base weight is left out.
+        """
+        slots: dict[str, tuple[nn.Module, str]] = {}
+        for wrapper in self._wrappers():
+            if adapter in wrapper.names:
+                slots.update(wrapper.tensor_slots(adapter))
+        return slots
 
     # --- inspection -----------------------------------------------------------------
     def lotr_layers(self) -> Iterator[tuple[str, LoTRLayer]]:
@@ -591,7 +590,7 @@ class LoTRModel(nn.Module):
         """
         adapter = adapter or self.active_adapter
         layout, factors = self._group(group, adapter)
-        cores = torch.stack([self.base_model.get_submodule(n).lotr_cores[adapter].detach() for n in layout.modules])
+        cores = torch.stack([self._layer(n).lotr_cores[adapter].detach() for n in layout.modules])
         return Tucker2(layout.scale * cores, factors.out_factor.detach().clone(), factors.in_factor.detach().clone())
 
     @torch.no_grad()
@@ -609,13 +608,26 @@ class LoTRModel(nn.Module):
         factors.in_factor.copy_(torch.as_tensor(tucker.in_factor))
         core = torch.as_tensor(tucker.core)
         for i, name in enumerate(layout.modules):
-            self.base_model.get_submodule(name).lotr_cores[adapter].copy_(core[i] / layout.scale)
+            self._layer(name).lotr_cores[adapter].copy_(core[i] / layout.scale)
 
     def _group(self, group: str, adapter: str) -> tuple[GroupLayout, LoTRFactors]:
         groups = self.adapter_groups[adapter]
         if group not in groups:
             raise KeyError(f"adapter {adapter!r} has no group {group!r}; groups: {list(groups)}")
-        return groups[group], self.lotr_factors[self._factor_keys[adapter][group]]
+        return groups[group], self._factors(self._factor_keys[adapter][group])
+
+    def _factors(self, key: str) -> LoTRFactors:
+        """The factors registered under ``key`` in ``lotr_factors``."""
+        factors = self.lotr_factors[key]
+        assert isinstance(factors, LoTRFactors)
+        return factors
+
+    def _layer(self, name: str) -> LoTRLayer:
+        """The adapted layer at path ``name`` of the base model."""
+        layer = self.base_model.get_submodule(name)
+        if not isinstance(layer, LoTRLayer):
+            raise TypeError(f"{name!r} is a {type(layer).__name__}, not an adapted layer")
+        return layer
 
     # --- adapter on/off, merging ------------------------------------------------------
     @contextmanager
@@ -643,20 +655,19 @@ class LoTRModel(nn.Module):
         >>> torch.equal(lotr(input_ids=inputs).last_hidden_state, adapted)  # the adapter is back after the block
         True
         """
+
         layers = [layer for _, layer in self.lotr_layers()]
         if any(layer.merged for layer in layers):
             raise RuntimeError("unmerge_adapter() before disable_adapter(): merged weights cannot be switched off")
         states = [layer.active for layer in layers]
         for layer in layers:
             layer.active = False
-        paths = list(self._copies_of.get(self._in_place, {})) if self._in_place else []
-        originals = [self.original_modules[self._copy_paths.index(path)] for path in paths]
-        copies = [self._swap(path, original) for path, original in zip(paths, originals, strict=True)]
         try:
-            yield
+            with contextlib.ExitStack() as originals:
+                for wrapper in self._wrappers():
+                    originals.enter_context(wrapper.disabled())
+                yield
         finally:
-            for path, trained in zip(paths, copies, strict=True):
-                self._swap(path, trained)
             for layer, state in zip(layers, states, strict=True):
                 layer.active = state
 
@@ -702,91 +713,31 @@ class LoTRModel(nn.Module):
         The active adapter's trained copies of ``modules_to_save`` stay in the model and the
         originals are dropped, as in PEFT.
         """
+
+        for wrapper in self._wrappers():  # before the layers go: a copy may be a base layer
+            wrapper.unload()
         for name, layer in list(self.lotr_layers()):
-            self._swap(name, layer.base_layer)
+            swap_module(self.base_model, name, layer.base_layer)
         for handle in self._sharing_hooks:
             handle.remove()
         self._sharing_hooks = []
         self.lotr_factors = nn.ModuleDict()
-        self.original_modules = nn.ModuleList()
-        self.stored_copies = nn.ModuleDict()
-        self._copy_paths = []
+        self.modules_to_save_wrappers = nn.ModuleList()
         return self.base_model
 
-    # --- saving and loading ---------------------------------------------------------
-    def _saved_slots(self, adapter: str) -> dict[str, tuple[nn.Module, str]]:
-        """``adapter``'s ``modules_to_save`` tensors by plain parameter path, as (owning module, attribute).
-
-        An adapted module may be listed too (its bias changed in a full fine-tune, say): then
-        its other tensors are saved under their plain names (``….dense.bias``) and its frozen
-        base weight is left out.
-        """
-        slots: dict[str, tuple[nn.Module, str]] = {}
-        copies = self._copies_of.get(adapter, {})
-        stored = None if adapter == self._in_place else self.stored_copies[adapter] if copies else None
-        for i, (path, name) in enumerate(copies.items()):
-            module = self.base_model.get_submodule(path) if stored is None else stored[str(i)]
-            adapted = path.endswith(".base_layer")
-            tensors = [(n, m) for n, m in module.named_parameters(remove_duplicate=False)]
-            tensors += [(n, m) for n, m in module.named_buffers(remove_duplicate=False)]
-            for tensor_name, _ in tensors:
-                if adapted and tensor_name == "weight":
-                    continue  # the frozen base weight, shared with the original
-                owner_name, _, attr = tensor_name.rpartition(".")
-                owner = module.get_submodule(owner_name) if owner_name else module
-                slots[f"{name}.{tensor_name}"] = (owner, attr)
-        return slots
-
-    def _saved_tensors(self, adapter: str | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of ``modules_to_save`` (their trained copies) by plain parameter path."""
-        return {
-            key: getattr(owner, attr)
-            for key, (owner, attr) in self._saved_slots(adapter or self.active_adapter).items()
-        }
-
-    def _adapter_slots(self, adapter: str) -> dict[str, tuple[nn.Module, str]]:
-        """Every tensor of ``adapter`` by its key in :class:`LoTRAdapterFiles`, as (owning module, attribute)."""
-        slots: dict[str, tuple[nn.Module, str]] = {}
-        for group_name, group in self.adapter_groups[adapter].items():
-            factors = self.lotr_factors[self._factor_keys[adapter][group_name]]
-            slots[factor_key(group_name, OUT_FACTOR)] = (factors, "out_factor")
-            slots[factor_key(group_name, IN_FACTOR)] = (factors, "in_factor")
-            for name in group.modules:
-                slots[core_key(name)] = (self.base_model.get_submodule(name).lotr_cores, adapter)
-        for key, slot in self._saved_slots(adapter).items():
-            slots[saved_key(key)] = slot
-        return slots
-
+    # --- saving and loading (tensorlotr.nn.saving) ------------------------------------
     def adapter_files(self, adapter: str | None = None) -> LoTRAdapterFiles:
         """Adapter ``adapter``'s (default: the active one's) config, layout and tensors, as saved.
 
         Tensors sharded by FSDP2 (DTensors) are all-gathered, so every process must call this.
         Raises ``ValueError`` for a tensor on the meta device, which holds no data.
         """
-        adapter = adapter or self.active_adapter
-        if adapter not in self.lotr_configs:
-            raise ValueError(f"no adapter {adapter!r}; adapters: {sorted(self.lotr_configs)}")
-        tensors: dict[str, torch.Tensor] = {}
-        for key, (owner, attr) in self._adapter_slots(adapter).items():
-            tensor = _gathered(getattr(owner, attr))
-            if tensor.is_meta:
-                raise ValueError(
-                    f"adapter tensor {key!r} is on the meta device and holds no data; load the adapter "
-                    "(from_pretrained, load_adapter) or build it on a base model with weights before saving it"
-                )
-            tensors[key] = tensor
-        base_config = getattr(self.base_model, "config", None)
-        base = {
-            "model_type": getattr(base_config, "model_type", None),
-            "name_or_path": getattr(base_config, "_name_or_path", None),
-            "class": type(self.base_model).__name__,
-        }
-        config = self.lotr_configs[adapter].to_dict()
-        return LoTRAdapterFiles(config, dict(self.adapter_groups[adapter]), tensors, base)
+
+        return saving.adapter_files(self, adapter)
 
     def save_pretrained(
         self,
-        save_directory: str | os.PathLike,
+        save_directory: str | os.PathLike[str],
         is_main_process: bool = True,
         selected_adapters: list[str] | None = None,
         push_to_hub: bool = False,
@@ -827,27 +778,8 @@ class LoTRModel(nn.Module):
         >>> tuple(tensors["cores.encoder.layer.1.attention.self.query"].shape)
         (4, 4)
         """
-        if any(layer.merged for _, layer in self.lotr_layers()):
-            raise RuntimeError("unmerge_adapter() before save_pretrained(): the cores are saved separately")
-        names = list(self.lotr_configs) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.lotr_configs]
-        if unknown:
-            raise ValueError(f"selected_adapters {unknown} are not adapters of this model: {sorted(self.lotr_configs)}")
-        files = {name: self.adapter_files(name) for name in names}
-        if not is_main_process:
-            return
-        from ..io.lotr_format import write_adapter  # the file format lives in io; the model hands it data
-        from ..io.model_card import write_model_card
 
-        for name, adapter in files.items():
-            folder = os.path.join(save_directory, "" if name == DEFAULT_ADAPTER else name)
-            write_adapter(folder, adapter)
-            write_model_card(folder, adapter, name)
-        if push_to_hub:
-            from ..files.hub import push_folder
-
-            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
-            push_folder(save_directory, repo_id, **kwargs)
+        saving.save_pretrained(self, save_directory, is_main_process, selected_adapters, push_to_hub, **kwargs)
 
     def push_to_hub(
         self,
@@ -865,19 +797,17 @@ class LoTRModel(nn.Module):
         then uploaded with ``create_repo`` and ``upload_folder``. Offline it raises
         ``ConnectionError`` naming the repo.
         """
-        import tempfile
 
-        from ..files.hub import push_folder
-
-        with tempfile.TemporaryDirectory(prefix="tensorlotr-push-") as folder:
-            self.save_pretrained(folder, selected_adapters=selected_adapters)
-            return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
+        return saving.push_to_hub(
+            self, repo_id, selected_adapters=selected_adapters, token=token, private=private,
+            commit_message=commit_message, **kwargs,
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(
         cls,
         model: nn.Module,
-        adapter_dir: str | os.PathLike,
+        adapter_dir: str | os.PathLike[str],
         adapter_name: str = DEFAULT_ADAPTER,
         is_trainable: bool = False,
         **hub_kwargs: Any,
@@ -911,16 +841,8 @@ class LoTRModel(nn.Module):
         >>> LoTRModel.from_pretrained(BertModel(bert), "my-adapter", is_trainable=True).get_nb_trainable_parameters()[0]
         576
         """
-        from ..files.hub import resolve_folder
-        from ..io.zoo_format import is_zoo_dir, read_zoo
 
-        folder = resolve_folder(adapter_dir, what="adapter", **hub_kwargs)
-        if is_zoo_dir(folder):
-            return cls.from_zoo(model, read_zoo(folder), is_trainable=is_trainable, source=f"zoo {adapter_dir}")
-        files = _read_lotr(folder, adapter_dir)
-        return cls.from_adapter_files(
-            model, files, is_trainable, source=f"adapter {adapter_dir}", adapter_name=adapter_name
-        )
+        return saving.from_pretrained(cls, model, adapter_dir, adapter_name, is_trainable, **hub_kwargs)
 
     @classmethod
     def from_adapter_files(
@@ -932,47 +854,20 @@ class LoTRModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER,
     ) -> LoTRModel:
         """Attach an adapter held in memory (as ``decompose`` returns it) to ``model``."""
-        config = LoTRConfig.from_dict(files.config, strict=False)
-        lotr = cls(model, config, layout=files.groups, source=source, adapter_name=adapter_name)
-        lotr.load_adapter_tensors(files, source=source, adapter=adapter_name)
-        lotr._trainable[adapter_name] = is_trainable
-        lotr._mark_trainable()
-        if not is_trainable:
-            lotr.eval()
-        return lotr
+
+        return saving.from_adapter_files(cls, model, files, is_trainable, source, adapter_name)
 
     @classmethod
     def from_zoo(cls, model: nn.Module, zoo: Any, is_trainable: bool = False, source: str = "the zoo") -> LoTRModel:
         """Attach every adapter of a zoo (:class:`tensorlotr.adapter.layout.ZooFiles`), factors held once."""
-        names = list(zoo.adapters)
-        if not names:
-            raise ValueError(f"{source} holds no adapters")
-        lotr: LoTRModel | None = None
-        shared: dict[str, LoTRFactors] = {}
-        for name in names:
-            files = zoo.adapter(name)
-            config = LoTRConfig.from_dict(files.config, strict=False)
-            if lotr is None:
-                lotr = cls(model, config, layout=files.groups, source=source, adapter_name=name, factor_owner="zoo")
-            else:
-                lotr._attach(
-                    name, config, files.groups, source=source, initialise=False, shared=shared, factor_owner="zoo"
-                )
-            for group in files.groups:
-                shared.setdefault(group, lotr.lotr_factors[f"zoo--{group}"])
-            lotr.load_adapter_tensors(files, source=f"{source}, adapter {name!r}", adapter=name)
-            lotr._trainable[name] = is_trainable
-        assert lotr is not None
-        lotr.set_adapter(names[0])
-        if not is_trainable:
-            lotr.eval()
-        return lotr
+
+        return saving.from_zoo(cls, model, zoo, is_trainable, source)
 
     @classmethod
     def from_lora(
         cls,
         model: nn.Module,
-        peft_dir: str | os.PathLike,
+        peft_dir: str | os.PathLike[str],
         *,
         rank: int | tuple[int, int] | None = None,
         energy: float | None = None,
@@ -983,8 +878,9 @@ class LoTRModel(nn.Module):
     ) -> LoTRModel:
         """Convert a PEFT LoRA (a folder or a Hub repo id) to LoTR in memory and attach it to ``model``.
 
-        ``rank``, ``energy`` and ``n_iter`` are :func:`tensorlotr.convert_lora`'s; its report is
-        ``lotr.conversion_report``.
+        ``rank``, ``energy`` and ``n_iter`` are :func:`tensorlotr.convert_lora`'s; the conversion
+        (:class:`tensorlotr.adapter.lora.LoRAConversion`: per group, the ranks, parameters and
+        errors) is ``lotr.conversion_report``.
 
         Examples
         --------
@@ -1004,15 +900,11 @@ class LoTRModel(nn.Module):
         >>> lotr.groups["q_proj"].shape, lotr.active_adapter
         ((32, 32), 'default')
         """
-        from ..files.hub import resolve_folder
-        from ..jobs.convert import convert_lora
 
-        folder = resolve_folder(peft_dir, what="PEFT LoRA", **hub_kwargs)
-        report = convert_lora(folder, None, rank=rank, energy=energy, n_iter=n_iter)
-        assert report.adapter is not None
-        lotr = cls.from_adapter_files(model, report.adapter, is_trainable, f"LoRA {peft_dir}", adapter_name)
-        lotr.conversion_report = report
-        return lotr
+        return saving.from_lora(
+            cls, model, peft_dir, rank=rank, energy=energy, n_iter=n_iter, adapter_name=adapter_name,
+            is_trainable=is_trainable, **hub_kwargs,
+        )  # fmt: skip
 
     @classmethod
     def from_peft_model(
@@ -1074,13 +966,12 @@ class LoTRModel(nn.Module):
         >>> torch.allclose(lotr(input_ids=x).last_hidden_state, expected, atol=1e-5)
         True
         """
-        from .from_peft import lotr_from_peft_model
 
-        return lotr_from_peft_model(peft_model, config, rank=rank, is_trainable=is_trainable)
+        return lotr_from_peft_model(cls, peft_model, config, rank=rank, is_trainable=is_trainable)
 
     def load_adapter(
         self,
-        adapter_dir: str | os.PathLike,
+        adapter_dir: str | os.PathLike[str],
         adapter_name: str | None = None,
         is_trainable: bool = False,
         **hub_kwargs: Any,
@@ -1105,25 +996,9 @@ class LoTRModel(nn.Module):
         (['default', 'saved'], ['default'])
         >>> lotr.load_adapter("my-adapter")  # into the active adapter, as when resuming
         """
-        from ..files.hub import resolve_folder
 
-        folder = resolve_folder(adapter_dir, what="adapter", **hub_kwargs)
-        files = _read_lotr(folder, adapter_dir)
-        if adapter_name is None or adapter_name in self.lotr_configs:
-            target = adapter_name or self.active_adapter
-            mine = {k: v.to_dict() for k, v in self.adapter_groups[target].items()}
-            if {k: v.to_dict() for k, v in files.groups.items()} != mine:
-                raise ValueError(f"adapter {adapter_dir} has another layout than this model's adapter {target!r}")
-            self.load_adapter_tensors(files, source=str(adapter_dir), adapter=target)
-            return
-        _check_adapter_name(adapter_name)
-        config = LoTRConfig.from_dict(files.config, strict=False)
-        self._attach(adapter_name, config, files.groups, source=f"adapter {adapter_dir}", initialise=False)
-        self.load_adapter_tensors(files, source=str(adapter_dir), adapter=adapter_name)
-        self._trainable[adapter_name] = is_trainable
-        self._mark_trainable()
+        saving.load_adapter(self, adapter_dir, adapter_name, is_trainable, **hub_kwargs)
 
-    @torch.no_grad()
     def load_adapter_tensors(
         self, files: LoTRAdapterFiles, source: str = "adapter", adapter: str | None = None
     ) -> None:
@@ -1134,52 +1009,8 @@ class LoTRModel(nn.Module):
         ``ValueError`` for a tensor of the wrong shape, a ``modules_to_save`` tensor the model
         lacks, and an adapter tensor the file does not hold that would stay on the meta device.
         """
-        adapter = adapter or self.active_adapter
-        slots = self._adapter_slots(adapter)
-        optional = {saved_key(k) for k in self._saved_slots(adapter)}  # a saved module's tensor the file leaves out
-        for key in files.modules_to_save:
-            if saved_key(key) not in slots:
-                raise ValueError(
-                    f"{source} saves {key!r} (modules_to_save), which the model lacks or which is in none of "
-                    f"its modules_to_save {sorted(self._copies_of.get(adapter, {}).values())}"
-                )
-        loads = []
-        for key, (owner, attr) in slots.items():
-            current, value = getattr(owner, attr), files.tensors.get(key)
-            if value is None:
-                if key in optional:
-                    continue
-                raise ValueError(f"{source} lacks tensor {key!r}")
-            if tuple(current.shape) != tuple(value.shape):
-                raise ValueError(
-                    f"{source} holds {key!r} of shape {tuple(value.shape)}, but the model's is {tuple(current.shape)}"
-                )
-            loads.append((owner, attr, current, value))
-        for owner, attr, current, value in loads:  # nothing changes unless every tensor fits
-            if current.is_meta:
-                value = value.detach().to(dtype=current.dtype).clone()
-                is_param = isinstance(current, nn.Parameter)
-                setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad) if is_param else value)
-            else:
-                current.copy_(value)
-        left = [key for key, (owner, attr) in slots.items() if getattr(owner, attr).is_meta]
-        if left:
-            raise ValueError(
-                f"{source} holds no values for {len(left)} adapter tensors on the meta device "
-                f"({', '.join(left[:3])}); load the base model's weights before attaching the adapter"
-            )
 
-
-def _read_lotr(folder: Any, given: Any) -> LoTRAdapterFiles:
-    """The LoTR adapter in ``folder``; a PEFT LoRA folder gets an error that says how to convert it."""
-    from ..io import is_lotr_dir, read_adapter
-
-    if not is_lotr_dir(folder) and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-        raise ValueError(
-            f"{given} is a PEFT LoRA adapter, not a LoTR one: LoTRModel.from_lora(model, {str(given)!r}, rank=...) "
-            f"converts it in memory, and `tensorlotr convert {given} OUT_DIR` writes a LoTR folder"
-        )
-    return read_adapter(folder)
+        saving.load_adapter_tensors(self, files, source, adapter)
 
 
 def get_lotr_model(model: nn.Module, config: LoTRConfig) -> LoTRModel:

@@ -7,6 +7,7 @@ The rules (matching, layer index, grouping, Conv1D orientation) live in
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,8 +46,23 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
     (or repacked for the CPU kernels), so its shape is the module's ``out_features`` x ``in_features``.
     """
     if quantization(module) == "4bit":
-        return int(module.out_features), int(module.in_features)
-    return oriented_shape(tuple(module.weight.shape), is_conv1d(module))
+        layer: Any = module  # a bitsandbytes Linear4bit
+        return int(layer.out_features), int(layer.in_features)
+    return oriented_shape(tuple(weight_of(module).shape), is_conv1d(module))
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The ``weight`` tensor of a Linear, Conv1D or bitsandbytes layer, as stored (4-bit weights packed).
+
+    Examples
+    --------
+    >>> tuple(weight_of(torch.nn.Linear(3, 2)).shape)
+    (2, 3)
+    """
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"a {type(module).__name__} has no weight tensor")
+    return weight
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -57,7 +73,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     not been moved to a device yet) the stored floating weight is returned.
     """
     kind = quantization(module)
-    weight = module.weight
+    layer: Any = module  # bitsandbytes layers and weights carry their quantization state as attributes
+    weight: Any = weight_of(module)
     if kind == "4bit" and getattr(weight, "bnb_quantized", False):
         import bitsandbytes as bnb
 
@@ -67,14 +84,24 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-            module.quant_state = weight.quant_state
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+            layer.quant_state = weight.quant_state
+        dense: torch.Tensor = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        return dense
     if kind == "8bit" and weight.dtype == torch.int8:
         import bitsandbytes as bnb
 
-        row_scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-        return bnb.functional.int8_vectorwise_dequant(weight.data, row_scales)
-    return weight.T if is_conv1d(module) else weight
+        row_scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+        dense = bnb.functional.int8_vectorwise_dequant(weight.data, row_scales)
+        return dense
+    stored: torch.Tensor = weight.T if is_conv1d(module) else weight
+    return stored
+
+
+def _bitsandbytes() -> Any:
+    """bitsandbytes, whose parameter classes its annotations type too narrowly to build them here."""
+    import bitsandbytes
+
+    return bitsandbytes
 
 
 @torch.no_grad()
@@ -86,23 +113,21 @@ def set_dense_weight(module: nn.Module, dense: torch.Tensor) -> None:
     ``Int8Params`` (its cached int8 state is reset). Other layers are written in place, in their dtype.
     """
     kind = quantization(module)
-    weight = module.weight
+    layer: Any = module  # bitsandbytes layers and weights carry their quantization state as attributes
+    weight: Any = weight_of(module)
     if kind == "4bit" and getattr(weight, "bnb_quantized", False):
-        import bitsandbytes as bnb
-
+        bnb = _bitsandbytes()
         state = weight.quant_state
-        module.weight = bnb.nn.Params4bit(
+        layer.weight = bnb.nn.Params4bit(
             dense.to(state.dtype).cpu(), requires_grad=False, blocksize=weight.blocksize,
             compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
-            quant_storage=weight.quant_storage, module=module,
+            quant_storage=weight.quant_storage, module=layer,
         ).to(weight.device)  # fmt: skip
     elif kind == "8bit" and weight.dtype == torch.int8:
-        import bitsandbytes as bnb
-
-        module.weight = bnb.nn.Int8Params(
-            dense.cpu(), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
-        ).to(weight.device)
-        module.state.reset_grads()
+        bnb = _bitsandbytes()
+        int8 = bnb.nn.Int8Params(dense.cpu(), requires_grad=False, has_fp16_weights=weight.has_fp16_weights)
+        layer.weight = int8.to(weight.device)
+        layer.state.reset_grads()
     else:
         weight.copy_((dense.T if is_conv1d(module) else dense).to(weight.dtype))
 
@@ -153,7 +178,7 @@ def _output_heads(model: nn.Module, task_type: str | None) -> list[str]:
     return heads
 
 
-def _no_match_message(model: nn.Module, patterns: str | list[str], layers: list[int] | None) -> str:
+def _no_match_message(model: nn.Module, patterns: str | list[str], layers: int | list[int] | None) -> str:
     adaptable = [name for name, module in model.named_modules() if name and is_supported(module)]
     what = "nn.Linear or Conv1D module" + (f" in layers {layers}" if layers is not None else "")
     return no_match_message(patterns, adaptable, what)
@@ -161,7 +186,8 @@ def _no_match_message(model: nn.Module, patterns: str | list[str], layers: list[
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The layer a LoTR layer wraps (its ``base_layer``), or ``module`` itself."""
-    return module.base_layer if getattr(module, "is_lotr_layer", False) else module
+    base = getattr(module, "base_layer", None) if getattr(module, "is_lotr_layer", False) else None
+    return base if isinstance(base, nn.Module) else module
 
 
 def _inside_adapter_layer(model: nn.Module, name: str) -> bool:

@@ -13,16 +13,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.utils import can_return_loss, find_labels
+from transformers.utils import generic as hf_generic
 
 from ..io import is_lotr_dir
 from .model import LoTRModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
+#: transformers' readers of a model class's forward: the label arguments it names, and whether it can return a loss.
+find_labels: Callable[[type], list[str]] = hf_generic.find_labels
+can_return_loss: Callable[[type], bool] = hf_generic.can_return_loss
 _NO_BEST_MODEL = re.compile(r"Could not locate the best model at (?P<path>.+?), if you are running")
 
 
@@ -111,7 +115,7 @@ class LoTRTrainer(Trainer):
     def _lotr_model(self, model: Any = None) -> LoTRModel | None:
         return _as_lotr(self.accelerator.unwrap_model(model if model is not None else self.model))
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         """Write the adapter, the processing class and the training arguments into ``output_dir``.
 
         Every process calls this (``Trainer.save_model``); only the one that ``should_save`` writes.
@@ -121,6 +125,8 @@ class LoTRTrainer(Trainer):
         if lotr is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if output_dir is None:
+            raise ValueError("LoTRTrainer needs an output_dir to save the adapter in")
         lotr.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return None

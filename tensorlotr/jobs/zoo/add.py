@@ -1,0 +1,140 @@
+"""Adding to a zoo: one more adapter folded into an existing zoo, projected or refitted (``add_to_zoo``).
+
+By default the new adapter is projected onto the zoo's bases (its cores are the best for the
+fixed factors) and no other adapter changes; a group the zoo lacks is decomposed alone as a
+new group. With ``refit`` the whole zoo is fitted again (:func:`~tensorlotr.jobs.zoo.fit.fit_zoo`),
+the existing adapters taken as the zoo holds them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from ...adapter import group_modules, module_order
+from ...adapter.layout import IN_FACTOR, OUT_FACTOR, ZooAdapter, ZooFiles, factor_key, zoo_core_key
+from ...core import Tucker2, lowrank_norm_sq, normalize_rank, relative_error_lowrank
+from ...files.atomic import atomic_dir
+from ...io.zoo_format import read_zoo, write_zoo
+from ...progress import Progress, no_progress
+from .fit import fit_zoo, store_modules_to_save
+from .report import ZooReport, zoo_report
+from .sources import Source, adapter_names, read_source, zoo_member
+
+
+def add_to_zoo(
+    zoo_dir: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    refit: bool = False,
+    rank: int | tuple[int, int] | None = None,
+    energy: float | None = None,
+    n_iter: int = 0,
+    progress: Progress | None = None,
+) -> ZooReport:
+    """Fold a new adapter into an existing zoo, rewriting the zoo folder atomically.
+
+    By default the new adapter is projected onto the zoo's bases (``G_l = U^T dW_l V``), and
+    no other adapter changes; a group the zoo lacks is decomposed on its own as a new group.
+    With ``refit`` the whole zoo is compressed again, the existing adapters taken as the zoo
+    holds them, at ``rank`` / ``energy`` (default: each group's current rank).
+
+    Returns the zoo's report; the new adapter's row gives its exact relative error.
+
+    Examples
+    --------
+    ``lora-a/`` and ``lora-b/`` hold rank-4 LoRAs on ``q_proj`` and ``v_proj`` of one 2-layer
+    base of hidden size 32; ``lora-b`` is projected onto the bases of a zoo of ``lora-a`` at
+    its exact rank (2 layers of rank 4: 8), which hold ``lora-a`` exactly and ``lora-b`` in part:
+
+    >>> from tensorlotr.jobs.zoo import compress_zoo
+    >>> _ = compress_zoo(["lora-a"], "my-zoo", rank=8)
+    >>> report = add_to_zoo("my-zoo", "lora-b")
+    >>> [(a.adapter, a.core_params) for a in report.adapters]  # 4 cores of 8x8 each
+    [('lora-a', 256), ('lora-b', 256)]
+    >>> report.adapters[0].relative_error < 1e-6, 0 < report.adapters[1].relative_error < 1
+    (True, True)
+    """
+    start = time.perf_counter()
+    zoo = read_zoo(zoo_dir)
+    chosen = adapter_names([str(source)], [name] if name else None)[0]
+    if chosen in zoo.adapters:
+        raise ValueError(f"the zoo already has an adapter {chosen!r}; pass another name")
+    new = read_source(source)
+    if new.base and zoo.base_model.get("name_or_path") and new.base != zoo.base_model["name_or_path"]:
+        raise ValueError(f"{source} adapts {new.base}, but the zoo is for {zoo.base_model['name_or_path']}")
+    module_shapes = {m: g.shape for g in zoo.groups.values() for m in g.modules}
+    for module, shape in new.modules.items():
+        if module in module_shapes and module_shapes[module] != shape:
+            raise ValueError(f"module {module!r} is {shape} in {source} but {module_shapes[module]} in the zoo")
+    if refit:
+        existing: dict[str, Source] = {n: zoo_member(zoo, n) for n in zoo.adapters}
+        sources = {**existing, chosen: new}
+        shapes = {**module_shapes, **new.modules}
+        ranks = {g.rank for g in zoo.groups.values()}
+        target = normalize_rank(rank) if rank is not None else (ranks.pop() if len(ranks) == 1 else None)
+        zoo, _, _ = fit_zoo(sources, shapes, target, energy, n_iter, _zoo_groups(zoo, shapes), progress or no_progress)
+    else:
+        _project(zoo, chosen, new, progress or no_progress)
+    with atomic_dir(zoo_dir, force=True) as tmp:
+        write_zoo(tmp, zoo)
+    separate = {n: a.lora_params for n, a in zoo.adapters.items()}
+    return zoo_report(zoo, str(zoo_dir), time.perf_counter() - start, separate, [])
+
+
+def _zoo_groups(zoo: ZooFiles, shapes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """The zoo's groups as explicit module lists, plus ``by_name`` groups for modules it lacks."""
+    groups = {name: list(g.modules) for name, g in zoo.groups.items()}
+    known = {m for modules in groups.values() for m in modules}
+    for group in group_modules({m: s for m, s in shapes.items() if m not in known}, "by_name"):
+        groups[group.name if group.name not in groups else f"{group.name}_new"] = list(group.modules)
+    return groups
+
+
+def _project(zoo: ZooFiles, name: str, source: Source, progress: Progress) -> None:
+    """Add adapter ``name`` to ``zoo`` by projecting it onto the zoo's bases (new groups decomposed alone)."""
+    entry = ZooAdapter(source.path, {}, source.n_params)
+    group_of = {m: g for g, layout in zoo.groups.items() for m in layout.modules}
+    err_sq = ref_sq = 0.0
+    by_group: dict[str, list[str]] = {}
+    new_modules: list[str] = []  # modules of projection types the zoo lacks
+    for module in sorted(source.modules, key=module_order):
+        if module in group_of:
+            by_group.setdefault(group_of[module], []).append(module)
+        else:
+            new_modules.append(module)
+    for group, modules in progress(list(by_group.items()), "projecting", len(by_group)):
+        bs, as_, scales = source.load(modules)
+        bs, as_ = [b.double() for b in bs], [a.double() for a in as_]  # the projection in float64
+        u = zoo.tensors[factor_key(group, OUT_FACTOR)].double()
+        v = zoo.tensors[factor_key(group, IN_FACTOR)].double()
+        # the best cores for fixed factors: G_l = pinv(U) (s_l B_l A_l) pinv(V)^T, never forming B_l A_l
+        pinv_u, pinv_v = torch.linalg.pinv(u), torch.linalg.pinv(v)
+        cores = torch.stack([s * (pinv_u @ b) @ (a @ pinv_v.T) for b, a, s in zip(bs, as_, scales, strict=True)])
+        for module, core in zip(modules, cores, strict=True):
+            zoo.tensors[zoo_core_key(name, module)] = core.float().contiguous()
+        entry.groups[group] = modules
+        norm_sq = lowrank_norm_sq(bs, as_, scales)
+        error = relative_error_lowrank(Tucker2(cores, u, v), bs, as_, scales)
+        err_sq += error**2 * norm_sq
+        ref_sq += norm_sq
+    if new_modules:  # projection types the zoo lacks: decomposed alone, at full rank, as new groups
+        shapes = {m: source.modules[m] for m in new_modules}
+        extra, _, _ = fit_zoo({name: source}, shapes, None, None, 0, "by_name", progress)
+        for group, layout in extra.groups.items():
+            stored = group if group not in zoo.groups else f"{group}_{name}"
+            zoo.groups[stored] = layout
+            for which in (OUT_FACTOR, IN_FACTOR):
+                zoo.tensors[factor_key(stored, which)] = extra.tensors[factor_key(group, which)]
+            entry.groups[stored] = extra.adapters[name].groups[group]
+            for module in entry.groups[stored]:
+                zoo.tensors[zoo_core_key(name, module)] = extra.tensors[zoo_core_key(name, module)]
+        bs, as_, scales = source.load(new_modules)
+        ref_sq += lowrank_norm_sq(bs, as_, scales)  # exact: adds to the reference, not to the error
+    store_modules_to_save(zoo.tensors, name, entry, source.load_modules_to_save())
+    entry.relative_error = math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0
+    zoo.adapters[name] = entry
