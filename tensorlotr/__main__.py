@@ -1,3 +1,5 @@
+"""``python -m tensorlotr``: the command line, as the ``tensorlotr`` script runs it."""
+
 from .cli import main
 
 raise SystemExit(main())

@@ -74,8 +74,11 @@ def resolve_folder(
     what : str
         Names the thing in error messages.
 
-    Raises ``FileNotFoundError`` naming the folder or repo when neither a local folder nor a
-    cached (or, online, downloadable) snapshot exists.
+    Raises
+    ------
+    FileNotFoundError
+        Naming the folder or repo, when neither a local folder nor a cached (or, online,
+        downloadable) snapshot exists.
 
     Examples
     --------

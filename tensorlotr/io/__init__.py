@@ -1,4 +1,4 @@
-"""File formats: LoTR adapter folders, PEFT LoRA folders, atomic writes."""
+"""File formats: LoTR adapter folders, PEFT LoRA folders, checkpoints, zoo folders, model cards, text data."""
 
 from ..adapter.layout import GroupLayout, LoTRAdapterFiles
 from ..files.atomic import atomic_dir, atomic_file

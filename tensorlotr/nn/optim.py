@@ -12,6 +12,7 @@ rank ``(r_out, r_in)``: ``U G_l V^T`` with ``G_l = U^T W_l V`` (the HOSVD of
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,7 +36,8 @@ def project_low_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     """
     u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
     r = min(rank, s.shape[0])
-    return ((u[:, :r] * s[:r]) @ vh[:r]).to(matrix.dtype)
+    projected: torch.Tensor = (u[:, :r] * s[:r]) @ vh[:r]
+    return projected.to(matrix.dtype)
 
 
 @torch.no_grad()
@@ -62,10 +64,14 @@ def project_tucker2(matrices: list[torch.Tensor], rank: tuple[int, int]) -> list
 class _LowRankProjection:
     """Mixin: after the base optimizer's step, project each 2-d parameter onto rank ``r``."""
 
+    # set by the torch optimizer this is mixed into
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+
     def _init_rank(self, rank: int) -> None:
         rank = normalize_rank(rank)[0]  # type: ignore[index]
         self.defaults["rank"] = rank
-        for group in self.param_groups:  # type: ignore[attr-defined]
+        for group in self.param_groups:
             group.setdefault("rank", rank)
             for p in group["params"]:
                 if p.dim() != 2:
@@ -74,7 +80,7 @@ class _LowRankProjection:
     def step(self, closure: Any = None) -> Any:
         loss = super().step(closure)  # type: ignore[misc]
         with torch.no_grad():
-            for group in self.param_groups:  # type: ignore[attr-defined]
+            for group in self.param_groups:
                 for p in group["params"]:
                     p.copy_(project_low_rank(p, group["rank"]))
         return loss
@@ -83,10 +89,14 @@ class _LowRankProjection:
 class _TuckerProjection:
     """Mixin: after the base optimizer's step, project each param group's stack onto Tucker-2 rank."""
 
+    # set by the torch optimizer this is mixed into
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+
     def _init_rank(self, rank: int | tuple[int, int]) -> None:
         pair = normalize_rank(rank)
         self.defaults["rank"] = pair
-        for group in self.param_groups:  # type: ignore[attr-defined]
+        for group in self.param_groups:
             group["rank"] = normalize_rank(group.get("rank", pair))
             shapes = {tuple(p.shape) for p in group["params"]}
             if len(shapes) != 1 or len(next(iter(shapes))) != 2:
@@ -95,7 +105,7 @@ class _TuckerProjection:
     def step(self, closure: Any = None) -> Any:
         loss = super().step(closure)  # type: ignore[misc]
         with torch.no_grad():
-            for group in self.param_groups:  # type: ignore[attr-defined]
+            for group in self.param_groups:
                 for p, projected in zip(group["params"], project_tucker2(group["params"], group["rank"]), strict=True):
                     p.copy_(projected)
         return loss
@@ -176,12 +186,12 @@ class OptimizerList(torch.optim.Optimizer):
         # Optimizer.__init__ would register the parameters a second time; set its fields directly.
         self.optimizers = list(optimizers)
         self.defaults = {}
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -194,7 +204,7 @@ class OptimizerList(torch.optim.Optimizer):
             merged.update(opt.state)
         return merged
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -207,10 +217,10 @@ class OptimizerList(torch.optim.Optimizer):
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict["optimizers"]
         if len(states) != len(self.optimizers):
             raise ValueError(f"state holds {len(states)} optimizers, this list has {len(self.optimizers)}")
