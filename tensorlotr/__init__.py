@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the names of _LAZY, for type checkers; at run time __getatt
     from .jobs.convert import convert_lora
     from .jobs.decompose import decompose
     from .jobs.export import export_lora
+    from .jobs.original import convert_original
     from .jobs.zoo import add_to_zoo, compress_zoo
     from .nn import LoTRModel, LoTRTrainer, get_lotr_model
 
@@ -50,6 +51,7 @@ __all__ = [
     "add_to_zoo",
     "compress_zoo",
     "convert_lora",
+    "convert_original",
     "decompose",
     "export_lora",
     "get_lotr_model",
@@ -67,6 +69,7 @@ _LAZY = {
     "get_lotr_model": "tensorlotr.nn",
     "LoTRTrainer": "tensorlotr.nn",
     "convert_lora": "tensorlotr.jobs.convert",
+    "convert_original": "tensorlotr.jobs.original",
     "export_lora": "tensorlotr.jobs.export",
     "decompose": "tensorlotr.jobs.decompose",
     "compress_zoo": "tensorlotr.jobs.zoo",

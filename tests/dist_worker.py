@@ -125,12 +125,12 @@ class WriteCounter:
     def __init__(self) -> None:
         import safetensors.torch
 
-        import tensorlotr.io.lotr_format as lotr_format
+        import tensorlotr.io.peft_lotr as peft_lotr
 
         self.setup = ""
         self.writes: Counter[str] = Counter()
-        self._write_adapter, self._save_file = lotr_format.write_adapter, safetensors.torch.save_file
-        lotr_format.write_adapter = self.write_adapter
+        self._write_adapter, self._save_file = peft_lotr.write_peft_lotr, safetensors.torch.save_file
+        peft_lotr.write_peft_lotr = self.write_adapter  # what LoTRModel.save_pretrained writes with
         safetensors.torch.save_file = self.save_file
 
     def write_adapter(self, *args, **kwargs):

@@ -91,8 +91,8 @@ def test_save_lays_adapters_out_as_peft_and_loads_them_back(peft_pair, tmp_path)
     lotr = lotr_model(peft_pair)
     lotr.save_pretrained(tmp_path / "all")
     # the first adapter is not named "default": every adapter goes in its own subfolder, as PEFT does
-    assert (tmp_path / "all" / "first" / "lotr_config.json").is_file()
-    assert (tmp_path / "all" / "second" / "lotr_model.safetensors").is_file()
+    assert (tmp_path / "all" / "first" / "adapter_config.json").is_file()
+    assert (tmp_path / "all" / "second" / "adapter_model.safetensors").is_file()
     lotr.save_pretrained(tmp_path / "one", selected_adapters=["second"])
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["second"]
     again = tlr.LoTRModel.from_pretrained(tiny_llama(0), tmp_path / "all", subfolder="second", adapter_name="second")
@@ -101,7 +101,7 @@ def test_save_lays_adapters_out_as_peft_and_loads_them_back(peft_pair, tmp_path)
     default = tlr.get_lotr_model(tiny_llama(0), tlr.LoTRConfig(rank=2, target_modules=["q_proj"]))
     default.add_adapter("other", tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
     default.save_pretrained(tmp_path / "mixed")
-    assert (tmp_path / "mixed" / "lotr_config.json").is_file() and (tmp_path / "mixed" / "other").is_dir()
+    assert (tmp_path / "mixed" / "adapter_config.json").is_file() and (tmp_path / "mixed" / "other").is_dir()
 
 
 def test_mixed_batch_equals_each_sample_alone_and_peft(peft_pair):
@@ -215,16 +215,16 @@ def test_push_uploads_the_adapter_only(peft_pair, tmp_path, monkeypatch):
         [
             "first",
             "first/README.md",
-            "first/lotr_config.json",
-            "first/lotr_model.safetensors",
+            "first/adapter_config.json",
+            "first/adapter_model.safetensors",
             "second",
             "second/README.md",
-            "second/lotr_config.json",
-            "second/lotr_model.safetensors",
+            "second/adapter_config.json",
+            "second/adapter_model.safetensors",
         ],
     )
     lotr.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/saved", selected_adapters=["first"])
-    assert uploads[-1][:2] == ("upload", "me/saved") and "first/lotr_model.safetensors" in uploads[-1][2]
+    assert uploads[-1][:2] == ("upload", "me/saved") and "first/adapter_model.safetensors" in uploads[-1][2]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="me/adapters"):
         lotr.push_to_hub("me/adapters")

@@ -128,7 +128,7 @@ def test_save_and_load_on_fresh_base(arch, tmp_path):
     train_steps(lotr)
     lotr.save_pretrained(tmp_path / "adapter")
     saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())  # the adapter's two files and its model card
-    assert saved == ["README.md", "lotr_config.json", "lotr_model.safetensors"]
+    assert saved == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = tlr.LoTRModel.from_pretrained(fresh, tmp_path / "adapter")
     batch = inputs(seed=4)
     with torch.no_grad():
@@ -296,7 +296,7 @@ def test_missing_and_corrupt_adapter_files(tmp_path):
         tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)
     lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(rank=2, target_modules=["query"]))
     lotr.save_pretrained(tmp_path)
-    weights = tmp_path / "lotr_model.safetensors"
+    weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot be read as safetensors"):
         tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)

@@ -61,7 +61,7 @@ def test_qlotr_example(tmp_path):
     assert "reloaded onto a fresh nf4 base: max |logit difference| = 0.00e+00" in done.stdout
     merged = re.search(r"quantized again\): max \|logit difference\| = (\S+)", done.stdout)
     assert merged and float(merged.group(1)) < 0.1  # the second rounding moves the logits a little
-    assert (tmp_path / "adapter" / "lotr_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
 def test_lora_warmup_example(tmp_path):
@@ -73,4 +73,4 @@ def test_lora_warmup_example(tmp_path):
     accuracies = [float(x) for x in re.findall(r"accuracy ([0-9.]+)", done.stdout)]
     assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies)
     assert "converted to LoTR rank 8" in done.stdout
-    assert (out / "lotr_config.json").is_file() and (out / "lotr_model.safetensors").is_file()
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

@@ -1,8 +1,10 @@
-"""A convert killed while it replaces its output: OUT_DIR keeps the complete old output.
+"""A convert killed while it replaces its output: OUT_DIR keeps the complete old output, or the new one.
 
 A child process runs the command line with a hook that pauses at one point of the write;
-the test then kills it (SIGKILL, SIGTERM or SIGINT) there. Whatever the signal, OUT_DIR must
-hold the complete old output once the next run has gone, with no temporary folder left.
+the test then kills it (SIGKILL, SIGTERM or SIGINT) there, and lets the pause end. Whatever
+the signal, OUT_DIR must hold a complete output once the next run has gone, with no temporary
+folder left: the old one when the signal came while writing, and after SIGTERM or Ctrl-C
+during the swap (which holds them until it is done) the new one, with exit code 0.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ CHILD = textwrap.dedent(
 
     stage, ready = sys.argv[1], Path(sys.argv[2])
 
-    def pause():
+    def pause():  # until the test has sent its signal: a signal held by the swap does not end it
         ready.write_text("ready")
-        time.sleep(300)
+        go, deadline = ready.with_name("go"), time.monotonic() + 300
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     if stage == "writing":  # the weights are written into the temporary folder, the config is not
         save_file = lotr_format.save_file
@@ -87,8 +91,11 @@ def _interrupt(stage: str, signum: int, args: list[str], folder: Path) -> subpro
             pytest.fail(f"the child never reached {stage} (exit code {child.returncode}): {err}")
         time.sleep(0.05)
     child.send_signal(signum)
+    time.sleep(0.2)
+    (folder / "go").write_text("go")
     out, err = child.communicate(timeout=120)
     ready.unlink()
+    (folder / "go").unlink()
     return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
@@ -108,6 +115,7 @@ def lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("writing", signal.SIGTERM),
         ("exchange", signal.SIGTERM),
         ("renames", signal.SIGTERM),
+        ("writing", signal.SIGINT),
         ("exchange", signal.SIGINT),
     ],
 )
@@ -126,10 +134,18 @@ def test_killed_while_replacing_the_output(stage, signum, lora, tmp_path, capsys
             assert snapshot(out) == old
     else:
         code, word = {signal.SIGTERM: (143, "terminated"), signal.SIGINT: (130, "interrupted")}[signum]
-        assert done.returncode == code, done.stderr
-        assert done.stderr.strip().splitlines()[-1] == f"tensorlotr convert: {word}"
+        last = done.stderr.strip().splitlines()[-1]
         assert "Traceback" not in done.stderr
-        assert snapshot(out) == old and hidden(tmp_path) == []
+        assert hidden(tmp_path) == []
+        if stage == "writing":
+            assert done.returncode == code, done.stderr
+            assert last == f"tensorlotr convert: {word}"
+            assert snapshot(out) == old
+        else:  # the swap had begun: it completes, and the exit code says the output is complete
+            assert done.returncode == 0, done.stderr
+            assert last == f"tensorlotr convert: {word} after writing {out}, which is complete"
+            assert read_adapter(out).groups["q_proj"].rank == (12, 12)
+            old = snapshot(out)
     capsys.readouterr()
     # the next run: it recovers and cleans up, then refuses the existing output without --force
     assert run(["convert", str(lora), str(out), "--json"]) == 2

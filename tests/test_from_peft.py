@@ -45,7 +45,7 @@ def test_same_function_at_the_exact_rank_and_above(rank):
 
 def test_a_lower_rank_truncates_and_training_goes_on():
     lora = trained_lora()
-    lotr = LoTRModel.from_peft_model(lora)  # the LoRA's r: 2
+    lotr = LoTRModel.from_peft_model(lora, rank=2)  # the LoRA's r; the default is the exact rank
     assert lotr.groups["value"].rank == (2, 2)
     assert 0.0 < lotr.conversion_errors["value"] < 1.0
     trainable = {n for n, p in lotr.named_parameters() if p.requires_grad}
@@ -101,3 +101,27 @@ def test_refusals():
     assert any("lora_A" in n for n, _ in lora.named_parameters())  # refused before anything was unloaded
     with pytest.raises(ValueError, match="either config or rank"):
         LoTRModel.from_peft_model(trained_lora(), tlr.LoTRConfig(rank=2, target_modules=["query"]), rank=2)
+
+
+def test_the_default_rank_is_exact_as_in_convert_lora():
+    lora = trained_lora()
+    expected = lora(**INPUTS).logits
+    lotr = LoTRModel.from_peft_model(lora).eval()  # no rank: exact, as convert_lora
+    assert lotr.groups["value"].rank == (6, 6)
+    assert max(lotr.conversion_errors.values()) < 1e-6
+    torch.testing.assert_close(lotr(**INPUTS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_standard_seq_cls_lora_converts():
+    # PEFT's SEQ_CLS default lists both classifier and score, and wraps only those that exist
+    torch.manual_seed(0)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+    lora = peft.get_peft_model(BertForSequenceClassification(BERT).eval(), config)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0, 0.2)
+    expected = lora(**INPUTS).logits
+    lotr = LoTRModel.from_peft_model(lora).eval()
+    torch.testing.assert_close(lotr(**INPUTS).logits, expected, atol=1e-5, rtol=1e-5)
+    assert any("classifier" in n for n, p in lotr.named_parameters() if p.requires_grad)

@@ -69,4 +69,4 @@ def test_demo_end_to_end(tmp_path):
     assert report.accuracy_after > report.accuracy_before
     assert report.reload_max_abs_diff == 0.0
     assert report.lora_params > 5 * report.lotr_params
-    assert (tmp_path / "adapter" / "lotr_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()

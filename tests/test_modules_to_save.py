@@ -82,9 +82,9 @@ def test_tied_embeddings_never_change_through_the_copy(arch, tmp_path):
         torch.testing.assert_close(logits(lotr), base, atol=0, rtol=0)
 
     lotr.save_pretrained(tmp_path)
-    saved = load_file(str(tmp_path / "lotr_model.safetensors"))
-    assert "modules_to_save.lm_head.weight" in saved  # the plain parameter path, as before and as PEFT
-    assert not any(k.startswith("modules_to_save.") and k != "modules_to_save.lm_head.weight" for k in saved)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.weight" in saved  # the plain parameter path, as PEFT saves it
+    assert not any(".lotr_" not in k and k != "base_model.model.lm_head.weight" for k in saved)
     loaded = tlr.LoTRModel.from_pretrained(pristine, tmp_path)
     torch.testing.assert_close(logits(loaded), logits(lotr), atol=0, rtol=0)
     torch.testing.assert_close(pristine.get_submodule(embedding).weight.detach(), embed_before, atol=0, rtol=0)
@@ -92,32 +92,11 @@ def test_tied_embeddings_never_change_through_the_copy(arch, tmp_path):
         torch.testing.assert_close(logits(loaded), base, atol=0, rtol=0)
 
 
-def test_adapted_module_in_modules_to_save_trains_its_bias_only(tmp_path):
-    model = tiny_bert()
-    base = logits(model)
+def test_a_target_that_is_also_in_modules_to_save_is_trained_in_full_not_adapted():
+    # PEFT's rule: a module of modules_to_save is wrapped and trained in full, never adapted
     config = tlr.LoTRConfig(rank=4, target_modules=["query"], modules_to_save=["query"])
-    lotr = tlr.get_lotr_model(model, config)
-    layer = model.bert.encoder.layer[0].attention.self.query
-    original = lotr.original_modules[0]
-    assert isinstance(layer, LoTRLayer) and layer.base_layer is not original
-    assert layer.base_layer.weight is original.weight and not original.weight.requires_grad
-    assert layer.base_layer.bias.requires_grad and not original.bias.requires_grad
-    bias_before = original.bias.detach().clone()
-    train_steps(lotr)
-    torch.testing.assert_close(original.bias.detach(), bias_before, atol=0, rtol=0)
-    assert (layer.base_layer.bias.detach() - bias_before).abs().max() > 1e-3
-    with lotr.disable_adapter():
-        torch.testing.assert_close(logits(lotr), base, atol=0, rtol=0)
-    trained = logits(lotr)
-    lotr.merge_adapter()
-    torch.testing.assert_close(logits(lotr), trained, atol=1e-5, rtol=0)
-    lotr.unmerge_adapter()
-
-    lotr.save_pretrained(tmp_path)
-    keys = [k for k in load_file(str(tmp_path / "lotr_model.safetensors")) if k.startswith("modules_to_save.")]
-    assert sorted(keys) == [f"modules_to_save.bert.encoder.layer.{i}.attention.self.query.bias" for i in range(3)]
-    loaded = tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)
-    torch.testing.assert_close(logits(loaded), trained, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"match only modules of modules_to_save \['query'\].*trained in full"):
+        tlr.get_lotr_model(tiny_bert(), config)
 
 
 def test_merge_and_unload_keeps_the_trained_copies():
@@ -132,10 +111,14 @@ def test_merge_and_unload_keeps_the_trained_copies():
     torch.testing.assert_close(logits(plain), trained, atol=1e-5, rtol=0)
 
 
-def test_modules_to_save_around_adapted_modules_is_refused():
+def test_modules_inside_a_module_of_modules_to_save_are_not_adapted():
     config = tlr.LoTRConfig(rank=2, target_modules=["query"], modules_to_save=["layer.0.attention"])
-    with pytest.raises(ValueError, match=r"modules_to_save names 'bert.encoder.layer.0.attention'.*adapted modules"):
-        tlr.get_lotr_model(tiny_bert(), config)
+    lotr = tlr.get_lotr_model(tiny_bert(), config)
+    model = lotr.get_base_model()
+    assert not isinstance(model.bert.encoder.layer[0].attention.self.query, LoTRLayer)
+    assert all(isinstance(model.bert.encoder.layer[i].attention.self.query, LoTRLayer) for i in (1, 2))
+    trainable = {n for n, p in lotr.named_parameters() if p.requires_grad}
+    assert any("layer.0.attention" in n and "query.weight" in n for n in trainable)
 
 
 def test_saved_tensor_of_a_module_outside_modules_to_save_is_refused(tmp_path):

@@ -67,7 +67,7 @@ def test_lotr_trainer_saves_adapter_checkpoints_and_resumes(tmp_path):
     )
     full.train()
     checkpoint = tmp_path / "a" / "checkpoint-2"
-    assert (checkpoint / "lotr_config.json").is_file() and (checkpoint / "lotr_model.safetensors").is_file()
+    assert (checkpoint / "adapter_config.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
     assert not (checkpoint / "model.safetensors").exists()  # the base model is not copied into checkpoints
     loaded = tlr.LoTRModel.from_pretrained(tiny_gpt2(), checkpoint)
     assert loaded.lotr_factors["c_attn"].out_factor.shape == (96, 4)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
+import numpy as np
+
 from ..core import normalize_rank
 from ..files.atomic import atomic_file
 from ..files.hub import HubOptions, resolve_folder
@@ -54,12 +56,46 @@ Rank = int | tuple[int, int]
 _T = TypeVar("_T")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _rank_pair(rank: Rank, what: str) -> tuple[int, int]:
-    """``rank`` as ``(r_out, r_in)``; ``ValueError`` naming ``what`` for anything else."""
-    pair = normalize_rank(rank)
-    if pair is None:
-        raise ValueError(f"{what} must be an int or a pair (r_out, r_in), got None")
+    """``rank`` as ``(r_out, r_in)``; ``ValueError`` naming ``what`` for anything else (2.5, "8", True)."""
+    parts = [rank] if not isinstance(rank, (list, tuple)) else list(rank)
+    if rank is None or not parts or not all(_is_int(p) for p in parts):
+        raise ValueError(f"{what} must be an int or a pair (r_out, r_in) of ints, got {rank!r}")
+    try:
+        pair = normalize_rank(rank)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    assert pair is not None
     return pair
+
+
+def _names(value: Any, what: str, *, regex: bool) -> list[str] | str | None:
+    """A list of non-empty names (a tuple or set becomes a list), or with ``regex`` one string; else ``ValueError``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not regex:
+            return [value]
+        if not value:
+            raise ValueError(f"{what} must not be an empty string")
+        if value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{what} {value!r} is not a valid regular expression: {exc}") from None
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    wanted = "a list of module names or one regular expression" if regex else "a list of module names"
+    raise ValueError(f"{what} must be {wanted}, got {value!r}")
 
 
 @dataclass
@@ -93,9 +129,10 @@ class LoTRConfig:
         paper's RoBERTa set-up). A dict maps group names to patterns (suffixes or regexes).
     init : "zeros", "normal" or "svd"
         ``"zeros"``: zero cores, random orthonormal factors (the adapter starts at exactly
-        zero). ``"normal"``: zero cores, Gaussian factors with std ``1/sqrt(d)``, as in
-        the original code. ``"svd"``: factors from the Tucker-2 of the pretrained weights of
-        the group, zero cores.
+        zero). ``"normal"``: zero cores, Gaussian factors with std ``1/sqrt(d)`` (``d_out``
+        for ``U``, ``d_in`` for ``V``: columns of about unit norm; the original code draws
+        std 1). ``"svd"``: factors from the Tucker-2 of the pretrained weights of the group,
+        zero cores.
     dropout : float
         Dropout on the adapter's input.
     modules_to_save : list of str, optional
@@ -152,15 +189,44 @@ class LoTRConfig:
 
     def __post_init__(self) -> None:
         self.rank = _rank_pair(self.rank, "rank")
+        for name in ("rank_pattern", "alpha_pattern", "extra"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"{name} must be a dict keyed by strings, got {value!r}")
         self.rank_pattern = {k: _rank_pair(v, f"rank_pattern[{k!r}]") for k, v in self.rank_pattern.items()}
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple, set)):
-            self.exclude_modules = list(self.exclude_modules)
-        if isinstance(self.layers_pattern, (list, tuple)):
-            self.layers_pattern = list(self.layers_pattern)
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
+        self.target_modules = _names(self.target_modules, "target_modules", regex=True)
+        self.exclude_modules = _names(self.exclude_modules, "exclude_modules", regex=True)
+        if not isinstance(self.layers_pattern, str):  # one name stays a string, as in PEFT
+            self.layers_pattern = _names(self.layers_pattern, "layers_pattern", regex=False)
+        self.modules_to_save = _names(self.modules_to_save, "modules_to_save", regex=False)  # type: ignore[assignment]
+        if _is_int(self.layers_to_transform):
+            self.layers_to_transform = [int(self.layers_to_transform)]  # type: ignore[arg-type]
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            isinstance(layers, (list, tuple)) and all(_is_int(i) and i >= 0 for i in layers)
+        ):
+            raise ValueError(f"layers_to_transform must be a layer index or a list of them (ints >= 0), got {layers!r}")
+        if layers is not None:
+            self.layers_to_transform = [int(i) for i in layers]
+        for name in ("inference_mode",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.groups, (str, dict)):
+            raise ValueError(f"groups must be one of {GROUP_MODES} or a dict of patterns, got {self.groups!r}")
+        if isinstance(self.groups, dict):
+            for name, patterns in self.groups.items():
+                if not (isinstance(patterns, str) and patterns) and not (
+                    isinstance(patterns, (list, tuple)) and patterns and all(isinstance(p, str) and p for p in patterns)
+                ):
+                    raise ValueError(
+                        f"groups[{name!r}] must be a pattern or a non-empty list of them, got {patterns!r}"
+                    )
+        if not _is_number(self.dropout):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        alphas = [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]
+        for what, value in alphas:
+            if not _is_number(value):
+                raise ValueError(f"{what} must be a positive finite number, got {value!r}")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform, as in PEFT")
         if self.task_type is not None and self.task_type not in TASK_TYPES:

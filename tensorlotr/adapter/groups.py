@@ -4,7 +4,8 @@ Everything here works on module paths (``encoder.layer.3.attention.self.query``)
 ``(d_out, d_in)`` shapes, so the file jobs (convert, decompose) and the torch bindings
 share one set of rules:
 
-- target matching, as PEFT matches ``target_modules``;
+- target matching, as PEFT matches ``target_modules`` (never inside a module of ``modules_to_save``);
+- the modules PEFT's task models train in full (``TASK_MODULES_TO_SAVE``);
 - the layer index of a path, and the path pattern with it replaced by ``*``;
 - module order (layer 10 after layer 9);
 - grouping modules into stacks by path pattern and shape;
@@ -19,6 +20,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 _LAYER_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.|$)")
+
+#: The modules PEFT's task models (``PeftModelForSequenceClassification``, …) add to ``modules_to_save``, by
+#: ``task_type``: the task's head, trained in full, wrapped where the model has one (a missing one is no error).
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 #: Model types whose Linear-like layers are transformers' ``Conv1D`` (weight stored (d_in, d_out)).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
@@ -77,14 +86,25 @@ def select_modules(
     layers_to_transform: int | Iterable[int] | None = None,
     layers_pattern: str | Iterable[str] | None = None,
     heads: Iterable[str] = (),
+    modules_to_save: Iterable[str] = (),
 ) -> list[str]:
     """The module paths among ``candidates`` that an adapter targets, in the given order.
 
     ``target_modules`` follows :func:`matches`; ``"all-linear"`` takes every candidate but
     ``heads`` (the output head, which the caller finds). ``exclude_modules`` uses the same
     matching rule; ``layers_to_transform`` keeps the listed layer indices (or the one index; see
-    :func:`layer_index`).
+    :func:`layer_index`). A module of ``modules_to_save``, or inside one, is never a target
+    (:func:`in_modules_to_save`), as in PEFT: it is trained in full instead.
+
+    Examples
+    --------
+    >>> names = ["layer.0.query", "layer.0.dense", "classifier"]
+    >>> select_modules(names, "all-linear", modules_to_save=["classifier"])
+    ['layer.0.query', 'layer.0.dense']
+    >>> select_modules(names, ["query"], layers_to_transform=1)
+    []
     """
+    saved = list(modules_to_save)
     all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
     skipped = set(heads) if all_linear else set()
     if isinstance(layers_to_transform, int):
@@ -96,10 +116,35 @@ def select_modules(
             continue
         if exclude_modules is not None and matches(name, exclude_modules):
             continue
+        if saved and in_modules_to_save(name, saved):
+            continue
         if layers is not None and layer_index(name, layers_pattern) not in layers:
             continue
         chosen.append(name)
     return chosen
+
+
+def in_modules_to_save(name: str, modules_to_save: Iterable[str]) -> bool:
+    """True when module ``name`` is one of ``modules_to_save`` or inside one: PEFT's rule, which never adapts them.
+
+    Each entry is a name suffix (or a regex) matched at a path-component boundary, as PEFT's
+    ``check_target_module_exists`` does.
+
+    Examples
+    --------
+    >>> in_modules_to_save("classifier", ["classifier"]), in_modules_to_save("classifier.out_proj", ["classifier"])
+    (True, True)
+    >>> in_modules_to_save("bert.pooler.dense", ["classifier"])
+    False
+    """
+    for pattern in modules_to_save:
+        try:
+            if re.match(rf"(^|.*\.){pattern}($|\..*)", name):
+                return True
+        except re.error:
+            if name == pattern or name.endswith("." + pattern) or f".{pattern}." in f".{name}.":
+                return True
+    return False
 
 
 def layer_pattern(name: str) -> str:

@@ -223,11 +223,19 @@ class AdapterBuilder:
         self.groups: dict[str, GroupLayout] = {}
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def add_group(self, name: str, modules: list[str], tucker: Tucker2, *, fan_in_fan_out: bool) -> None:
-        """Store a group's factors and cores in float32 at scale 1 (the cores absorb every scale)."""
-        core = torch.as_tensor(tucker.core).to(torch.float32)
-        self.tensors[factor_key(name, OUT_FACTOR)] = torch.as_tensor(tucker.out_factor).to(torch.float32).contiguous()
-        self.tensors[factor_key(name, IN_FACTOR)] = torch.as_tensor(tucker.in_factor).to(torch.float32).contiguous()
+    def add_group(
+        self,
+        name: str,
+        modules: list[str],
+        tucker: Tucker2,
+        *,
+        fan_in_fan_out: bool,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Store a group's factors and cores in ``dtype`` at scale 1 (the cores absorb every scale)."""
+        core = torch.as_tensor(tucker.core).to(dtype)
+        self.tensors[factor_key(name, OUT_FACTOR)] = torch.as_tensor(tucker.out_factor).to(dtype).contiguous()
+        self.tensors[factor_key(name, IN_FACTOR)] = torch.as_tensor(tucker.in_factor).to(dtype).contiguous()
         for i, module in enumerate(modules):
             self.tensors[core_key(module)] = core[i].clone()
         d_out, d_in = int(tucker.out_factor.shape[0]), int(tucker.in_factor.shape[0])

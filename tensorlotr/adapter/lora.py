@@ -274,6 +274,7 @@ def lora_to_lotr(
     weighting: OutputWeighting | None = None,
     pad: bool = False,
     progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> LoRAConversion:
     """Convert a LoRA to a LoTR adapter: each group's stack of ``s_l B_l A_l`` to one Tucker-2.
 
@@ -301,11 +302,14 @@ def lora_to_lotr(
         rank and computes the same update: every direction can train.
     progress : callable, optional
         ``progress(groups, "converting", len(groups))`` wraps the loop over the groups (tqdm's way).
+    dtype : torch.dtype
+        The dtype the factors and cores are stored in (the decomposition runs in float64 for
+        float64 factors, else float32).
 
     Returns
     -------
     LoRAConversion
-        The adapter (factors and cores in float32, every scale in the cores, as
+        The adapter (factors and cores in ``dtype``, every scale in the cores, as
         :class:`AdapterBuilder` builds it), per group the :class:`GroupConversion`, and notes.
 
     Examples
@@ -375,7 +379,7 @@ def lora_to_lotr(
             row.output_sq, row.output_ref_sq = float(res.sum()), float(ref.sum())
         if pad and wanted is not None:
             row.tucker = _padded(tucker, wanted, generator)
-        builder.add_group(group.name, names, row.tucker, fan_in_fan_out=lora.fan_in_fan_out)
+        builder.add_group(group.name, names, row.tucker, fan_in_fan_out=lora.fan_in_fan_out, dtype=dtype)
         row.seconds = time.perf_counter() - start
         rows.append(row)
         note = clipped_rank_note(group.name, None if energy else wanted, row.rank)

@@ -5,7 +5,8 @@ terminal, ``to_json()`` with ``--json``. Every flag is checked before any work s
 
 Exit codes: 0 on success; 2 when the input is at fault (a bad flag, a bad or missing input
 file, an output that exists without ``--force``); 1 when the run fails for another reason
-(an I/O error, say); 130 on Ctrl-C and 143 on SIGTERM, after removing partial output.
+(an I/O error, say); 130 on Ctrl-C and 143 on SIGTERM, after removing partial output (0
+when the signal came once the outputs were complete, which the message then says).
 Errors are one line, ``tensorlotr COMMAND: error: …``; ``--debug`` adds the traceback.
 """
 
@@ -227,13 +228,28 @@ def _cmd_demo(args: argparse.Namespace) -> Result:
 
 def _cmd_convert(args: argparse.Namespace) -> Result:
     from ..jobs.convert import convert_lora
+    from ..jobs.original import convert_original, is_original_checkpoint
     from ..progress import tqdm_progress
 
     _check_outputs(args.out_dir, [args.peft_dir], args.force)
+    if is_original_checkpoint(args.peft_dir):  # the original LoTR code's state dict: read exactly
+        if args.base_model is None:
+            raise ValueError(f"{args.peft_dir} is a checkpoint of the original LoTR code; give its --base-model DIR")
+        flags = {"--rank": args.rank, "--energy": args.energy, "--calibration-data": args.calibration_data,
+                 "--hooi-iters": args.hooi_iters or None, "--dtype": args.dtype,
+                 "--groups": None if args.groups == "by_name" else args.groups}  # fmt: skip
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} does not apply to a checkpoint of the original LoTR code (read exactly)")
+        _check_outputs(args.out_dir, [args.peft_dir, args.base_model], args.force)
+        scale = 1.0 if args.scale is None else args.scale
+        return convert_original(args.peft_dir, args.base_model, args.out_dir, scale=scale, force=args.force)
+    if args.scale is not None:
+        raise ValueError(f"--scale applies to checkpoints of the original LoTR code; {args.peft_dir} is not one")
     return convert_lora(
         args.peft_dir, args.out_dir, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
         groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
-        calibration=_calibration(args, args.peft_dir),
+        calibration=_calibration(args, args.peft_dir), dtype=args.dtype,
     )  # fmt: skip
 
 
@@ -241,7 +257,7 @@ def _cmd_export(args: argparse.Namespace) -> Result:
     from ..jobs.convert import export_lora
 
     _check_outputs(args.out_dir, [args.lotr_dir], args.force)
-    return export_lora(args.lotr_dir, args.out_dir, adapter=args.adapter, force=args.force)
+    return export_lora(args.lotr_dir, args.out_dir, adapter=args.adapter, force=args.force, dtype=args.dtype)
 
 
 def _cmd_zoo_compress(args: argparse.Namespace) -> Result:
@@ -407,6 +423,11 @@ def _check_calibration(args: argparse.Namespace) -> None:
         return
     if args.calibration_data is not None and args.base_model is None:
         args.parser.error("--calibration-data needs --base-model DIR")
+    if args.calibration_data is None and args.command == "convert" and args.base_model is not None:
+        from ..jobs.original import is_original_checkpoint
+
+        if is_original_checkpoint(args.peft_dir):  # the base model the original code's checkpoint came from
+            return
     if args.calibration_data is None:
         given = [
             flag for flag, on in (("--base-model", args.base_model is not None), ("--heal-steps", args.heal_steps > 0),
@@ -415,6 +436,13 @@ def _check_calibration(args: argparse.Namespace) -> None:
         ]  # fmt: skip
         if given:
             args.parser.error(f"{given[0]} needs --calibration-data FILE")
+
+
+def _dtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64", "float16", "bfloat16"],
+        help=f"dtype of {what} (default: the source's, at least float32)",
+    )  # fmt: skip
 
 
 def _fraction(text: str) -> float:
@@ -467,19 +495,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo, "replace --output if it exists")
 
     convert = _command(sub, "convert", "convert a PEFT LoRA folder to a LoTR adapter", _cmd_convert)
-    convert.add_argument("peft_dir", type=Path, metavar="PEFT_DIR", help="a PEFT LoRA folder (adapter_config.json)")
+    convert.add_argument(
+        "peft_dir", type=Path, metavar="PEFT_DIR",
+        help="a PEFT LoRA folder (adapter_config.json), or a checkpoint of the original LoTR code (daskol/lotr: "
+        "a state dict file or model folder with ….lotr.lhs/mid/rhs), read exactly against --base-model",
+    )  # fmt: skip
     convert.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the LoTR adapter folder to write")
     _rank_flags(
         convert, "Tucker ranks of every group (default: the exact rank, lossless)",
         "keep this fraction of each group's squared singular values, e.g. 0.99",
     )  # fmt: skip
     _calibration_flags(convert, heal_factors=True)
+    _dtype_flag(convert, "the factors and cores written")
+    convert.add_argument(
+        "--scale", type=_positive_float, metavar="S",
+        help="an original LoTR checkpoint's LoTRLinear scale (default 1; the update is S / rank times the product)",
+    )  # fmt: skip
     _common(convert)
 
     export = _command(sub, "export-lora", "export a LoTR adapter as an exact PEFT LoRA folder", _cmd_export)
     export.add_argument("lotr_dir", type=Path, metavar="LOTR_DIR", help="a LoTR adapter folder (lotr_config.json)")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the PEFT LoRA folder to write")
     export.add_argument("--adapter", metavar="NAME", help="the adapter to export when LOTR_DIR is a zoo")
+    _dtype_flag(export, "the LoRA factors written")
     _common(export)
 
     zoo = sub.add_parser("zoo", help="many LoRAs of one base in one shared Tucker-2 basis", description="LoRA zoos")
@@ -579,8 +617,27 @@ def _check_args(args: argparse.Namespace) -> None:
             args.parser.error(f"{exc}")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; the deprecation warnings of old flag forms print as one line each."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((w for w in words if not w.startswith("-")), None)
+    show_warning = warnings.showwarning
+    warnings.showwarning = _warning_line(f"tensorlotr {command}" if command in commands else "tensorlotr")
+    try:
+        return parser.parse_args(argv)
+    finally:
+        warnings.showwarning = show_warning
+
+
 def _print(result: Result, args: argparse.Namespace) -> None:
-    print(result.to_json() if getattr(args, "json", False) else result.text())
+    text = result.to_json() if getattr(args, "json", False) else result.text()
+    if sys.stdout is None:  # `tensorlotr ... >&-`: the report has nowhere to go
+        if args.command == "inspect":  # the report is all that inspect makes
+            raise OSError("stdout is closed: the report cannot be printed")
+        print(f"tensorlotr {args.command}: warning: stdout is closed; the report is not printed", file=sys.stderr)
+        return
+    print(text)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -597,8 +654,11 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
-    ``argv`` defaults to ``sys.argv[1:]``. The report goes to stdout (``--json`` for JSON);
-    errors are one line on stderr, ``tensorlotr COMMAND: error: …``.
+    ``argv`` defaults to ``sys.argv[1:]``, as the ``tensorlotr`` program runs it: Ctrl-C and
+    SIGTERM are then ignored once it returns, while the interpreter shuts down. The report goes
+    to stdout (``--json`` for JSON); errors are one line on stderr, ``tensorlotr COMMAND: error: …``.
+    A signal that arrives once every output is in place (during the final swap, which holds
+    signals until it is done) is reported, and the exit code is 0: the output is complete.
 
     Examples
     --------
@@ -618,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no command reaches the network
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -626,20 +686,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"tensorlotr {args.command}"
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _is_main_thread() else None
     show_warning, warnings.showwarning = warnings.showwarning, _warning_line(prog)
+    from ..files.atomic import written_outputs
+
+    written_before = len(written_outputs())
     try:
         _print(args.func(args), args)
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         return 0
     except BrokenPipeError:  # `tensorlotr inspect DIR | head -2`: the reader left, nothing to report
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as exc:
+        word, code = ("interrupted", 130) if isinstance(exc, KeyboardInterrupt) else ("terminated", 143)
+        complete = _complete_outputs(args, written_outputs()[written_before:])
+        if complete:  # the signal came once the work was done: report that, truthfully
+            print(f"{prog}: {word} after writing {', '.join(complete)}, which is complete", file=sys.stderr)
+            return 0
+        print(f"{prog}: {word}", file=sys.stderr)
+        return code
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
         _report(prog, exc, args)
         return 2
@@ -650,6 +716,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show_warning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if argv is None and _is_main_thread():  # the program ends: a late signal must not print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _complete_outputs(args: argparse.Namespace, written: list[str]) -> list[str]:
+    """The command's outputs when every one of them is among ``written`` (put in place), else []."""
+    if args.command == "zoo":
+        outputs = [args.paths[-1]] if args.zoo_command == "compress" else [args.zoo_dir]
+    elif args.command == "decompose" and args.export_lora is not None:
+        lora = Path(args.export_lora) if args.export_lora else args.out_dir.with_name(args.out_dir.name + "-lora")
+        outputs = [args.out_dir, lora]
+    else:
+        outputs = [p for p in (getattr(args, k, None) for k in ("out_dir", "out", "output")) if p is not None][:1]
+    done = set(written)
+    for output in outputs:
+        path = Path(output)
+        if not {os.path.join(os.path.realpath(path.parent), path.name), os.path.realpath(path)} & done:
+            return []
+    return [str(p) for p in outputs]
 
 
 def _warning_line(prog: str) -> Callable[..., None]:

@@ -1,8 +1,10 @@
 """Model weights read one tensor at a time: Hugging Face folders, modules or state dicts.
 
 A folder may hold ``model.safetensors``, sharded safetensors with
-``model.safetensors.index.json``, or ``pytorch_model.bin`` (read with
-``torch.load(weights_only=True, mmap=True)``, never unpickling anything but tensors).
+``model.safetensors.index.json``, or ``pytorch_model.bin`` (or its shards with
+``pytorch_model.bin.index.json``; read with
+``torch.load(weights_only=True)``, never unpickling anything but tensors; memory-mapped when
+it is in the zip format torch has written since 1.6, loaded whole in the legacy format).
 The shards an index names must lie inside the folder: a name like ``../../etc/passwd`` is
 refused before anything is opened.
 """
@@ -10,6 +12,7 @@ refused before anything is opened.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -23,6 +26,54 @@ from ..files.jsonfile import read_json_object
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def unreadable(path: str | os.PathLike[str]) -> str | None:
+    """Why the file ``path`` cannot be opened for reading (``"Permission denied"``), or None.
+
+    safetensors reports every failure to open a file as "No such file or directory"; the
+    readers ask the system first, so that their errors give the real reason.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> _ = Path("weights.bin").write_bytes(b"x")
+    >>> unreadable("weights.bin") is None
+    True
+    >>> unreadable("missing.bin")
+    'No such file or directory'
+    """
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def load_tensor_file(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` file, unpickling nothing but tensors; errors name ``path``.
+
+    Memory-mapped when the file has the zip format (torch >= 1.6), read whole in the legacy
+    format (which cannot be mapped). ``what`` says what the file should be, for errors.
+
+    Examples
+    --------
+    >>> import torch
+    >>> torch.save({"w": torch.ones(2)}, "legacy.bin", _use_new_zipfile_serialization=False)
+    >>> load_tensor_file(Path("legacy.bin"), "a state dict")
+    {'w': tensor([1., 1.])}
+    """
+    why = unreadable(path)
+    if why is not None:
+        raise ValueError(f"{path} cannot be read: {why}")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # an untrusted file: whatever the unpickler raises, refuse it
+        raise ValueError(f"{path} is not a plain dict of tensors; refusing to unpickle it: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold {what} (a dict of tensors)")
+    return state
 
 
 class WeightSource:
@@ -68,6 +119,9 @@ class _Safetensors(WeightSource):
         shapes: dict[str, tuple[int, ...]] = {}
         self._file_of: dict[str, Path] = {}
         for path in sorted(set(files.values())):
+            why = unreadable(path)
+            if why is not None:
+                raise ValueError(f"{path} cannot be read: {why}")
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
@@ -97,9 +151,9 @@ def open_weights(source: str | os.PathLike[str] | nn.Module | dict[str, torch.Te
     """
     if isinstance(source, nn.Module):
         source_module = source
-        state = source_module.state_dict()
+        module_state = source_module.state_dict()
         model_config: dict[str, Any] = getattr(getattr(source_module, "config", None), "to_dict", dict)()
-        module_weights = _StateDict(f"{role} model ({type(source_module).__name__})", state, model_config)
+        module_weights = _StateDict(f"{role} model ({type(source_module).__name__})", module_state, model_config)
         module_weights.conv1d_modules = {n for n, m in source_module.named_modules() if is_conv1d(m)}
         return module_weights
     if isinstance(source, dict):
@@ -122,20 +176,48 @@ def open_weights(source: str | os.PathLike[str] | nn.Module | dict[str, torch.Te
     elif (folder / SAFE_NAME).is_file():
         weights = _Safetensors(str(folder), {"*": folder / SAFE_NAME}, config)
     elif (folder / BIN_NAME).is_file():
-        try:
-            state = torch.load(str(folder / BIN_NAME), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # an untrusted file: whatever the unpickler raises, refuse it
-            raise ValueError(
-                f"{folder / BIN_NAME} is not a plain dict of tensors; refusing to unpickle it: {exc}"
-            ) from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{folder / BIN_NAME} does not hold a dict of tensors")
+        weights = _StateDict(str(folder), load_tensor_file(folder / BIN_NAME, "a state dict"), config)
+    elif (folder / BIN_INDEX).is_file():  # sharded .bin files, as transformers saved them before safetensors
+        weight_map = _weight_map(folder / BIN_INDEX)
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{role} model: shard {shard} listed in {BIN_INDEX} is missing")
+            state.update(load_tensor_file(folder / shard, "a state dict shard"))
+        lacking = sorted(k for k in weight_map if k not in state)
+        if lacking:
+            raise ValueError(f"{folder}: {BIN_INDEX} lists tensors its shards lack, e.g. {lacking[:3]}")
         weights = _StateDict(str(folder), state, config)
     else:
-        raise FileNotFoundError(f"{role} model folder {folder} holds no {SAFE_NAME}, {SAFE_INDEX} or {BIN_NAME}")
+        raise FileNotFoundError(
+            f"{role} model folder {folder} holds no {SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME} or {BIN_INDEX}"
+        )
     if config.get("model_type") in CONV1D_MODEL_TYPES:
         weights.conv1d_modules = {k.rsplit(".", 1)[0] for k, shape in weights.shapes.items() if len(shape) == 2}
     return weights
+
+
+def open_weight_file(path: str | os.PathLike[str], role: str) -> WeightSource:
+    """A :class:`WeightSource` for one weights file: ``.safetensors``, or a ``torch.save`` state dict.
+
+    ``role`` names the source in error messages; a folder goes to :func:`open_weights`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> torch.save({"layer.weight": torch.zeros(3, 2)}, "state.pt")
+    >>> weights = open_weight_file("state.pt", "checkpoint")
+    >>> weights.shapes, weights.name
+    ({'layer.weight': (3, 2)}, 'state.pt')
+    """
+    file = Path(path)
+    if file.is_dir():
+        return open_weights(file, role)
+    if not file.is_file():
+        raise FileNotFoundError(f"{role} {file} does not exist")
+    if file.suffix == ".safetensors":
+        return _Safetensors(str(file), {"*": file}, {})
+    return _StateDict(str(file), load_tensor_file(file, "a state dict"))
 
 
 def _weight_map(index: Path) -> dict[str, str]:

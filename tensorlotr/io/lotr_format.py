@@ -25,8 +25,12 @@ from ..adapter.config import CONFIG_NAME, FORMAT_VERSION
 from ..adapter.layout import GroupLayout, LoTRAdapterFiles, expected_shapes
 from ..files.atomic import atomic_file
 from ..files.jsonfile import read_json_object
+from .checkpoint import unreadable
+from .peft_lotr import is_peft_lotr_dir, read_peft_lotr
 
 WEIGHTS_NAME = "lotr_model.safetensors"
+#: Dtypes whose range a converted adapter may overflow.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def write_adapter(out_dir: str | os.PathLike[str], adapter: LoTRAdapterFiles) -> Path:
@@ -36,7 +40,8 @@ def write_adapter(out_dir: str | os.PathLike[str], adapter: LoTRAdapterFiles) ->
     the config, so a reader never sees a half-written file. Other files in the folder
     (a Trainer checkpoint's, say) are left alone, as PEFT's ``save_pretrained`` does. For
     a whole new folder that must not replace an existing one, wrap this in
-    :func:`tensorlotr.io.atomic_dir`. A group whose scale is NaN or Inf is refused.
+    :func:`tensorlotr.io.atomic_dir`. A group whose scale is NaN or Inf is refused, and so is
+    a tensor holding NaN or Inf values (a float16 overflow, say), naming its key.
 
     Returns the folder. The weights file holds each group's ``U`` (d_out, r_out) and ``V``
     (d_in, r_in) once, and a (r_out, r_in) core per module.
@@ -60,6 +65,13 @@ def write_adapter(out_dir: str | os.PathLike[str], adapter: LoTRAdapterFiles) ->
     for name, group in adapter.groups.items():
         if not math.isfinite(group.scale):
             raise ValueError(f"group {name!r} has scale {group.scale}; refusing to write a non-finite scale")
+    for key, tensor in adapter.tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"tensor {key!r} ({dtype}) holds NaN or Inf values; refusing to write the adapter"
+                + (" (its values overflow this dtype: keep a wider one)" if tensor.dtype in HALF_DTYPES else "")
+            )
     document = {
         "format": "tensorlotr",
         "format_version": FORMAT_VERSION,
@@ -104,7 +116,8 @@ def write_pair(
 
 
 def is_lotr_dir(path: str | os.PathLike[str]) -> bool:
-    """True for a folder holding ``lotr_config.json`` (an adapter, or a config-only folder).
+    """True for a folder holding ``lotr_config.json`` (an adapter, or a config-only folder) or a LoTR adapter in
+    PEFT's format (``adapter_config.json`` with ``peft_type`` LOTR, :mod:`tensorlotr.io.peft_lotr`).
 
     Examples
     --------
@@ -114,11 +127,11 @@ def is_lotr_dir(path: str | os.PathLike[str]) -> bool:
     >>> is_lotr_dir("config-only"), is_lotr_dir(".")
     (True, False)
     """
-    return (Path(path) / CONFIG_NAME).is_file()
+    return (Path(path) / CONFIG_NAME).is_file() or is_peft_lotr_dir(path)
 
 
 def read_adapter(path: str | os.PathLike[str]) -> LoTRAdapterFiles:
-    """Read and check an adapter folder; errors name the file and what is wrong.
+    """Read and check an adapter folder (either format); errors name the file and what is wrong.
 
     Every tensor is checked against its group's layout: ``U`` (d_out, r_out), ``V``
     (d_in, r_in) and each core (r_out, r_in), floating point and finite.
@@ -146,6 +159,8 @@ def read_adapter(path: str | os.PathLike[str]) -> LoTRAdapterFiles:
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
+    if not config_path.is_file() and is_peft_lotr_dir(folder):  # the format LoTRModel.save_pretrained writes
+        return read_peft_lotr(folder).adapter_files()
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing; is {folder} a LoTR adapter folder?")
     if not weights_path.is_file():
@@ -160,6 +175,9 @@ def read_adapter(path: str | os.PathLike[str]) -> LoTRAdapterFiles:
             raise ValueError(f"{config_path}: {key!r} must be an object, got {document[key]!r}")
     if "config" not in document:
         raise ValueError(f"{config_path} has no 'config'")
+    why = unreadable(weights_path)
+    if why is not None:
+        raise ValueError(f"{weights_path} cannot be read: {why}")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:

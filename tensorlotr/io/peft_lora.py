@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from ..adapter.groups import module_order
 from ..files.atomic import atomic_file
 from ..files.jsonfile import read_json_object
+from .checkpoint import load_tensor_file, unreadable
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -184,6 +185,9 @@ class _Tensors:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._loaded: dict[str, torch.Tensor] | None = None
+        why = unreadable(path)
+        if why is not None:
+            raise ValueError(f"{path} cannot be read: {why}")
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as handle:
@@ -196,14 +200,7 @@ class _Tensors:
             except (SafetensorError, OSError) as exc:
                 raise ValueError(f"{path} cannot be read as safetensors (truncated or corrupt?): {exc}") from None
         else:
-            try:
-                loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as exc:  # an untrusted file: whatever the unpickler raises, refuse it
-                raise ValueError(
-                    f"{path} is not a plain dict of tensors; refusing to unpickle it (weights_only=True): {exc}"
-                ) from None
-            if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-                raise ValueError(f"{path} does not hold a dict of tensors")
+            loaded = load_tensor_file(path, "LoRA tensors")
             self._loaded = loaded
             self.shapes = {k: tuple(v.shape) for k, v in loaded.items()}
             self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in loaded.items()}

@@ -105,7 +105,8 @@ def load_base_model(
 
     ``task_type`` (PEFT's, e.g. ``"SEQ_CLS"``) picks the model class, so module paths match
     the LoRA's; ``num_labels`` sizes a new classification head. Raises ``FileNotFoundError``
-    when ``path`` is not a folder with ``config.json``.
+    when ``path`` is not a folder with ``config.json``, and ``ValueError`` naming the folder
+    when it holds no tokenizer.
 
     Examples
     --------
@@ -128,7 +129,14 @@ def load_base_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity(logging.ERROR)  # a new task head is expected to be untrained
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        except Exception as exc:  # transformers raises many kinds, none naming the folder
+            reason = " ".join(str(exc).split())[:200]
+            raise ValueError(
+                f"the base model folder {folder} has no tokenizer that transformers can load "
+                f"(tokenizer.json, or tokenizer_config.json with its vocabulary files): {reason}"
+            ) from None
         model = auto.from_pretrained(str(folder), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -320,7 +328,7 @@ def error_sums(
 
 def _head_of(folder: Path) -> tuple[str | None, int | None]:
     """PEFT's task type of the adapter in ``folder`` and, for a classification head it saves, its number of labels."""
-    if (folder / PEFT_CONFIG_NAME).is_file():
+    if (folder / PEFT_CONFIG_NAME).is_file() and not is_lotr_dir(folder):  # a LoTR one is PEFT's format too
         lora = PeftLoRA(folder)
         task, saved = lora.config.get("task_type"), lora.load_modules_to_save()
     elif is_lotr_dir(folder):
@@ -364,9 +372,9 @@ def calibration_from_files(
     >>> len(calibration.inputs), type(calibration.base_model).__name__
     (2, 'BertModel')
     """
+    texts = read_texts(data, limit=samples)  # first: a missing file is named before any model loads
     task, num_labels = _head_of(Path(adapter))
     tokenizer, model = load_base_model(base_model, task, num_labels)
-    texts = read_texts(data, limit=samples)
     return Calibration(
         inputs=tokenized_batches(tokenizer, texts, batch_size, max_length), base_model=model,
         heal_steps=heal_steps, heal_lr=heal_lr, heal_factors=heal_factors, objective=objective,

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from ..adapter import LoTRAdapterFiles
+from ..adapter.layout import expected_shapes
 from ..adapter.lora import GroupConversion, OutputWeighting, lora_to_lotr
 from ..core import normalize_rank
 from ..files.atomic import check_output
@@ -23,7 +26,7 @@ from ..progress import Progress
 from .calibration import Calibration, ErrorSums, as_calibration, error_sums
 from .compression_report import REPORT_NAME, compression_document
 from .driver import AdapterReport, GroupReport, save_adapter
-from .export import ExportReport, export_lora
+from .export import ExportReport, export_lora, output_dtype
 from .inspect import InspectReport, inspect_adapter
 
 if TYPE_CHECKING:
@@ -60,6 +63,7 @@ def convert_lora(
     force: bool = False,
     progress: Progress | None = None,
     calibration: Calibration | CalibrationStats | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> ConversionReport:
     """Convert a PEFT LoRA folder into a LoTR adapter folder.
 
@@ -90,6 +94,10 @@ def convert_lora(
         ``heal_steps`` the adapter is then healed against the LoRA (:mod:`tensorlotr.heal`).
         The report adds each group's calibrated output error (before and after the heal),
         and the output folder gets ``compression_report.json``, which ``inspect`` shows.
+    dtype : str or torch.dtype, optional
+        The dtype of the factors and cores written (one of ``"float32"``, ``"float64"``,
+        ``"float16"``, ``"bfloat16"``). Default: the LoRA's own, at least float32 (a float64
+        LoRA gives a float64 adapter, computed in float64 throughout).
 
     Returns
     -------
@@ -117,6 +125,7 @@ def convert_lora(
     start = time.perf_counter()
     requested = normalize_rank(rank)
     check_output(out_dir, force, inputs=[peft_dir])
+    output_dtype([], dtype)  # a bad dtype is refused before anything is read
     if is_zoo_dir(peft_dir):
         raise ValueError(
             f"{peft_dir} is a LoTR zoo, not a PEFT LoRA; export-lora --adapter NAME gives one of its LoRAs"
@@ -124,6 +133,7 @@ def convert_lora(
     if is_lotr_dir(peft_dir):
         raise ValueError(f"{peft_dir} is a LoTR adapter already, not a PEFT LoRA")
     lora = PeftLoRA(peft_dir)
+    stored = output_dtype([getattr(torch, d) for d in lora.dtype.split(",")], dtype)
     cal = as_calibration(calibration)
     stats = cal.statistics(list(lora.modules), progress) if cal is not None else None
     weighting = None
@@ -131,8 +141,9 @@ def convert_lora(
         fit = cal.objective != "weight"
         weighting = OutputWeighting(stats.factors, fit=fit, damping=cal.damping, n_iter=cal.n_iter)
     conversion = lora_to_lotr(
-        lora, rank=requested, energy=energy, n_iter=n_iter, groups=groups, weighting=weighting, progress=progress
-    )
+        lora, rank=requested, energy=energy, n_iter=n_iter, groups=groups, weighting=weighting, progress=progress,
+        dtype=stored,
+    )  # fmt: skip
     sums = {g.group: ErrorSums(output=g.output_sq, output_ref=g.output_ref_sq) for g in conversion.groups}
     sums = sums if weighting is not None else {}
     rows = [_row(g, sums.get(g.group)) for g in conversion.groups]
@@ -140,6 +151,8 @@ def convert_lora(
     if cal is not None and cal.heal_steps:
         files, heal = _heal(files, lora, cal, rows, progress)
         notes.append(heal.text())
+        adapter_keys = {k for name, group in files.groups.items() for k in expected_shapes(name, group)}
+        files.tensors.update({k: files.tensors[k].to(stored) for k in adapter_keys})
     report = ConversionReport(
         source=str(peft_dir),
         output=str(out_dir) if out_dir is not None else None,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..adapter import LoTRAdapterFiles
+from ..adapter.layout import expected_shapes
 from ..files.atomic import atomic_dir, check_output
 from ..io import read_adapter
 from ..io.peft_lora import lora_config, lora_keys, saved_tensor_key, write_peft_lora
@@ -17,6 +19,39 @@ from ..report import Result
 
 if TYPE_CHECKING:
     from ..nn.model import LoTRModel
+
+
+#: The dtypes that ``dtype=`` (``--dtype``) of convert and export may name for the tensors written.
+OUTPUT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def output_dtype(sources: Iterable[torch.dtype], requested: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype convert and export write: ``requested``, else the source's own.
+
+    The source's own is the widest floating dtype among ``sources``, and at least float32:
+    the decomposition computes in float32 (float64 for float64 sources), so a float16 or
+    bfloat16 source is written in float32 rather than rounded again.
+
+    Examples
+    --------
+    >>> import torch
+    >>> output_dtype([torch.float64]), output_dtype([torch.bfloat16]), output_dtype([torch.float64], "float32")
+    (torch.float64, torch.float32, torch.float32)
+    >>> output_dtype([torch.float32], "int8")
+    Traceback (most recent call last):
+    ValueError: dtype must be one of ('float32', 'float64', 'float16', 'bfloat16'), got 'int8'
+    """
+    if requested is not None:
+        name = str(requested).removeprefix("torch.")
+        if name not in OUTPUT_DTYPES:
+            raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {requested!r}")
+        dtype: torch.dtype = getattr(torch, name)
+        return dtype
+    widest = torch.float32
+    for source in sources:
+        if source.is_floating_point and torch.finfo(source).bits > torch.finfo(widest).bits:
+            widest = source
+    return widest
 
 
 def _task_type(model_class: str | None) -> str | None:
@@ -65,6 +100,7 @@ def export_lora(
     *,
     adapter: str | None = None,
     force: bool = False,
+    dtype: str | torch.dtype | None = None,
 ) -> ExportReport:
     """Write a LoTR adapter as a PEFT LoRA folder, exactly.
 
@@ -81,6 +117,11 @@ def export_lora(
         Written atomically; an existing folder needs ``force``.
     adapter : str, optional
         Which adapter of a zoo to export (exact with respect to the zoo).
+    dtype : str or torch.dtype, optional
+        The dtype of the LoRA factors written (one of :data:`OUTPUT_DTYPES`). Default: the
+        adapter's own (its factors' and cores' dtype, at least float32), so a float64 adapter
+        gives a float64 LoRA that PEFT runs to the same outputs. ``B_l`` and ``A_l`` are
+        computed in float64 and rounded once.
 
     Returns
     -------
@@ -100,7 +141,10 @@ def export_lora(
     """
     source_dir = lotr if isinstance(lotr, (str, os.PathLike)) else None
     check_output(out_dir, force, inputs=[source_dir])
+    output_dtype([], dtype)  # a bad dtype is refused before anything is read
     files = _adapter_files(lotr, adapter)
+    adapter_keys = {k for name, group in files.groups.items() for k in expected_shapes(name, group)}
+    lora_dtype = output_dtype([files.tensors[k].dtype for k in adapter_keys], dtype)
     source = str(lotr) if isinstance(lotr, (str, os.PathLike)) else type(lotr).__name__
     source += f" (adapter {adapter})" if adapter else ""
     tensors: dict[str, torch.Tensor] = {}
@@ -109,10 +153,10 @@ def export_lora(
     fan_in_fan_out = False
     for name, group in files.groups.items():
         fan_in_fan_out |= group.fan_in_fan_out
-        for module, (b, a) in files.lora_factors(name, dtype=torch.float32).items():
+        for module, (b, a) in files.lora_factors(name, dtype=torch.float64).items():
             key_a, key_b = lora_keys(module)
             # the factors are shared by the group's modules; PEFT stores one copy per module
-            tensors[key_a], tensors[key_b] = a.clone(), b.clone()
+            tensors[key_a], tensors[key_b] = a.to(lora_dtype).contiguous(), b.to(lora_dtype).contiguous()
             rank_of_module[module] = ranks[name] = int(a.shape[0])
     for key, tensor in files.modules_to_save.items():
         tensors[saved_tensor_key(key)] = tensor
@@ -141,6 +185,8 @@ def _adapter_files(lotr: str | os.PathLike[str] | LoTRModel, adapter: str | None
         zoo = read_zoo(lotr)
         if adapter is None:
             raise ValueError(f"{lotr} is a zoo of {len(zoo.adapters)} adapters; choose one with --adapter NAME")
+        if adapter not in zoo.adapters:
+            raise ValueError(f"the zoo {lotr} has no adapter {adapter!r}; its adapters: {', '.join(zoo.adapters)}")
         return zoo.adapter(adapter)
     if adapter is not None:
         raise ValueError(f"{lotr} is a single LoTR adapter, not a zoo; drop --adapter")

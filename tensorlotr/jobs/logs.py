@@ -5,6 +5,14 @@ folder holding event files is a run; its path below ``log_dir`` gives typed colu
 
 Depth: a run deeper than ``names`` gets extra columns ``segment_<k>`` (k counts from 0
 over all segments); a shallower run has missing values (NA) in its trailing named columns.
+
+Distinct runs stay distinct: a segment column is typed (int or float) only when no two of
+its segments read as the same number (``seed/07`` and ``seed/7``, ``lr/1e-4`` and
+``lr/0.0001``); otherwise it stays text, with a :class:`SegmentTypeWarning`. Each run, tag
+and step gives one row, as TensorBoard shows it: events are taken in the order they were
+written (event files in name order, which starts with their creation time, then wall time)
+and an event at step ``s`` replaces every earlier one of its run and tag at a step ``>= s``
+(a resumed run overwrites the steps it logs again).
 """
 
 from __future__ import annotations
@@ -54,6 +62,29 @@ class EventFileWarning(UserWarning):
     """
 
 
+class SegmentTypeWarning(UserWarning):
+    """A segment column stays text: two of its segments read as the same number.
+
+    Examples
+    --------
+    Two runs, ``seeds/07/`` and ``seeds/7/``: as integers both would be 7, one run. The column
+    stays text and both runs keep their rows:
+
+    >>> import warnings
+    >>> from torch.utils.tensorboard import SummaryWriter
+    >>> for seed in ("07", "7"):
+    ...     with SummaryWriter(f"seeds/{seed}") as writer:
+    ...         writer.add_scalar("loss", 1.0, 0)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     frame = read_logs("seeds", names=["seed"])
+    >>> [str(w.message) for w in caught if w.category is SegmentTypeWarning]
+    ["segment column 'seed': '07' and '7' read as the same number; the column is kept as text"]
+    >>> sorted(frame.index.get_level_values("seed").unique())
+    ['07', '7']
+    """
+
+
 def check_event_file(path: Path) -> str | None:
     """A description of what is wrong with the TFRecord framing of ``path``, or None.
 
@@ -91,12 +122,12 @@ def check_event_file(path: Path) -> str | None:
     return None
 
 
-def _read_file(path: str, wall_time: bool) -> tuple[pd.DataFrame, str | None]:
-    """Scalars of one event file (``step``, ``tag``, ``value`` [, ``wall_time``]) and a problem, if any."""
+def _read_file(path: str) -> tuple[pd.DataFrame, str | None]:
+    """Scalars of one event file (``step``, ``tag``, ``value``, ``wall_time``) and a problem, if any."""
     from tbparse import SummaryReader
 
     problem = check_event_file(Path(path))
-    extra = {"wall_time"} if wall_time else None
+    extra = {"wall_time"}  # the order the events were written in
     try:
         with warnings.catch_warnings():  # tbparse's own pandas deprecation notices are not the user's concern
             warnings.filterwarnings("ignore", message="The inplace keyword")
@@ -118,20 +149,42 @@ def _read_file(path: str, wall_time: bool) -> tuple[pd.DataFrame, str | None]:
     return frame, problem
 
 
-def _typed(values: pd.Series) -> pd.Series:
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _typed(values: pd.Series, column: str) -> pd.Series:
     """Path segments as int (nullable Int64 where runs lack the level), float (the double
-    nearest the written decimal, e.g. 1e-05) or category."""
+    nearest the written decimal, e.g. 1e-05) or category; text whenever typing would give two
+    distinct segments one value (a :class:`SegmentTypeWarning` names them)."""
     present = values.dropna()
-    if len(present) and present.map(lambda s: re.fullmatch(r"[+-]?\d+", s) is not None).all():
+    texts = sorted(set(present))
+    if not texts:
+        return values.astype("category")
+    numbers: dict[str, float | int] | None = None
+    if all(_INT.fullmatch(t) for t in texts) and all(_INT64[0] <= int(t) <= _INT64[1] for t in texts):
+        numbers = {t: int(t) for t in texts}
+    elif all(_FLOAT.fullmatch(t) for t in texts) and all(math.isfinite(float(t)) for t in texts):
+        numbers = {t: float(t) for t in texts}
+    if numbers is None:
+        return values.astype("category")
+    seen: dict[float | int, str] = {}
+    for text, number in numbers.items():
+        if number in seen:
+            warnings.warn(
+                f"segment column {column!r}: {seen[number]!r} and {text!r} read as the same number; "
+                "the column is kept as text",
+                SegmentTypeWarning,
+                stacklevel=5,
+            )
+            return values.astype("category")
+        seen[number] = text
+    if all(isinstance(n, int) for n in numbers.values()):
         # plain int64 when every run has the segment (it survives parquet as an index level)
-        return pd.to_numeric(values).astype("int64" if values.notna().all() else "Int64")
-    try:
-        floats = present.map(float)
-    except ValueError:
-        floats = None
-    if floats is not None and len(present) and all(math.isfinite(f) for f in floats):
-        return values.map(lambda s: float(s) if isinstance(s, str) else np.nan).astype("float64")
-    return values.astype("category")
+        typed = values.map(lambda s: numbers[s] if isinstance(s, str) else None)
+        return typed.astype("int64" if values.notna().all() else "Int64")
+    return values.map(lambda s: float(numbers[s]) if isinstance(s, str) else np.nan).astype("float64")
 
 
 @dataclass(kw_only=True)
@@ -194,6 +247,8 @@ def find_event_files(log_dir: str | os.PathLike[str]) -> list[Path]:
     FileNotFoundError: log folder no-runs does not exist
     """
     root = Path(log_dir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"log folder {root} is a file, not a folder of runs")
     if not root.is_dir():
         raise FileNotFoundError(f"log folder {root} does not exist")
     files = sorted(p for p in root.rglob(EVENT_GLOB) if p.is_file())
@@ -266,12 +321,13 @@ def read_logs(
     return _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)[0]
 
 
-def check_arguments(names: Sequence[str] | None, tags: str | None, index: Sequence[str] | None) -> None:
+def check_arguments(names: Sequence[str] | None, tags: str | None, index: Sequence[str] | None, jobs: int = 1) -> None:
     """Raise ``ValueError`` naming the value at fault, before any file is read.
 
     ``names`` must be non-empty strings, unique, not one of :data:`RESERVED_COLUMNS` and not
     ``segment_<k>`` for another position ``k`` (the name an unnamed segment gets); ``tags``
-    must be a valid regular expression; ``index`` may not repeat a column.
+    must be a valid regular expression; ``index`` may not repeat a column; ``jobs`` is a
+    positive integer.
 
     Examples
     --------
@@ -282,7 +338,12 @@ def check_arguments(names: Sequence[str] | None, tags: str | None, index: Sequen
     >>> check_arguments(None, "loss(", None)
     Traceback (most recent call last):
     ValueError: tags 'loss(' is not a valid regular expression: missing ), ...
+    >>> check_arguments(None, None, None, jobs=0)
+    Traceback (most recent call last):
+    ValueError: jobs must be a positive integer (reader processes), got 0
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer (reader processes), got {jobs!r}")
     if names is not None:
         if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"names must be a list of non-empty strings, got {names!r}")
@@ -296,11 +357,15 @@ def check_arguments(names: Sequence[str] | None, tags: str | None, index: Sequen
         if clashing:
             raise ValueError(f"names {clashing} clash with the segment_<k> columns of unnamed path segments")
     if tags is not None:
+        if not isinstance(tags, str):
+            raise ValueError(f"tags must be a regular expression (a string), got {tags!r}")
         try:
             re.compile(tags)
         except re.error as exc:
             raise ValueError(f"tags {tags!r} is not a valid regular expression: {exc}") from None
     if index is not None:
+        if isinstance(index, str) or not all(isinstance(c, str) for c in index):
+            raise ValueError(f"index must be a list of column names, got {index!r}")
         repeated = sorted({c for c in index if list(index).count(c) > 1})
         if repeated:
             raise ValueError(f"index columns must be unique; repeated: {repeated}")
@@ -317,24 +382,19 @@ def _read_tree(
     progress: Progress | None,
 ) -> tuple[pd.DataFrame, list[Path], list[str]]:
     """:func:`read_logs`, also returning the event files read and the problems found."""
-    check_arguments(names, tags, index)
+    check_arguments(names, tags, index, jobs)
     files = find_event_files(root)
     progress = progress or no_progress
     problems: list[str] = []
     if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(
-                progress(
-                    pool.map(_read_file, map(str, files), [wall_time] * len(files), chunksize=4),
-                    "event files",
-                    len(files),
-                )
-            )
+        with ProcessPoolExecutor(max_workers=min(jobs, len(files))) as pool:
+            results = list(progress(pool.map(_read_file, map(str, files), chunksize=4), "event files", len(files)))
     else:
-        results = [_read_file(str(f), wall_time) for f in progress(files, "event files", len(files))]
+        results = [_read_file(str(f)) for f in progress(files, "event files", len(files))]
     frames = []
     pattern = re.compile(tags) if tags else None
-    for path, (frame, problem) in zip(files, results, strict=True):
+    found_tags: set[str] = set()
+    for order, (path, (frame, problem)) in enumerate(zip(files, results, strict=True)):
         if problem is not None:
             message = f"{path}: {problem}"
             if strict:
@@ -344,14 +404,17 @@ def _read_tree(
         if frame.empty:
             continue
         if pattern is not None:
+            found_tags.update(frame["tag"].unique())
             frame = frame[frame["tag"].map(lambda t: pattern.search(t) is not None)]
-        frame = frame.assign(_run=str(path.parent.relative_to(root)))
+            if frame.empty:
+                continue
+        frame = frame.assign(_run=str(path.parent.relative_to(root)), _file=order)
         frames.append(frame)
     if not frames:
-        raise ValueError(f"no scalars under {root}" + (f" match tags {tags!r}" if tags else ""))
-    data = pd.concat(frames, ignore_index=True)
+        raise ValueError(_no_scalars(root, tags, found_tags, problems, len(files)))
+    data = _as_shown(pd.concat(frames, ignore_index=True))
     segment_columns = _segment_columns(data, names or [])
-    data = data.drop(columns="_run")
+    data = data.drop(columns=["_run", "_file"] + ([] if wall_time else ["wall_time"]))
     value = data["value"].to_numpy(dtype=np.float64)
     as_float32 = value.astype(np.float32)
     data["value"] = as_float32 if np.array_equal(as_float32.astype(np.float64), value, equal_nan=True) else value
@@ -367,6 +430,32 @@ def _read_tree(
     return data.set_index(list(index)).sort_index(), files, problems
 
 
+def _no_scalars(root: Path, tags: str | None, found: set[str], problems: list[str], n_files: int) -> str:
+    """The error for a tree that gives no rows: naming the tags there are, or the files that failed."""
+    if tags is not None and found:
+        listing = ", ".join(sorted(found)[:8]) + (", …" if len(found) > 8 else "")
+        return f"no tags under {root} match {tags!r}; the tags there: {listing}"
+    if problems and len(problems) == n_files:
+        return f"no scalars under {root}: every event file is unreadable, e.g. " + "; ".join(problems[:3])
+    return f"no scalars under {root}" + (f" match tags {tags!r}" if tags else "")
+
+
+def _as_shown(data: pd.DataFrame) -> pd.DataFrame:
+    """One row per run, tag and step, as TensorBoard shows them.
+
+    Events are put in the order they were written (event file, then wall time); an event at
+    step ``s`` preempts every earlier event of its run and tag at a step ``>= s``, as
+    TensorBoard's reservoirs do, so a resumed run's steps replace the old ones.
+    """
+    data = data.sort_values(["_file", "wall_time"], kind="stable", ignore_index=True)
+    backwards = data.iloc[::-1]
+    keys = [backwards["_run"], backwards["tag"]]
+    suffix_min = backwards.groupby(keys, sort=False)["step"].cummin()  # over this event and the later ones
+    later_min = suffix_min.groupby(keys, sort=False).shift(1).reindex(data.index)  # over the later ones only
+    keep = later_min.isna() | (data["step"] < later_min)  # every later event of its series has a larger step
+    return data[keep.to_numpy()].reset_index(drop=True)
+
+
 def _segment_columns(data: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     """Typed segment columns: each run's path is split and typed once, then spread to its rows."""
     runs = data["_run"].astype("category")
@@ -377,7 +466,7 @@ def _segment_columns(data: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     columns = {}
     for k in range(depth):
         name = names[k] if k < len(names) else f"segment_{k}"
-        per_run = _typed(pd.Series([p[k] if k < len(p) else None for p in parts], dtype=object))
+        per_run = _typed(pd.Series([p[k] if k < len(p) else None for p in parts], dtype=object), name)
         columns[name] = per_run.take(codes).reset_index(drop=True)
     return pd.DataFrame(columns, index=data.index)
 
@@ -439,7 +528,7 @@ def tb2parquet(
     """
     from ..files.atomic import atomic_file, check_output
 
-    check_arguments(names, tags, index)
+    check_arguments(names, tags, index, jobs)
     check_output(out_path, force, inputs=[log_dir])
     frame, files, problems = _read_tree(Path(log_dir), names, tags, index, wall_time, jobs, strict, progress)
     with atomic_file(out_path, force=force) as tmp:

@@ -4,9 +4,21 @@ from typing import Any
 
 from ..adapter import LoTRConfig
 from .layer import LoTRFactors, LoTRLayer
-from .model import LoTRModel, get_lotr_model
+from .model import LoTRModel, LoTRReferenceModel, get_lotr_model
+from .saving import get_peft_model_state_dict, hotswap_adapter, set_peft_model_state_dict
 
-__all__ = ["LoTRConfig", "LoTRFactors", "LoTRLayer", "LoTRModel", "LoTRTrainer", "get_lotr_model"]
+__all__ = [
+    "LoTRConfig",
+    "LoTRFactors",
+    "LoTRLayer",
+    "LoTRModel",
+    "LoTRReferenceModel",
+    "LoTRTrainer",
+    "get_lotr_model",
+    "get_peft_model_state_dict",
+    "hotswap_adapter",
+    "set_peft_model_state_dict",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,8 @@
 PEFT is not imported: the model is read through the attributes its LoRA layers have
 (``lora_A``, ``lora_B``, ``scaling``, ``base_layer``) and its ``peft_config``, into
 :class:`tensorlotr.adapter.lora.LoRALayers`, which :func:`tensorlotr.adapter.lora.lora_to_lotr`
-converts at the groups and ranks of the new ``LoTRModel``.
+converts at the groups and ranks of the new ``LoTRModel``: by default the exact ranks
+(:func:`exact_ranks`), so the converted model computes the LoRA's function.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import torch
 from torch import nn
 
 from ..adapter import Group, LoTRConfig
-from ..adapter.groups import select_modules
+from ..adapter.config import TASK_TYPES
+from ..adapter.groups import TASK_MODULES_TO_SAVE, group_modules, select_modules
 from ..adapter.lora import LoRAFactors, LoRALayers, lora_to_lotr
+from ..core import max_rank
+from .targets import saved_patterns
 
 if TYPE_CHECKING:
     from .model import LoTRModel
@@ -61,6 +65,53 @@ def _target_pattern(paths: list[str]) -> str:
     return "(" + "|".join(re.escape(p) for p in paths) + ")"
 
 
+def exact_ranks(layers: LoRALayers) -> dict[str, tuple[int, int]]:
+    """Per group (``"by_name"``), the rank at which the Tucker-2 of the LoRA's stack is exact, whatever its factors.
+
+    The stack ``[s_l B_l A_l]`` of a group of ``L`` layers has rank at most ``sum_l r_l`` in both
+    modes, and never more than :func:`tensorlotr.core.max_rank`.
+
+    Examples
+    --------
+    Three layers of a rank-2 LoRA on (d_out, d_in) = (32, 24): rank (6, 6).
+
+    >>> layers = LoRALayers({f"l.{i}.q": LoRAFactors(torch.zeros(32, 2), torch.zeros(2, 24)) for i in range(3)})
+    >>> exact_ranks(layers)
+    {'q': (6, 6)}
+    """
+    ranks = {}
+    for group in group_modules({path: layer.shape for path, layer in layers.modules.items()}):
+        total = sum(layers.modules[m].rank for m in group.modules)
+        bound = max_rank(len(group.modules), group.shape)
+        ranks[group.name] = (min(total, bound[0]), min(total, bound[1]))
+    return ranks
+
+
+def _default_config(lora_config: Any, layers: LoRALayers, rank: int | tuple[int, int] | None) -> LoTRConfig:
+    """The LoTR config that carries the LoRA's targets, alpha, dropout, task and head over; exact unless ``rank``."""
+    task = getattr(lora_config, "task_type", None)
+    task = str(getattr(task, "value", task)) if task is not None else None
+    task = task if task in TASK_TYPES else None
+    heads = TASK_MODULES_TO_SAVE.get(task or "", ())
+    saved = [m for m in lora_config.modules_to_save or [] if m not in heads]  # PEFT lists the task's head too
+    rank_pattern: dict[str, int | tuple[int, int]] = {}
+    if rank is None:
+        ranks = exact_ranks(layers)
+        first = next(iter(ranks.values()))
+        if any(r != first for r in ranks.values()):
+            rank_pattern = dict(ranks)  # keyed by every group's name, so no module regex applies
+        rank = first
+    return LoTRConfig(
+        rank=rank,
+        alpha=float(lora_config.lora_alpha),
+        target_modules=_target_pattern(list(layers.modules)),
+        dropout=float(getattr(lora_config, "lora_dropout", 0.0) or 0.0),
+        modules_to_save=list(dict.fromkeys(saved)) or None,
+        rank_pattern=rank_pattern,
+        task_type=task,
+    )
+
+
 def _check_targets(model: nn.Module, config: LoTRConfig, layers: LoRALayers) -> None:
     """Refuse, before the PEFT model is unloaded, a config that targets a module the LoRA does not adapt."""
     if config.target_modules is None or config.target_modules == "all-linear":
@@ -70,6 +121,7 @@ def _check_targets(model: nn.Module, config: LoTRConfig, layers: LoRALayers) -> 
     chosen = select_modules(
         candidates, config.target_modules, exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+        modules_to_save=saved_patterns(config.modules_to_save, config.task_type),
     )  # fmt: skip
     missing = [m for m in chosen if m not in layers.modules]
     if missing:
@@ -88,7 +140,8 @@ def lotr_from_peft_model(
 
     The LoRA layers are read, the PEFT model unloaded, ``cls`` attached with ``config``, and
     each of its groups set to the LoRA's Tucker-2 at the group's rank, padded above the exact
-    rank (:func:`tensorlotr.adapter.lora.lora_to_lotr` with ``pad=True``).
+    rank (:func:`tensorlotr.adapter.lora.lora_to_lotr` with ``pad=True``). With neither
+    ``config`` nor ``rank``, every group gets its :func:`exact_ranks`: the conversion is lossless.
     """
     if config is not None and rank is not None:
         raise ValueError("give either config or rank, not both")
@@ -97,12 +150,7 @@ def lotr_from_peft_model(
     base = peft.get_base_model() if hasattr(peft, "get_base_model") else peft
     layers = _lora_layers(base, adapter)
     if config is None:
-        config = LoTRConfig(
-            rank=rank if rank is not None else max(layer.rank for layer in layers.modules.values()),
-            alpha=float(lora_config.lora_alpha),
-            target_modules=_target_pattern(list(layers.modules)),
-            modules_to_save=list(lora_config.modules_to_save) if lora_config.modules_to_save else None,
-        )
+        config = _default_config(lora_config, layers, rank)
     _check_targets(base, config, layers)
     base = peft.unload()  # the LoRA layers go; the trained copies of modules_to_save stay
     lotr = cls(base, config)

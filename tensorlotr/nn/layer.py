@@ -86,7 +86,7 @@ class LoTRFactors(nn.Module):
 
     @torch.no_grad()
     def reset_normal(self) -> None:
-        """Gaussian factors with standard deviation ``1/sqrt(d)``, as the original code."""
+        """Gaussian factors with standard deviation ``1/sqrt(d)``: columns of about unit norm (the original code: 1)."""
         for factor in (self.out_factor, self.in_factor):
             factor.normal_(0.0, 1.0 / math.sqrt(factor.shape[0]))
 
@@ -108,6 +108,10 @@ class LoTRLayer(nn.Module):
     ``torch.autocast``, which casts every product to its own dtype; the update is cast to the
     dtype of the base layer's output before it is added.
 
+    As PEFT's layers do, the layer exposes its base layer's ``weight`` and ``bias``,
+    ``in_features`` and ``out_features``, and ``get_base_layer()``: model code that reads them
+    through the module it called (T5's feed-forward reads ``self.wo.weight.dtype``) runs unchanged.
+
     Examples
     --------
     A Linear of (d_out, d_in) = (32, 24) with rank-(4, 2) factors; its core starts at zero, so
@@ -118,6 +122,8 @@ class LoTRLayer(nn.Module):
     >>> layer = LoTRLayer(linear, LoTRFactors(32, 24, (4, 2)), scale=2.0)
     >>> tuple(layer.lotr_core.shape), layer.adapter_names
     ((4, 2), ['default'])
+    >>> layer.weight is linear.weight, layer.bias is linear.bias, (layer.in_features, layer.out_features)
+    (True, True, (24, 32))
     >>> x = torch.randn(3, 24)
     >>> torch.equal(layer(x), linear(x))
     True
@@ -208,6 +214,40 @@ class LoTRLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    # --- the base layer's attributes, as PEFT's layers expose them ----------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped layer (through any nesting of adapter layers), as PEFT's ``BaseTunerLayer.get_base_layer``."""
+        base: nn.Module = self
+        while isinstance(inner := getattr(base, "base_layer", None), nn.Module):
+            base = inner
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (a GPTQ layer's ``qweight``), as stored: model code reads it (T5's ``wo.weight``)."""
+        base = self.get_base_layer()
+        weight = getattr(base, "qweight", None)
+        if weight is None:
+            weight = base.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None without one)."""
+        bias: torch.Tensor | None = getattr(self.get_base_layer(), "bias", None)
+        return bias
+
+    @property
+    def in_features(self) -> int:
+        """``d_in`` of the base layer (a Conv1D's too, though it stores its weight (d_in, d_out))."""
+        return self.d_in
+
+    @property
+    def out_features(self) -> int:
+        """``d_out`` of the base layer."""
+        return self.d_out
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

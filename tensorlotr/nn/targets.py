@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from ..adapter.config import ALL_LINEAR, DEFAULT_TARGETS, LoTRConfig
-from ..adapter.groups import Group, group_modules, is_conv1d, matches, no_match_message, oriented_shape, select_modules
+from ..adapter.groups import (
+    TASK_MODULES_TO_SAVE,
+    Group,
+    group_modules,
+    is_conv1d,
+    matches,
+    no_match_message,
+    oriented_shape,
+    select_modules,
+)
 
 #: Classifier heads that ``"all-linear"`` leaves out of SEQ_CLS models (PEFT's list).
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -135,8 +144,20 @@ def set_dense_weight(module: nn.Module, dense: torch.Tensor) -> None:
 def resolve_targets(model: nn.Module, config: LoTRConfig) -> list[str]:
     """Names of the modules to adapt, in model order.
 
-    Raises ``ValueError`` when nothing matches (listing close names) or when a matched
-    module is not an ``nn.Linear`` or ``Conv1D``.
+    As in PEFT, a module of ``modules_to_save`` (the user's, and the head ``task_type`` adds:
+    :data:`tensorlotr.adapter.groups.TASK_MODULES_TO_SAVE`) or inside one is never a target,
+    and ``"all-linear"`` leaves out the output head. Raises ``ValueError`` when nothing matches
+    (listing close names) or when a matched module is not an ``nn.Linear`` or ``Conv1D``.
+
+    Examples
+    --------
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> bert = BertForSequenceClassification(BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
+    ... ))
+    >>> names = resolve_targets(bert, LoTRConfig(target_modules="all-linear", modules_to_save=["classifier"]))
+    >>> "classifier" in names, len(names)  # the head is trained in full, not adapted
+    (False, 7)
     """
     patterns = config.target_modules
     if patterns is None and isinstance(config.groups, dict):
@@ -150,10 +171,11 @@ def resolve_targets(model: nn.Module, config: LoTRConfig) -> list[str]:
     modules = {n: unwrap(m) for n, m in model.named_modules() if not _inside_adapter_layer(model, n)}
     all_linear = isinstance(patterns, str) and patterns.lower() == ALL_LINEAR
     candidates = [n for n, m in modules.items() if n and (is_supported(m) or not all_linear)]
+    saved = saved_patterns(config.modules_to_save, config.task_type)
     names = []
     for name in select_modules(
         candidates, patterns, exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern, heads=_output_heads(model, config.task_type),
+        layers_pattern=config.layers_pattern, heads=_output_heads(model, config.task_type), modules_to_save=saved,
     ):  # fmt: skip
         module = modules[name]
         if not is_supported(module):
@@ -164,8 +186,31 @@ def resolve_targets(model: nn.Module, config: LoTRConfig) -> list[str]:
             )
         names.append(name)
     if not names:
+        unsaved = select_modules(
+            candidates, patterns, exclude_modules=config.exclude_modules,
+            layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+        )  # fmt: skip
+        if saved and any(is_supported(modules[n]) for n in unsaved):
+            raise ValueError(
+                f"target_modules {patterns!r} match only modules of modules_to_save {saved}, which are trained in "
+                "full and never adapted (as in PEFT); target other modules"
+            )
         raise ValueError(_no_match_message(model, patterns, config.layers_to_transform))
     return names
+
+
+def saved_patterns(modules_to_save: list[str] | None, task_type: str | None) -> list[str]:
+    """``modules_to_save`` and the head PEFT's model for ``task_type`` adds to it (``classifier``, ``score``, …).
+
+    Examples
+    --------
+    >>> saved_patterns(["pooler"], "SEQ_CLS")
+    ['pooler', 'classifier', 'score']
+    >>> saved_patterns(None, "CAUSAL_LM")
+    []
+    """
+    listed = list(modules_to_save or [])
+    return listed + [m for m in TASK_MODULES_TO_SAVE.get(task_type or "", ()) if m not in listed]
 
 
 def _output_heads(model: nn.Module, task_type: str | None) -> list[str]:
@@ -206,15 +251,37 @@ def build_groups(model: nn.Module, names: list[str], config: LoTRConfig) -> list
     return group_modules({name: weight_shape(unwrap(modules[name])) for name in names}, config.groups)
 
 
-def resolve_modules_to_save(model: nn.Module, patterns: list[str] | None) -> list[str]:
-    """Names of the modules listed in ``modules_to_save`` (outermost matches only)."""
-    if not patterns:
+def resolve_modules_to_save(model: nn.Module, patterns: list[str] | None, task_type: str | None = None) -> list[str]:
+    """Names of the modules listed in ``modules_to_save`` (outermost matches only), with ``task_type``'s head.
+
+    As PEFT's task models do, ``task_type`` adds its head (``"SEQ_CLS"`` and ``"TOKEN_CLS"``:
+    ``classifier`` and ``score``; ``"QUESTION_ANS"``: ``qa_outputs``), wrapped where the model
+    has it: a head name that matches nothing is no error, listed or not (a PEFT config of a
+    ``SEQ_CLS`` LoRA lists both). Any other name that matches nothing raises ``ValueError``.
+
+    Examples
+    --------
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> bert = BertForSequenceClassification(BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48
+    ... ))
+    >>> default = resolve_modules_to_save(bert, None, "SEQ_CLS")
+    >>> default, resolve_modules_to_save(bert, ["classifier", "score"], "SEQ_CLS")
+    (['classifier'], ['classifier'])
+    >>> resolve_modules_to_save(bert, ["score"])
+    Traceback (most recent call last):
+    ...
+    ValueError: modules_to_save ['score'] match no module of the model
+    """
+    optional = TASK_MODULES_TO_SAVE.get(task_type or "", ())
+    wanted = saved_patterns(patterns, task_type)
+    if not wanted:
         return []
     found: list[str] = []
     for name, _ in model.named_modules():
-        if name and matches(name, patterns) and not any(name.startswith(f + ".") for f in found):
+        if name and matches(name, wanted) and not any(name.startswith(f + ".") for f in found):
             found.append(name)
-    missing = [p for p in patterns if not any(matches(n, [p]) for n in found)]
+    missing = [p for p in wanted if p not in optional and not any(matches(n, [p]) for n in found)]
     if missing:
         raise ValueError(f"modules_to_save {missing} match no module of the model")
     return found

@@ -1,10 +1,13 @@
-"""``LoTRTrainer``: ``transformers.Trainer`` that checkpoints the adapter only.
+"""``LoTRTrainer``: ``transformers.Trainer`` whose checkpoints are adapter folders.
 
-A plain ``Trainer`` trains a :class:`LoTRModel` too, but it saves the model's full state
-dict at each checkpoint (and safetensors refuses tied weights, as in GPT-2's LM head).
-``LoTRTrainer`` writes ``lotr_config.json`` and ``lotr_model.safetensors`` instead, through
-the ``_save`` override that ``Trainer.save_model`` calls; it takes the label names from the
-base model's class, reloads the best adapter at the end of training with a callback
+A plain ``Trainer`` trains a :class:`LoTRModel` too and checkpoints the adapter only: it
+saves a model that is no ``PreTrainedModel`` as its ``state_dict()``, which for a
+``LoTRModel`` holds the adapters' tensors alone (never the base weights, so tied embeddings
+are no trouble), in ``model.safetensors``, and resumes from it. ``LoTRTrainer`` writes the
+adapter folder instead (``adapter_config.json`` and ``adapter_model.safetensors``, which
+``LoTRModel.from_pretrained`` and ``peft.PeftModel.from_pretrained`` load), through the
+``_save`` override that ``Trainer.save_model`` calls; it takes the label names from the base
+model's class, reloads the best adapter at the end of training with a callback
 (``load_best_model_at_end``), and resumes from adapter checkpoints.
 """
 
@@ -67,12 +70,13 @@ class LoadBestAdapterCallback(TrainerCallback):
 
 
 class LoTRTrainer(Trainer):
-    """``transformers.Trainer`` whose checkpoints hold the LoTR adapter, not the base model.
+    """``transformers.Trainer`` whose checkpoints are LoTR adapter folders, not the base model.
 
-    It takes ``transformers.Trainer``'s arguments. Each checkpoint holds ``lotr_config.json``,
-    ``lotr_model.safetensors`` (per group ``U`` (d_out, r_out), ``V`` (d_in, r_in) and a
+    It takes ``transformers.Trainer``'s arguments. Each checkpoint holds ``adapter_config.json``,
+    ``adapter_model.safetensors`` (per group ``U`` (d_out, r_out), ``V`` (d_in, r_in) and a
     (r_out, r_in) core per layer, plus the ``modules_to_save``), a model card, the tokenizer
-    when one is given, and ``Trainer``'s optimizer, scheduler and state files.
+    when one is given, and ``Trainer``'s optimizer, scheduler and state files: a folder that
+    ``LoTRModel.from_pretrained`` and ``peft.PeftModel.from_pretrained`` load as it is.
 
     Examples
     --------
@@ -98,7 +102,7 @@ class LoTRTrainer(Trainer):
     2
     >>> from pathlib import Path
     >>> sorted(p.name for p in Path("checkpoints/checkpoint-2").iterdir())
-    ['README.md', 'lotr_config.json', 'lotr_model.safetensors', 'optimizer.pt', 'rng_state.pth',
+    ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'optimizer.pt', 'rng_state.pth',
      'scheduler.pt', 'trainer_state.json', 'training_args.bin']
     """
 
@@ -134,6 +138,17 @@ class LoTRTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         return None
+
+    def _load_best_model(self) -> None:
+        """Leave a LoTR adapter checkpoint to :class:`LoadBestAdapterCallback`; others go to ``Trainer``.
+
+        ``Trainer._load_best_model`` loads ``adapter_model.safetensors`` only into a ``PeftModel``
+        and otherwise looks for full weights (``pytorch_model.bin``), which an adapter folder lacks.
+        """
+        best = self.state.best_model_checkpoint
+        if self._lotr_model() is not None and best is not None and is_lotr_dir(best):
+            return
+        super()._load_best_model()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Resume from an adapter checkpoint.

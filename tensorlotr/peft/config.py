@@ -91,6 +91,12 @@ class LoTRPeftConfig(PeftConfig):
         Dtype of factors and cores; ``None``: float32 (float64 on a float64 base).
     trainable_token_indices : list of int or dict, optional
         PEFT's trainable tokens of the embeddings (what TRL sets for added chat tokens).
+    lotr_layout : dict, optional
+        The groups as they were built: each group's modules in stack order, shape, rank and
+        scale. ``LoTRModel.save_pretrained`` writes it into ``adapter_config.json`` (see
+        :mod:`tensorlotr.io.peft_lotr`), so that PEFT rebuilds exactly the adapter that was
+        saved; with it the tuner adapts those modules and no others. ``None`` (a new config):
+        the groups are planned from the fields above.
 
     Examples
     --------
@@ -144,6 +150,13 @@ class LoTRPeftConfig(PeftConfig):
     )
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None, metadata={"help": "PEFT's trainable tokens of the embedding layers."}
+    )
+    lotr_layout: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "The groups exactly as built (modules, shape, rank, scale), as tensorlotr.LoTRModel saves them; "
+            "None: the groups are planned from the fields above."
+        },
     )
 
     #: PEFT reads this of every config; LoTR adapts modules, never bare parameters.

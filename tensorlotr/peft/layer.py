@@ -22,7 +22,7 @@ from ..nn.targets import dense_weight, quantization, set_dense_weight
 __all__ = ["LoTRLinear"]
 
 
-class LoTRLinear(LoTRLayer, BaseTunerLayer):
+class LoTRLinear(LoTRLayer, BaseTunerLayer):  # type: ignore[misc]  # PEFT types bias as Tensor, ours may be None
     """A Linear or GPT-2 Conv1D with LoTR adapters, as PEFT's tuner layers are.
 
     ``y = base(x) + sum_a scale_a * ((x V_a) G_a^T) U_a^T`` over the active adapters ``a``:

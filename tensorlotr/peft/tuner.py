@@ -22,7 +22,12 @@ from typing import Any, cast
 
 import torch
 from peft import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -30,9 +35,10 @@ from ..adapter import DEFAULT_TARGETS, LoTRConfig
 from ..adapter.groups import is_conv1d
 from ..adapter.layout import GroupLayout
 from ..core import check_rank, tucker2
+from ..io.peft_lotr import layout_groups
 from ..nn.layer import BASE_ADAPTER, LoTRFactors, check_adapter_name
 from ..nn.sharing import share_input_products
-from ..nn.targets import build_groups, dense_weight, is_supported, unwrap
+from ..nn.targets import build_groups, dense_weight, is_supported, unwrap, weight_shape
 from .config import LoTRPeftConfig
 from .layer import LoTRLinear
 
@@ -178,11 +184,20 @@ class LoTRTuner(BaseTuner):
             peft_config.target_modules = list(targets)
         return peft_config
 
+    @staticmethod
+    def _check_target_module_exists(peft_config: PeftConfig, key: str) -> Any:
+        """PEFT's matching of ``target_modules``; with a ``lotr_layout``, exactly the modules of its groups."""
+        layout = getattr(peft_config, "lotr_layout", None)
+        if layout is not None:
+            return any(key in group.modules for group in layout_groups(layout).values())
+        return check_target_module_exists(peft_config, key)
+
     def _prepare_model(self, config: PeftConfig, model: nn.Module) -> None:
         """Match the targets as PEFT will, stack them into groups and make each group's factors.
 
         Runs before any layer is replaced, so a rank a group cannot take, or a target that is not
-        a Linear or Conv1D, is refused with the model untouched.
+        a Linear or Conv1D, is refused with the model untouched. A config with a ``lotr_layout``
+        (an adapter ``LoTRModel`` saved) gets exactly those groups, ranks and scales.
         """
         adapter = self._injecting
         assert adapter is not None, "_prepare_model runs inside inject_adapter"
@@ -204,7 +219,9 @@ class LoTRTuner(BaseTuner):
             return  # PEFT's matching raises its own error
         lotr_config = peft_config._lotr_config()
         layouts = {}
-        for group in build_groups(model, names, lotr_config):
+        if peft_config.lotr_layout is not None:
+            layouts = self._saved_layout(model, peft_config.lotr_layout)
+        for group in [] if layouts else build_groups(model, names, lotr_config):
             rank = lotr_config.rank_of(group.name, group.modules)
             check_rank(group.name, len(group.modules), group.shape, rank)
             first = unwrap(model.get_submodule(group.modules[0]))
@@ -221,6 +238,23 @@ class LoTRTuner(BaseTuner):
         self._planned = {
             module: (factors[name], layout.scale) for name, layout in layouts.items() for module in layout.modules
         }
+
+    @staticmethod
+    def _saved_layout(model: nn.Module, layout: dict[str, Any]) -> dict[str, GroupLayout]:
+        """The groups of a saved ``lotr_layout``, checked against ``model``: each module there, of its group's shape."""
+        groups = layout_groups(layout)
+        modules = dict(model.named_modules())
+        for name, group in groups.items():
+            for path in group.modules:
+                if path not in modules:
+                    raise ValueError(f"the adapter adapts module {path!r} (group {name!r}), which the model lacks")
+                if weight_shape(unwrap(modules[path])) != tuple(group.shape):
+                    d_out, d_in = weight_shape(unwrap(modules[path]))
+                    raise ValueError(
+                        f"the adapter expects module {path!r} of shape {group.shape[0]}x{group.shape[1]} "
+                        f"(d_out x d_in), but the model's is {d_out}x{d_in}"
+                    )
+        return groups
 
     def _new_factors(self, model: nn.Module, layout: GroupLayout, config: LoTRConfig) -> LoTRFactors:
         """A group's factors, on its first module's device, initialised as ``config.init`` says."""
@@ -428,6 +462,9 @@ class LoTRTuner(BaseTuner):
         if combination_type == "cat":
             ranks = {g: [self.lotr_groups[a][g].rank for a in adapters] for g in groups}
             config.rank_pattern = {g: (sum(r[0] for r in rs), sum(r[1] for r in rs)) for g, rs in ranks.items()}
+            if config.lotr_layout is not None:  # a saved adapter's groups: the same, at the summed ranks
+                for g, group in config.lotr_layout["groups"].items():
+                    group["rank"] = list(config.rank_pattern[g])
         self.peft_config[adapter_name] = config
         try:
             self.inject_adapter(self.model, adapter_name)

@@ -17,12 +17,14 @@ import torch
 from ...adapter import group_modules, module_order
 from ...adapter.layout import IN_FACTOR, OUT_FACTOR, ZooAdapter, ZooFiles, factor_key, zoo_core_key
 from ...core import Tucker2, lowrank_norm_sq, normalize_rank, relative_error_lowrank
-from ...files.atomic import atomic_dir
-from ...io.zoo_format import read_zoo, write_zoo
+from ...files.atomic import atomic_update, recover_leftovers, resolve_folder
+from ...files.lock import DEFAULT_TIMEOUT, write_lock
+from ...io.zoo_format import ZOO_CONFIG_NAME, ZOO_WEIGHTS_NAME, read_zoo, write_zoo
 from ...progress import Progress, no_progress
+from ..compression_report import REPORT_NAME
 from .fit import fit_zoo, store_modules_to_save
 from .report import ZooReport, zoo_report
-from .sources import Source, adapter_names, read_source, zoo_member
+from .sources import Source, adapter_names, check_same_base, read_source, zoo_member
 
 
 def add_to_zoo(
@@ -35,13 +37,22 @@ def add_to_zoo(
     energy: float | None = None,
     n_iter: int = 0,
     progress: Progress | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> ZooReport:
     """Fold a new adapter into an existing zoo, rewriting the zoo folder atomically.
 
     By default the new adapter is projected onto the zoo's bases (``G_l = U^T dW_l V``), and
     no other adapter changes; a group the zoo lacks is decomposed on its own as a new group.
     With ``refit`` the whole zoo is compressed again, the existing adapters taken as the zoo
-    holds them, at ``rank`` / ``energy`` (default: each group's current rank).
+    holds them, at ``rank`` / ``energy`` (default: each group's current rank); ``rank``,
+    ``energy`` and ``n_iter`` apply to a refit only.
+
+    The adapter must be of the zoo's base (its name, module paths and shapes, as in
+    :func:`~tensorlotr.jobs.zoo.compress_zoo`). The zoo is changed as one writer at a time
+    (its lock file ``.ZOO.lock``, waited for up to ``timeout`` seconds) and replaced in one
+    step; a symbolic link to it is followed, and its other files (a ``NOTES.md``, its
+    ``compression_report.json``, the source itself if it lies inside) are kept, except that a
+    refit drops the compression report, whose errors no longer apply.
 
     Returns the zoo's report; the new adapter's row gives its exact relative error.
 
@@ -60,30 +71,65 @@ def add_to_zoo(
     (True, True)
     """
     start = time.perf_counter()
-    zoo = read_zoo(zoo_dir)
+    if not refit and (rank is not None or energy is not None or n_iter):
+        raise ValueError(
+            "rank, energy and n_iter (--rank, --energy, --hooi-iters) apply to a refit only (--refit); "
+            "a projection keeps the zoo's bases and ranks"
+        )
     chosen = adapter_names([str(source)], [name] if name else None)[0]
-    if chosen in zoo.adapters:
-        raise ValueError(f"the zoo already has an adapter {chosen!r}; pass another name")
-    new = read_source(source)
-    if new.base and zoo.base_model.get("name_or_path") and new.base != zoo.base_model["name_or_path"]:
-        raise ValueError(f"{source} adapts {new.base}, but the zoo is for {zoo.base_model['name_or_path']}")
-    module_shapes = {m: g.shape for g in zoo.groups.values() for m in g.modules}
-    for module, shape in new.modules.items():
-        if module in module_shapes and module_shapes[module] != shape:
-            raise ValueError(f"module {module!r} is {shape} in {source} but {module_shapes[module]} in the zoo")
-    if refit:
-        existing: dict[str, Source] = {n: zoo_member(zoo, n) for n in zoo.adapters}
-        sources = {**existing, chosen: new}
-        shapes = {**module_shapes, **new.modules}
-        ranks = {g.rank for g in zoo.groups.values()}
-        target = normalize_rank(rank) if rank is not None else (ranks.pop() if len(ranks) == 1 else None)
-        zoo, _, _ = fit_zoo(sources, shapes, target, energy, n_iter, _zoo_groups(zoo, shapes), progress or no_progress)
-    else:
-        _project(zoo, chosen, new, progress or no_progress)
-    with atomic_dir(zoo_dir, force=True) as tmp:
-        write_zoo(tmp, zoo)
+    recover_leftovers(zoo_dir)
+    real = resolve_folder(zoo_dir)  # a link to the zoo: the real zoo gets the adapter
+    with write_lock(real, timeout=timeout):
+        zoo = read_zoo(real)
+        if chosen in zoo.adapters:
+            raise ValueError(f"the zoo already has an adapter {chosen!r}; pass another name")
+        new = read_source(source)
+        _check_fits(zoo, new, chosen, source)
+        replaced = [ZOO_CONFIG_NAME, ZOO_WEIGHTS_NAME]
+        notes = []
+        if refit and (real / REPORT_NAME).is_file():
+            replaced.append(REPORT_NAME)
+            notes.append(f"removed {REPORT_NAME}: the refit changed every adapter, its errors no longer apply")
+        with atomic_update(real, replaced=replaced, timeout=timeout) as tmp:
+            if refit:
+                zoo = _refit(zoo, chosen, new, rank, energy, n_iter, progress or no_progress)
+            else:
+                _project(zoo, chosen, new, progress or no_progress)
+            write_zoo(tmp, zoo)
     separate = {n: a.lora_params for n, a in zoo.adapters.items()}
-    return zoo_report(zoo, str(zoo_dir), time.perf_counter() - start, separate, [])
+    return zoo_report(zoo, str(zoo_dir), time.perf_counter() - start, separate, notes)
+
+
+def _check_fits(zoo: ZooFiles, new: Source, name: str, source: str | os.PathLike[str]) -> None:
+    """Refuse an adapter of another base than the zoo's (its name, module paths or shapes), as ``compress_zoo`` does."""
+    base = zoo.base_model.get("name_or_path")
+    if new.base and base and new.base != base:
+        raise ValueError(f"{source} adapts {new.base}, but the zoo is for {base}")
+    members: dict[str, Source] = {n: zoo_member(zoo, n) for n in zoo.adapters}
+    try:
+        check_same_base({**members, name: new})
+    except ValueError as exc:
+        raise ValueError(f"{source} does not fit the zoo: {exc}") from None
+
+
+def _refit(
+    zoo: ZooFiles,
+    name: str,
+    new: Source,
+    rank: int | tuple[int, int] | None,
+    energy: float | None,
+    n_iter: int,
+    progress: Progress,
+) -> ZooFiles:
+    """The zoo fitted again with ``new`` (adapter ``name``), the existing adapters taken as the zoo holds them."""
+    existing: dict[str, Source] = {n: zoo_member(zoo, n) for n in zoo.adapters}
+    module_shapes = {m: g.shape for g in zoo.groups.values() for m in g.modules}
+    shapes = {**module_shapes, **new.modules}
+    ranks = {g.rank for g in zoo.groups.values()}
+    target = normalize_rank(rank) if rank is not None else (ranks.pop() if len(ranks) == 1 else None)
+    groups = _zoo_groups(zoo, shapes)
+    refitted, _, _ = fit_zoo({**existing, name: new}, shapes, target, energy, n_iter, groups, progress)
+    return refitted
 
 
 def _zoo_groups(zoo: ZooFiles, shapes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:

@@ -27,7 +27,8 @@ def inspect_zoo(path: str | os.PathLike[str]) -> ZooReport:
     (['lora-a', 'lora-b'], [('q_proj', [4, 4]), ('v_proj', [4, 4])])
     """
     zoo = read_zoo(path)
-    report = zoo_report(zoo, str(path), 0.0, {n: a.lora_params for n, a in zoo.adapters.items()}, [])
+    report = zoo_report(zoo, None, 0.0, {n: a.lora_params for n, a in zoo.adapters.items()}, [])
+    report.path = str(path)
     rows = [{"adapter": a.adapter} for a in report.adapters]
     add_report_columns(rows, path, "adapters", "adapter")
     for entry, row in zip(report.adapters, rows, strict=True):

@@ -71,6 +71,7 @@ class ZooReport(Result):
     notes: list[str] = field(default_factory=list)
     adapter_groups: list[dict[str, Any]] = field(default_factory=list)  # errors per adapter and group
     calibration: dict[str, Any] | None = None
+    path: str | None = None  # the zoo read, for inspect (which writes nothing: ``output`` is None)
     zoo: ZooFiles | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +101,7 @@ class ZooReport(Result):
             rows.append(row)
         ratio = self.separate_params / max(self.stored_params, 1)
         lines = [
+            *([f"{self.path}: LoTR zoo"] if self.path else []),
             format_table(rows),
             format_table(self.groups),
             *self.notes,

@@ -9,7 +9,6 @@ read through :meth:`tensorlotr.adapter.LoTRAdapterFiles.lora_factors`.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Protocol
 
@@ -20,12 +19,10 @@ from ...adapter.layout import ZooFiles
 from ...io import is_lotr_dir, read_adapter
 from ...io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from ...io.peft_lora import PeftLoRA
-from ...io.zoo_format import is_zoo_dir
+from ...io.zoo_format import ADAPTER_NAME, RESERVED_NAMES, is_zoo_dir
 
 #: LoRA layers: ``B_l`` (d_out, r_l), ``A_l`` (r_l, d_in) and the scales ``s_l``, in module order.
 Layers = tuple[list[torch.Tensor], list[torch.Tensor], list[float]]
-
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class Source(Protocol):
@@ -135,7 +132,7 @@ def read_source(path: str | os.PathLike[str]) -> LoRASource | LoTRSource:
     folder = Path(path)
     if is_zoo_dir(folder):
         raise ValueError(f"{folder} is a zoo, not an adapter; export one of its adapters first (--adapter)")
-    if (folder / PEFT_CONFIG_NAME).is_file():
+    if (folder / PEFT_CONFIG_NAME).is_file() and not is_lotr_dir(folder):  # a LoTR one is PEFT's format too
         return LoRASource(PeftLoRA(folder), str(path))
     if is_lotr_dir(folder):
         files = read_adapter(folder)
@@ -180,8 +177,8 @@ def adapter_names(paths: list[str], names: list[str] | None) -> list[str]:
     if len(chosen) != len(paths):
         raise ValueError(f"{len(chosen)} names for {len(paths)} sources")
     for name in chosen:
-        if not _NAME.match(name):
-            raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in RESERVED_NAMES:
+            raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-', and not '__base__'")
     duplicates = sorted({n for n in chosen if chosen.count(n) > 1})
     if duplicates:
         raise ValueError(f"adapter names must be unique; repeated: {duplicates} (give --names)")
