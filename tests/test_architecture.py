@@ -1,28 +1,239 @@
-"""The architecture's import rules, the one result type, and the command line's conventions."""
+"""The architecture: every module in its layer, imports only downward, no import cycles, a lazy root, tests that mirror.
+
+The module graph is read from the source with :mod:`ast`: every ``import`` and ``from … import``
+of a tensorlotr module, the call-time ones inside functions included (those under
+``if TYPE_CHECKING:`` are not imports at run time and are left out). Importing
+``tensorlotr.a.b`` runs ``tensorlotr/a/__init__.py`` first, so it counts as importing both.
+"""
 
 from __future__ import annotations
 
 import ast
-import json
+import itertools
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from graphlib import TopologicalSorter
 from pathlib import Path
 
 import pytest
 
-from tensorlotr.cli import build_parser
-from tensorlotr.cli import main as cli
+import tensorlotr as tlr
 
-PACKAGE = Path(__file__).resolve().parents[1] / "tensorlotr"
+PACKAGE = Path(tlr.__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent
 
-#: Each layer may import itself and the layers listed; the jobs are the top-level modules.
+#: The layer folders, bottom first.
+LAYERS = ["core", "files", "adapter", "io", "nn", "jobs", "cli"]
+#: The modules at the package root besides ``__init__.py``: at most four.
+ROOT_MODULES = {"__main__", "_version", "progress", "report"}
+#: What each layer and root module may import: itself and these (``_version`` is a constant anyone may read).
 ALLOWED = {
-    "core": {"core"},
-    "files": {"files"},
-    "adapter": {"core", "files", "adapter"},
-    "io": {"core", "files", "adapter", "io"},
-    "nn": {"core", "files", "adapter", "io", "nn", "progress", "report"},
+    "core": set(),
+    "files": set(),
+    "adapter": {"core", "files"},
+    "io": {"core", "files", "adapter"},
+    "nn": {"core", "files", "adapter", "io", "progress", "report"},
+    "jobs": {"core", "files", "adapter", "io", "nn", "progress", "report"},
+    "cli": {"core", "files", "adapter", "io", "nn", "jobs", "progress", "report"},
+    "report": set(),
+    "progress": set(),
+    "_version": set(),
+    "__main__": {"cli"},
 }
+#: The root ``__init__.py`` imports the core eagerly, anything else only when first used.
+ROOT_EAGER = {"core", "_version"}
+#: Test folders that mirror no package folder: end-to-end runs and hypothesis properties.
+TEST_SUITES = {"e2e", "properties"}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import of a tensorlotr module: who imports what, where, and whether at call time."""
+
+    importer: str
+    target: str
+    line: int
+    function: str | None  # the enclosing function of a call-time import, None at module level
+
+    def where(self) -> str:
+        return f"{self.importer}:{self.line}" + (f", at call time in {self.function}()," if self.function else "")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer_of(module: str) -> str:
+    """``tensorlotr.nn.model`` -> ``nn``; ``tensorlotr.report`` -> ``report``; the package itself -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _walk(node: ast.AST, function: str | None) -> Iterator[tuple[ast.AST, str | None]]:
+    """Every node below ``node`` with its enclosing function, skipping ``if TYPE_CHECKING:`` bodies."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child.test):
+            for other in child.orelse:
+                yield other, function
+                yield from _walk(other, function)
+            continue
+        inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+        yield child, function
+        yield from _walk(child, inner)
+
+
+def _targets(importer: str, is_package: bool, node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The tensorlotr modules an import statement loads (a ``from P import m`` of a submodule m loads P.m)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name.split(".")[0] == "tensorlotr"]
+    if node.level:
+        package = importer.split(".") if is_package else importer.split(".")[:-1]
+        base = package[: len(package) - (node.level - 1)]
+        module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+    else:
+        module = node.module or ""
+    if module.split(".")[0] != "tensorlotr":
+        return []
+    submodules = [f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in MODULES]
+    return submodules or [module]
+
+
+def imports_of(module: str) -> list[Import]:
+    """Every tensorlotr module ``module`` imports, with the packages that importing it runs first."""
+    path = MODULES[module]
+    found = []
+    for node, function in _walk(ast.parse(path.read_text(encoding="utf-8")), None):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        for target in _targets(module, path.name == "__init__.py", node):
+            parts = target.split(".")
+            parents = [".".join(parts[:depth]) for depth in range(2, len(parts))]  # tensorlotr.a.b runs tensorlotr.a
+            for loaded in [*(p for p in parents if not module.startswith(p + ".")), target]:
+                if loaded != module:
+                    found.append(Import(module, loaded, node.lineno, function))
+    return found
+
+
+GRAPH = {module: imports_of(module) for module in MODULES}
+
+
+def test_every_imported_module_exists():
+    """Package code names modules by their own paths, not the old ones that ``MOVED_MODULES`` aliases."""
+    missing = [f"{e.where()} imports {e.target}" for edges in GRAPH.values() for e in edges if e.target not in MODULES]
+    assert not missing, missing
+
+
+def test_every_module_sits_in_a_layer_and_the_root_holds_at_most_four():
+    root = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert root <= ROOT_MODULES and len(root) <= 4, sorted(root)
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == set(LAYERS), sorted(folders)
+    assert set(ALLOWED) == set(LAYERS) | ROOT_MODULES
+
+
+@pytest.mark.parametrize("layer", [*LAYERS, *sorted(ROOT_MODULES)])
+def test_layers_import_only_downward(layer):
+    allowed = ALLOWED[layer] | {layer, "_version"}
+    wrong = [
+        f"{edge.where()} imports {edge.target} (layer {layer_of(edge.target)})"
+        for module, edges in GRAPH.items()
+        if module != "tensorlotr" and layer_of(module) == layer
+        for edge in edges
+        if layer_of(edge.target) not in allowed
+        and not any(e.line == edge.line and e.target.startswith(edge.target + ".") for e in edges)  # its package
+    ]
+    assert not wrong, f"{layer} may import only {sorted(allowed)}:\n" + "\n".join(wrong)
+
+
+def test_the_root_imports_only_the_core_eagerly():
+    eager = [edge for edge in GRAPH["tensorlotr"] if edge.function is None]
+    wrong = [f"{edge.where()} imports {edge.target}" for edge in eager if layer_of(edge.target) not in ROOT_EAGER]
+    assert not wrong, wrong
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of ``graph``, each in discovery order."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            components.append(component[::-1])
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def a_cycle(graph: dict[str, set[str]], members: list[str]) -> list[str]:
+    """One cycle through the first of ``members`` (a strongly connected component), as a list of modules."""
+    start, inside = members[0], set(members)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:  # breadth first: the shortest way back to start
+        node = frontier.pop(0)
+        for other in sorted(graph[node] & inside):
+            if other == start:
+                return [*paths[node], start]
+            if other not in paths:
+                paths[other] = [*paths[node], other]
+                frontier.append(other)
+    raise AssertionError(f"{members} is not strongly connected")
+
+
+def test_strongly_connected_finds_and_names_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
+    components = {tuple(sorted(c)) for c in strongly_connected(graph)}
+    assert components == {("a", "b", "c"), ("d",), ("e",)}
+    assert a_cycle(graph, ["b", "a", "c"]) == ["b", "c", "a", "b"]
+    assert a_cycle(graph, ["e"]) == ["e", "e"]
+
+
+def test_no_import_cycles_between_modules():
+    graph = {module: {edge.target for edge in edges if edge.target in MODULES} for module, edges in GRAPH.items()}
+    cycles = []
+    for component in strongly_connected(graph):
+        if len(component) == 1 and component[0] not in graph[component[0]]:
+            continue
+        cycle = a_cycle(graph, component)
+        steps = []
+        for importer, target in itertools.pairwise(cycle):
+            edge = next(e for e in GRAPH[importer] if e.target == target)
+            steps.append(f"  {edge.where()} imports {target}")
+        cycles.append(" -> ".join(cycle) + "\n" + "\n".join(steps))
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
 def _imported_modules(code: str) -> list[str]:
@@ -34,8 +245,15 @@ def _imported_modules(code: str) -> list[str]:
             text=True,
             check=True,
         ).stdout.split()
-        if line.startswith("tensorlotr")
+        if line.startswith(("tensorlotr", "torch"))
     ]
+
+
+def test_the_math_core_loads_no_torch_bindings_no_jobs_and_no_torch():
+    loaded = _imported_modules("import tensorlotr.core")
+    assert "tensorlotr.core" in loaded
+    assert not [m for m in loaded if m.startswith(("tensorlotr.nn", "tensorlotr.jobs", "torch"))], loaded
+    assert not [m for m in _imported_modules("import tensorlotr") if m.startswith(("tensorlotr.nn", "torch"))]
 
 
 @pytest.mark.parametrize("job", ["tensorlotr.jobs.convert", "tensorlotr.jobs.decompose"])
@@ -45,56 +263,19 @@ def test_file_jobs_do_not_import_the_torch_bindings(job):
     assert not [m for m in loaded if m == "tensorlotr.nn" or m.startswith("tensorlotr.nn.")], loaded
 
 
-#: Call-time imports allowed upward, for PEFT's conveniences: (module, function, imported layer).
-LAZY_UPWARD = {
-    ("nn/model.py", "from_lora", "jobs"),
-}
-
-
-def _package_imports(path: Path) -> set[str]:
-    """First-level tensorlotr subpackages/modules that ``path`` imports (call-time imports included,
-    except the conveniences of ``LAZY_UPWARD``)."""
-    tree = ast.parse(path.read_text())
-    depth = len(path.relative_to(PACKAGE).parts) - 1  # 0 for a top-level module
-    allowed_nodes = set()
-    for func in ast.walk(tree):
-        if isinstance(func, ast.FunctionDef):
-            for sub in ast.walk(func):
-                if (
-                    isinstance(sub, ast.ImportFrom)
-                    and (
-                        str(path.relative_to(PACKAGE)),
-                        func.name,
-                        (sub.module or "").split(".")[0],
-                    )
-                    in LAZY_UPWARD
-                ):
-                    allowed_nodes.add(id(sub))
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in allowed_nodes:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.level:
-            up = node.level - 1
-            parts = list(path.relative_to(PACKAGE).parts[:-1])
-            if up > depth:
-                continue
-            base = parts[: len(parts) - up]
-            target = [*base, *(node.module.split(".") if node.module else [])]
-            if target:
-                found.add(target[0])
-            else:  # ``from . import x`` at the top level
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tensorlotr."):
-            found.add(node.module.split(".")[1])
-    return found
-
-
-@pytest.mark.parametrize("layer", sorted(ALLOWED))
-def test_layers_import_only_downward(layer):
-    for path in sorted((PACKAGE / layer).rglob("*.py")):
-        imported = _package_imports(path) - {"_version"}
-        assert imported <= ALLOWED[layer], f"{path.relative_to(PACKAGE)} imports {sorted(imported - ALLOWED[layer])}"
+def test_core_import_graph_is_acyclic_and_self_contained():
+    core = Path(tlr.__file__).parent / "core"
+    graph: dict[str, set[str]] = {}
+    for path in core.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module, f"{path.name} imports from outside the core: {node.module}"
+                deps.add(node.module.split(".")[0])
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                assert not (node.module or "").startswith("tensorlotr"), f"{path.name} imports {node.module}"
+        graph[path.stem] = deps
+    TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
 
 
 def test_code_outside_core_uses_its_public_surface():
@@ -115,125 +296,26 @@ def test_only_the_adapter_layout_formats_tensor_keys():
             assert key not in text, f"{path.relative_to(PACKAGE)} formats an adapter key ({key})"
 
 
-# --- the command line ---------------------------------------------------------------------
+# --- the tests ----------------------------------------------------------------------------------
 
 
-def test_bare_command_prints_help_and_exits_2(capsys):
-    assert cli([]) == 2
-    assert "usage: tensorlotr" in capsys.readouterr().err
+def test_every_test_folder_mirrors_a_package_folder():
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders - TEST_SUITES <= set(LAYERS), sorted(folders - TEST_SUITES - set(LAYERS))
+    assert set(LAYERS) <= folders, sorted(set(LAYERS) - folders)  # every layer has its tests
+    for folder in folders:
+        assert list((TESTS / folder).glob("test_*.py")), f"tests/{folder} holds no tests"
 
 
-def test_every_positional_has_help():
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command")
-    for name, sub in subparsers.choices.items():
-        for action in sub._actions:
-            if not action.option_strings:
-                assert action.help, f"{name} {action.metavar}: no help text"
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["convert", "missing", "out", "--rank", "0"],
-        ["convert", "missing", "out", "--energy", "1.5"],
-        ["convert", "missing", "out", "--energy", "nan"],
-        ["convert", "missing", "out", "--hooi-iters", "-1"],
-        ["decompose", "a", "b", "out", "--target-modules", "q", "--power-iters", "-2"],
-        ["decompose", "a", "b", "out", "--target-modules", "re:(", "--rank", "4"],
-        ["tb2parquet", "logs", "out.parquet", "--names", "a,a"],
-        ["tb2parquet", "logs", "out.parquet", "--names", "model,step"],
-        ["tb2parquet", "logs", "out.parquet", "--tags", "["],
-        ["demo", "--rank", "-3"],
-    ],
-)
-def test_flags_are_checked_before_any_work(argv, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        cli(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_one_rank_syntax_everywhere():
-    parser = build_parser()
-    assert parser.parse_args(["convert", "a", "b", "--rank", "16,8"]).rank == (16, 8)
-    assert parser.parse_args(["decompose", "a", "b", "c", "--target-modules", "q", "--rank", "4"]).rank == 4
-    assert parser.parse_args(["demo", "--rank", "8,4"]).rank == (8, 4)
-
-
-def test_list_flags_are_comma_separated_and_old_forms_warn():
-    parser = build_parser()
-    args = parser.parse_args(["tb2parquet", "l", "o.parquet", "--names", "a,b,c", "--index", "a,b"])
-    assert args.names == ["a", "b", "c"] and args.index == ["a", "b"]
-    with pytest.warns(FutureWarning, match="deprecated"):
-        assert parser.parse_args(["tb2parquet", "l", "o.parquet", "--names", "a", "b"]).names == ["a", "b"]
-    args = parser.parse_args(["convert", "a", "b", "--groups", "attn=q_proj,v_proj;mlp=up_proj"])
-    assert args.groups == {"attn": ["q_proj", "v_proj"], "mlp": ["up_proj"]}
-    with pytest.warns(FutureWarning, match="deprecated"):
-        assert parser.parse_args(["convert", "a", "b", "--groups", "qv=q_proj+v_proj"]).groups == {
-            "qv": ["q_proj", "v_proj"]
-        }
-    assert parser.parse_args(["decompose", "a", "b", "c", "--target-modules", "q_proj,v_proj"]).target_modules == [
-        "q_proj",
-        "v_proj",
-    ]
-
-
-def test_missing_input_is_one_line_exit_2_and_debug_shows_the_traceback(tmp_path, capsys):
-    assert cli(["inspect", str(tmp_path / "nope")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("tensorlotr inspect: error:") and "nope" in err
-    assert cli(["inspect", str(tmp_path / "nope"), "--debug"]) == 2
-    assert "Traceback" in capsys.readouterr().err
-
-
-def test_inspect_json_gives_ranks_as_pairs_for_lora_and_lotr(tmp_path, capsys):
-    from test_convert import make_peft
-
-    make_peft("llama", tmp_path / "peft")
-    assert cli(["convert", str(tmp_path / "peft"), str(tmp_path / "lotr"), "--rank", "4,2"]) == 0
-    capsys.readouterr()
-    ranks = {}
-    for name in ("peft", "lotr"):
-        assert cli(["inspect", str(tmp_path / name), "--json"]) == 0
-        report = json.loads(capsys.readouterr().out)
-        ranks[name] = [g["rank"] for g in report["groups"]]
-        assert report["totals"]["params"] == sum(g["params"] for g in report["groups"])
-    assert all(isinstance(r, list) and len(r) == 2 for rs in ranks.values() for r in rs)
-    assert ranks["lotr"] == [[4, 2]] * 3
-
-
-def test_every_job_result_renders_as_text_and_json(tmp_path):
-    from test_convert import make_peft
-
-    import tensorlotr as tlr
-    from tensorlotr.convert import inspect_adapter
-    from tensorlotr.report import Result
-
-    make_peft("llama", tmp_path / "peft")
-    results = [
-        tlr.convert_lora(tmp_path / "peft", tmp_path / "lotr", rank=2),
-        tlr.export_lora(tmp_path / "lotr", tmp_path / "lora"),
-        inspect_adapter(tmp_path / "lotr"),
-        inspect_adapter(tmp_path / "peft"),
-    ]
-    for result in results:
-        assert isinstance(result, Result)
-        assert result.text() and json.loads(result.to_json()) == json.loads(json.dumps(result.to_dict()))
-
-
-def test_rank_above_the_exact_rank_is_clipped_and_reported(tmp_path):
-    from test_convert import make_peft
-
-    import tensorlotr as tlr
-
-    make_peft("llama", tmp_path / "peft")
-    exact = tlr.convert_lora(tmp_path / "peft")
-    huge = tlr.convert_lora(tmp_path / "peft", rank=100000)
-    assert [g.rank for g in huge.groups] == [g.rank for g in exact.groups]
-    assert huge.lotr_params == exact.lotr_params
-    assert any("above its exact rank" in note for note in huge.notes)
-    assert "above its exact rank" in huge.text()
+def test_no_test_file_imports_another():
+    """Shared helpers live in tests/builders.py and tests/conftest.py, never in a test file."""
+    offenders = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            offenders += [
+                f"{path.relative_to(TESTS)}:{node.lineno} imports {n}" for n in names if n.startswith("test_")
+            ]
+    assert not offenders, offenders

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from builders import run, write_lora
 from hypothesis import given
 from hypothesis import strategies as st
-from test_reliability import run, write_lora
 
 from tensorlotr.io.lotr_format import read_adapter
 

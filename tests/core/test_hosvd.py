@@ -1,4 +1,4 @@
-"""The optimised factored core against a plain transcription of its algorithm, and its import graph.
+"""``tucker2`` and ``tucker2_lowrank`` (core/hosvd.py): fixed cases, bad input, and a plain reference.
 
 The reference below is the factored HOSVD/HOOI written the obvious way in numpy float64:
 a thin QR per layer, the blocks concatenated, a reduced QR of the tall result with ``Q``
@@ -8,17 +8,89 @@ columns. The core's batched, R-only, Householder version must agree to 1e-10.
 
 from __future__ import annotations
 
-import ast
-from graphlib import TopologicalSorter
-from pathlib import Path
-
 import numpy as np
 import pytest
+import tensorly as tl
 import torch
 
 import tensorlotr as tlr
 
 TOL = 1e-10
+
+
+# --- fixed cases -------------------------------------------------------------------------------
+
+
+def test_all_zero_stack():
+    B = np.zeros((3, 6, 2))
+    A = np.zeros((3, 2, 5))
+    tucker = tlr.tucker2_lowrank(B, A, 4)
+    assert tucker.rank == (4, 4)
+    assert np.all(tucker.core == 0)
+    assert tlr.relative_error_lowrank(tucker, B, A) == 0.0
+    assert tlr.relative_error(tlr.tucker2(np.zeros((3, 6, 5)), 2), np.zeros((3, 6, 5))) == 0.0
+    assert tlr.tucker2_lowrank(B, A, energy=0.9).rank == (1, 1)
+
+
+def test_per_layer_ranks_and_scales():
+    rng = np.random.default_rng(1)
+    ranks, scales = [2, 4, 3], [0.5, 2.0, 1.0]
+    Bs = [rng.standard_normal((10, r)) for r in ranks]
+    As = [rng.standard_normal((r, 7)) for r in ranks]
+    X = np.stack([s * b @ a for s, b, a in zip(scales, Bs, As, strict=False)])
+    tucker = tlr.tucker2_lowrank(Bs, As, scale=scales)
+    assert tucker.rank == (9, 7)  # (min(d_out=10, sum r_l=9), min(d_in=7, 9))
+    assert tlr.relative_error(tucker, X) < 1e-12
+    trunc = tlr.tucker2_lowrank(Bs, As, (4, 3), scale=scales)
+    assert abs(tlr.relative_error(trunc, X) - tlr.relative_error(tlr.tucker2(X, (4, 3)), X)) < 1e-10
+
+
+def test_energy_rule():
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((4, 12, 10)) * np.logspace(0, -3, 10)
+    tucker = tlr.tucker2(X, energy=0.99)
+    s_out = np.linalg.svd(tl.unfold(X, 1), compute_uv=False)
+    s_in = np.linalg.svd(tl.unfold(X, 2), compute_uv=False)
+    for s, r in ((s_out, tucker.rank[0]), (s_in, tucker.rank[1])):
+        sq = s**2
+        assert sq[r:].sum() <= 0.01 * sq.sum() * (1 + 1e-9)
+        assert sq[r - 1 :].sum() > 0.01 * sq.sum()
+    assert tlr.tucker2(X, 2, energy=0.99).rank == (2, 2)  # rank caps energy
+
+
+def test_rank_is_clipped_and_documented_shapes():
+    X = np.random.default_rng(3).standard_normal((2, 3, 20))
+    tucker = tlr.tucker2(X, 50)
+    assert tucker.rank == (3, 6)  # min(d_out, L*d_in), min(d_in, L*d_out)
+    assert tucker.shape == (2, 3, 20)
+    assert tlr.relative_error(tucker, X) < 1e-12
+    assert tucker.n_params == 3 * 3 + 20 * 6 + 2 * 3 * 6
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: tlr.tucker2(np.zeros((3, 4))), "3 dimensions"),
+        (lambda: tlr.tucker2(np.zeros((2, 3, 4)), 0), "rank must be positive"),
+        (lambda: tlr.tucker2(np.zeros((2, 3, 4)), (2, -1)), "rank must be positive"),
+        (lambda: tlr.tucker2(np.full((2, 3, 4), np.nan)), "NaN or Inf"),
+        (lambda: tlr.tucker2(np.zeros((2, 3, 4)), energy=1.5), "energy"),
+        (lambda: tlr.tucker2(np.zeros((2, 3, 4)), n_iter=-1), "n_iter"),
+        (lambda: tlr.tucker2_lowrank(np.zeros((3, 4, 2)), np.zeros((2, 2, 5))), "B has 3 layers but A has 2"),
+        (lambda: tlr.tucker2_lowrank(np.zeros((3, 4, 2)), np.zeros((3, 3, 5))), "rank 2 but A has rank 3"),
+        (lambda: tlr.tucker2_lowrank(np.zeros((4, 2)), np.zeros((2, 5))), "3 dimensions"),
+        (lambda: tlr.tucker2_lowrank([np.ones((4, 2))], [np.full((2, 5), np.inf)]), r"A\[0\] contains NaN"),
+        (lambda: tlr.tucker2_lowrank([np.ones((4, 2)), np.ones((5, 2))], [np.ones((2, 5))] * 2), "do not match"),
+        (lambda: tlr.tucker2_lowrank(np.ones((2, 4, 2)), np.ones((2, 2, 5)), scale=[1.0]), "scale has 1 values"),
+        (lambda: tlr.Tucker2(np.zeros((2, 3, 4)), np.zeros((5, 2)), np.zeros((6, 4))), "do not match the core"),
+    ],
+)
+def test_bad_input_raises_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# --- the factored HOSVD/HOOI against a plain transcription ---------------------------------------
 
 
 def ref_left(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,30 +193,3 @@ def test_factored_error_matches_plain_reference():
     reference = np.linalg.norm(stack - tucker.to_dense()) / np.linalg.norm(stack)
     assert abs(tlr.relative_error_lowrank(tucker, np.stack(bs), np.stack(as_), scales) - reference) < TOL
     assert abs(tlr.relative_error_lowrank(tucker, bs, as_, scales) - reference) < TOL
-
-
-def test_core_import_graph_is_acyclic_and_self_contained():
-    core = Path(tlr.__file__).parent / "core"
-    graph: dict[str, set[str]] = {}
-    for path in core.glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                assert node.level == 1 and node.module, f"{path.name} imports from outside the core: {node.module}"
-                deps.add(node.module.split(".")[0])
-            if isinstance(node, ast.ImportFrom) and not node.level:
-                assert not (node.module or "").startswith("tensorlotr"), f"{path.name} imports {node.module}"
-        graph[path.stem] = deps
-    TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
-
-
-def test_wide_matrices_take_the_gram_route_with_the_same_leading_vectors():
-    from tensorlotr.core.linalg import WIDE, WIDE_MIN_ROWS, left_svd
-
-    rng = np.random.default_rng(3)
-    rows = WIDE_MIN_ROWS
-    x = rng.standard_normal((rows, WIDE * rows)) * np.geomspace(1, 1e-3, WIDE * rows)
-    u, s = left_svd(x)
-    u_ref, s_ref, _ = np.linalg.svd(x, full_matrices=False)
-    np.testing.assert_allclose(s[:20], s_ref[:20], rtol=1e-10)
-    np.testing.assert_allclose(np.abs(np.sum(u[:, :20] * u_ref[:, :20], axis=0)), 1.0, atol=1e-8)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from builders import tiny_llama
 from dist_worker import GLOBAL_BATCH, LR, STEPS, batch, make_lotr, rows, sgd_steps
-from models import tiny_llama
 from safetensors.torch import load_file
 
 import tensorlotr as tlr
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "dist_worker.py"
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),

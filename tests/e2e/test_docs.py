@@ -8,7 +8,7 @@ import importlib.util
 import re
 
 import pytest
-from models import REPO, minilm_dir
+from builders import REPO, minilm_dir
 
 import tensorlotr
 from tensorlotr.cli import build_parser
@@ -43,7 +43,7 @@ def test_parameter_formulas_against_known_counts():
 def test_parameter_formulas_match_what_lotr_and_peft_build_on_minilm(rank):
     from peft import LoraConfig, get_peft_model
 
-    from tensorlotr.demo import load_classifier
+    from tensorlotr.jobs.demo import load_classifier
 
     _, model = load_classifier(minilm_dir())
     layers, d = model.config.num_hidden_layers, model.config.hidden_size

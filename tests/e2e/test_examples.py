@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from models import REPO
+from builders import REPO
 
 
 def test_lora_roundtrip_example(tmp_path):
@@ -49,7 +49,7 @@ def test_logs_to_parquet_example(tmp_path):
 
 def test_qlotr_example(tmp_path):
     import pytest
-    from models import minilm_dir
+    from builders import minilm_dir
 
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'tensorlotr[quant]')")
     if minilm_dir() is None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_reliability import error_line, hidden, run, snapshot, write_lora
+from builders import error_line, hidden, run, snapshot, write_lora
 
 from tensorlotr.io.lotr_format import read_adapter
 

@@ -17,8 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from models import REPO
-from test_doctests import tiny_llama, tiny_peft_lora
+from builders import DOC_LLAMA, REPO, tiny_llama, tiny_peft_lora, tiny_runs
 
 DOCUMENTS = ["README.md", "docs/getting-started.md"]
 _BLOCK = re.compile(r"^<!-- runnable -->\n```(bash|python)\n(.*?)^```", re.M | re.S)
@@ -36,11 +35,10 @@ for _doc in DOCUMENTS:
 
 def _write_fixtures(root) -> None:
     import torch
-    from torch.utils.tensorboard import SummaryWriter
 
-    base = tiny_llama()
+    base = tiny_llama(**DOC_LLAMA)
     base.save_pretrained(root / "base")
-    finetuned = tiny_llama()
+    finetuned = tiny_llama(**DOC_LLAMA)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in finetuned.named_parameters():
@@ -49,10 +47,7 @@ def _write_fixtures(root) -> None:
     finetuned.save_pretrained(root / "finetuned")
     for seed, name in enumerate(("my-lora", "lora-a", "lora-b")):
         tiny_peft_lora(root / name, seed=seed)
-    for lr, seed in (("1e-4", 0), ("1e-4", 1), ("3e-4", 0)):
-        with SummaryWriter(str(root / "runs" / "sst2" / "minilm" / "lotr" / lr / "8" / str(seed))) as writer:
-            for step in range(5):
-                writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+    tiny_runs(root / "runs", "sst2/minilm/lotr/{lr}/8/{seed}")
 
 
 @pytest.fixture(scope="module")

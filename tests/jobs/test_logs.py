@@ -1,4 +1,4 @@
-"""TensorBoard trees to parquet, on event files written by torch's SummaryWriter."""
+"""The logs job (jobs/logs.py): TensorBoard trees to parquet, on event files written by torch's SummaryWriter."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from builders import error_line, run
 from torch.utils.tensorboard import SummaryWriter
 
 from tensorlotr.cli import main as cli
-from tensorlotr.logs import EventFileWarning, check_event_file, read_logs, tb2parquet
+from tensorlotr.jobs.logs import EventFileWarning, check_event_file, read_logs, tb2parquet
 
 NAMES = ["dataset", "model", "method", "lr", "rank", "seed"]
+
+
 TAGS = ["loss", "eval/acc", "lr"]
+
+
 STEPS = 7
 
 
@@ -135,3 +140,33 @@ def test_empty_and_missing_folders(tmp_path, capsys):
     assert cli(["tb2parquet", str(tmp_path / "empty"), str(tmp_path / "x.parquet")]) == 2
     assert "no TensorBoard event files" in capsys.readouterr().err
     assert not (tmp_path / "x.parquet").exists()
+
+
+# --- names, tags and the output: refused before any work ------------------------------------
+
+
+def test_tb2parquet_output_inside_the_log_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "logs").mkdir()
+    assert run(["tb2parquet", str(tmp_path / "logs"), str(tmp_path / "logs" / "x.parquet")]) == 2
+    assert "lies inside the input" in error_line(capsys.readouterr().err, "tb2parquet")
+    with pytest.raises(ValueError, match="lies inside the input"):
+        tb2parquet(tmp_path / "logs", tmp_path / "logs" / "x.parquet")
+
+
+@pytest.mark.parametrize(("names", "message"), [("a,a,a", "unique"), ("tag", "clash"), ("x,step", "clash")])
+def test_tb2parquet_names_must_be_unique_and_not_reserved(names, message, tmp_path, capsys):
+    (tmp_path / "logs").mkdir()
+    assert run(["tb2parquet", str(tmp_path / "logs"), str(tmp_path / "x.parquet"), "--names", names]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=message):
+        tb2parquet(tmp_path / "logs", tmp_path / "x.parquet", names.split(","))
+    with pytest.raises(ValueError, match=message):
+        read_logs(tmp_path / "logs", names.split(","))
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_logs_tags_regex_is_checked_in_the_api(tmp_path):
+    with pytest.raises(ValueError, match=r"tags '\(' is not a valid regular expression"):
+        read_logs(tmp_path, tags="(")
+    with pytest.raises(ValueError, match="repeated"):
+        read_logs(tmp_path, index=["tag", "tag"])

@@ -1,4 +1,4 @@
-"""The LoRA zoo: compression of many PEFT LoRAs into one shared basis, growth, export, inspection."""
+"""The LoRA zoo (jobs/zoo.py): many PEFT LoRAs in one shared basis, growth, fairness, export, inspection."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from models import inputs, tiny_bert, tiny_llama
-from peft import LoraConfig, PeftModel, get_peft_model
+from builders import bert_loras, logits, peft_lora, tiny_bert, tiny_llama
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import tensorlotr as tlr
 from tensorlotr.cli import main as cli
-from tensorlotr.convert import inspect_adapter
-from tensorlotr.zoo import add_to_zoo, compress_zoo
+from tensorlotr.jobs.inspect import inspect_adapter
+from tensorlotr.jobs.zoo import add_to_zoo, compress_zoo
 
 #: Adapters of one base that differ in rank, alpha, rslora, rank patterns and targets.
 ZOO = {
@@ -24,23 +24,13 @@ ZOO = {
 }
 
 
-def make_lora(folder, seed, base_factory=tiny_llama, **kwargs):
-    base = base_factory(0)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **kwargs)).eval()
-    peft_model.save_pretrained(folder)
-    return peft_model
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(**inputs()).logits
-
-
 @pytest.fixture(scope="module")
 def zoo_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
-    models = {name: make_lora(root / name, seed, **kwargs) for seed, (name, kwargs) in enumerate(ZOO.items())}
+    models = {
+        name: peft_lora(root / name, tiny_llama(0), seed=seed, **kwargs)
+        for seed, (name, kwargs) in enumerate(ZOO.items())
+    }
     return root, models
 
 
@@ -133,9 +123,23 @@ def test_zoo_refit_recompresses_everything(zoo_sources, tmp_path):
     assert all(a.relative_error < 1e-5 for a in report.adapters)  # full rank stays exact
 
 
+def test_fair_zoo_keeps_the_small_adapter_and_min_retention_is_guaranteed(tmp_path):
+    folders = bert_loras(tmp_path)
+    plain = {a.adapter: a.relative_error for a in compress_zoo(folders, None, rank=4, fairness="none").adapters}
+    fair = {a.adapter: a.relative_error for a in compress_zoo(folders, None, rank=4).adapters}
+    assert plain["small"] > 0.9 and plain["big"] < 0.8  # the plain objective sacrifices the small adapter
+    assert fair["small"] < plain["small"] - 0.1
+    assert max(fair.values()) < max(plain.values())
+    guaranteed = compress_zoo(folders, None, rank=4, min_retention=0.8)
+    for row in guaranteed.adapter_groups:
+        assert 1 - row["compressed_relative_error"] ** 2 >= 0.8 - 1e-9, row
+    raised = [g for g in guaranteed.groups if g["rank"] != [4, 4]]
+    assert len(raised) == len(guaranteed.notes) and all("raised" in n for n in guaranteed.notes)
+
+
 def test_bad_zoo_inputs_fail_clearly(zoo_sources, tmp_path, capsys):
     root, _ = zoo_sources
-    make_lora(tmp_path / "bert-lora", 0, base_factory=tiny_bert, target_modules=["query"], r=2)
+    peft_lora(tmp_path / "bert-lora", tiny_bert(0), seed=0, target_modules=["query"], r=2)
     with pytest.raises(ValueError, match="unique"):
         compress_zoo([root / "alpha", root / "alpha"], None)
     with pytest.raises(ValueError, match=r"not for the same base|different base"):

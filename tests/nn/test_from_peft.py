@@ -1,16 +1,16 @@
-"""``LoTRModel.from_peft_model``: a live PEFT LoRA model converted to LoTR in memory."""
+"""One LoRA-to-LoTR path below the jobs (nn/from_peft.py): ``LoTRModel.from_peft_model`` and ``LoTRModel.from_lora``."""
 
 from __future__ import annotations
 
 import peft
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from builders import inputs, logits, tiny_bert, tiny_gpt2, tiny_llama
+from peft import PeftModel
 
 import tensorlotr as tlr
 from tensorlotr import LoTRModel
 
-BERT = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48)
 INPUTS = {"input_ids": torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])}
 
 
@@ -20,7 +20,7 @@ def trained_lora(r: int = 2, **kwargs) -> peft.PeftModel:
     config = peft.LoraConfig(r=r, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"])
     for key, value in kwargs.items():
         setattr(config, key, value)
-    lora = peft.get_peft_model(BertForSequenceClassification(BERT).eval(), config)
+    lora = peft.get_peft_model(tiny_bert(0, max_position_embeddings=512), config)
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
@@ -61,8 +61,7 @@ def test_a_lower_rank_truncates_and_training_goes_on():
 
 def test_conv1d_orientation():
     """GPT-2's Conv1D stores weights transposed; PEFT's LoRA there uses fan_in_fan_out."""
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)).eval()
+    gpt2 = tiny_gpt2(0, n_layer=2, n_positions=16)
     lora = peft.get_peft_model(gpt2, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_alpha=8))
     with torch.no_grad():
         for name, p in lora.named_parameters():
@@ -89,8 +88,8 @@ def test_an_explicit_config_and_frozen_result():
 
 def test_refusals():
     with pytest.raises(TypeError, match="PeftModel"):
-        LoTRModel.from_peft_model(BertForSequenceClassification(BERT))
-    vera = peft.get_peft_model(BertForSequenceClassification(BERT), peft.VeraConfig(r=4, target_modules=["query"]))
+        LoTRModel.from_peft_model(tiny_bert(max_position_embeddings=512))
+    vera = peft.get_peft_model(tiny_bert(max_position_embeddings=512), peft.VeraConfig(r=4, target_modules=["query"]))
     with pytest.raises(ValueError, match="not a LoRA"):
         LoTRModel.from_peft_model(vera)
     with pytest.raises(ValueError, match="DoRA"):
@@ -101,3 +100,15 @@ def test_refusals():
     assert any("lora_A" in n for n, _ in lora.named_parameters())  # refused before anything was unloaded
     with pytest.raises(ValueError, match="either config or rank"):
         LoTRModel.from_peft_model(trained_lora(), tlr.LoTRConfig(rank=2, target_modules=["query"]), rank=2)
+
+
+# --- from a PEFT LoRA folder ------------------------------------------------------------------
+
+
+def test_from_lora_converts_in_memory(peft_pair):
+    lotr = tlr.LoTRModel.from_lora(tiny_llama(0), peft_pair / "first")
+    peft = PeftModel.from_pretrained(tiny_llama(0), peft_pair / "first").eval()
+    torch.testing.assert_close(logits(lotr, inputs(batch=4)), logits(peft, inputs(batch=4)), atol=1e-5, rtol=0)
+    assert lotr.conversion_report.relative_error < 1e-5
+    small = tlr.LoTRModel.from_lora(tiny_llama(0), peft_pair / "first", rank=2)
+    assert all(g.rank == (2, 2) for g in small.groups.values())

@@ -1,4 +1,7 @@
-"""Mixed precision: torch.autocast, low-precision bases, the adapter's own dtype, Trainer(bf16=True)."""
+"""LoTRLayer (nn/layer.py): merging (Conv1D too), mixed precision (autocast, low-precision bases), torch.compile.
+
+Inductor compiles for tens of seconds on a 2-core machine, so one test uses it, on a one-layer Llama.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,27 @@ import copy
 
 import pytest
 import torch
-from models import VOCAB, inputs, tiny_bert, tiny_llama
+from builders import assert_same, inputs, loss_and_grads, randomise_cores, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
 
 import tensorlotr as tlr
-from tensorlotr.nn.layer import Step
+
+
+def test_conv1d_merge_orientation():
+    model = tiny_gpt2()
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, target_modules=["c_attn"]))
+    randomise_cores(lotr, scale=0.3)
+    _, layer = next(lotr.lotr_layers())
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+        assert isinstance(layer.base_layer, nn.Module) and layer.fan_in_fan_out
+
+
+# --- mixed precision -------------------------------------------------------------------------
+
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -81,27 +101,6 @@ def test_low_precision_base_without_autocast(dtype):
         assert lotr(**batch).logits.dtype == dtype
 
 
-def test_adapter_dtype_option(tmp_path):
-    config = tlr.LoTRConfig(rank=4, target_modules=["q_proj", "v_proj"], adapter_dtype="bfloat16")
-    assert tlr.LoTRConfig.from_dict(config.to_dict()) == config
-    lotr = tlr.get_lotr_model(tiny_llama(), config)
-    assert {p.dtype for n, p in lotr.named_parameters() if "lotr_" in n} == {torch.bfloat16}
-    for _, layer in lotr.lotr_layers():
-        with torch.no_grad():
-            layer.lotr_core.normal_()
-    batch = inputs()
-    with torch.no_grad():
-        logits = lotr(**batch).logits
-    assert logits.dtype == torch.float32  # a float32 base keeps its output dtype
-    lotr.save_pretrained(tmp_path)
-    loaded = tlr.LoTRModel.from_pretrained(tiny_llama(), tmp_path)
-    assert loaded.lotr_factors["q_proj"].in_factor.dtype == torch.bfloat16
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="adapter_dtype must be one of"):
-        tlr.LoTRConfig(adapter_dtype="int8")
-
-
 def test_merging_a_bf16_adapter_keeps_a_float32_base_exact():
     model = tiny_llama()
     original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -136,43 +135,17 @@ def test_exported_lora_in_peft_matches_under_autocast(dtype, tmp_path):
     assert (ours.float() - plain).abs().max() > 20 * 2.0**-8 * float(theirs.abs().max())  # the adapter matters
 
 
-def test_trainer_bf16_trains_under_autocast(tmp_path, monkeypatch):
-    from transformers import Trainer, TrainingArguments
+# --- torch.compile(fullgraph=True) ---------------------------------------------------------------
 
-    seen: list[tuple[bool, torch.dtype]] = []
-    apply = Step.apply
 
-    def recording(self, *operands, **kwargs):
-        out = apply(self, *operands, **kwargs)
-        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
-        return out
-
-    monkeypatch.setattr(Step, "apply", recording)  # every product of every adapter layer
-
-    class Tokens(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            self.ids = torch.randint(2, VOCAB, (8, 8), generator=torch.Generator().manual_seed(0))
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-    def train(bf16: bool) -> float:
-        seen.clear()
-        lotr = tlr.get_lotr_model(tiny_llama(), tlr.LoTRConfig(rank=4, target_modules=["q_proj", "v_proj"]))
-        args = TrainingArguments(
-            output_dir=str(tmp_path / str(bf16)), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-            report_to=[], use_cpu=True, bf16=bf16, save_strategy="no", disable_tqdm=True, seed=0,
-        )  # fmt: skip
-        result = Trainer(model=lotr, args=args, train_dataset=Tokens()).train()
-        assert lotr.lotr_factors["q_proj"].in_factor.dtype == torch.float32
-        return result.training_loss
-
-    fp32_loss = train(False)
-    assert seen and set(seen) == {(False, torch.float32)}
-    bf16_loss = train(True)
-    assert seen and set(seen) == {(True, torch.bfloat16)}  # every adapter product ran under autocast
-    assert bf16_loss != fp32_loss
-    assert abs(bf16_loss - fp32_loss) < 0.05 * fp32_loss
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_inductor_fullgraph_matches_eager_forward_and_backward():
+    groups = {"q": ["q_proj"], "kv": ["k_proj", "v_proj"]}  # k and v share x V: the cache is bypassed
+    lotr = tlr.get_lotr_model(tiny_llama(0, num_hidden_layers=1), tlr.LoTRConfig(rank=4, groups=groups))
+    randomise_cores(lotr)
+    lotr.train()
+    batch = inputs()
+    eager = loss_and_grads(lotr, lotr, **batch)
+    compiled = loss_and_grads(torch.compile(lotr, fullgraph=True), lotr, **batch)
+    assert len(compiled[1]) == 2 * 2 + 3  # U and V of two groups, one core per adapted layer
+    assert_same(compiled, eager)

@@ -4,43 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import VOCAB, inputs, tiny_bert, tiny_gpt2, twin
+from builders import inputs, logits, tiny_bert, tiny_gpt2, tiny_llama, train_steps, twin
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import tensorlotr as tlr
 from tensorlotr.nn import LoTRLayer
 
 
-def tied_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+def tied_llama(seed: int = 0) -> torch.nn.Module:
+    """The tiny Llama with 2 layers, its head tied to its input embedding (transformers' default special tokens)."""
+    return tiny_llama(
+        seed, num_hidden_layers=2, tie_word_embeddings=True, pad_token_id=None, bos_token_id=1, eos_token_id=2
+    )
 
 
 TIED = {  # model factory, adapter targets, input embedding path
     "gpt2": (tiny_gpt2, ["c_attn"], "transformer.wte"),
     "llama": (tied_llama, ["q_proj", "v_proj"], "model.embed_tokens"),
 }
-
-
-def logits(model, seed: int = 1) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs(seed=seed)).logits
-
-
-def train_steps(lotr: tlr.LoTRModel, steps: int = 3) -> None:
-    optimizer = torch.optim.Adam([p for p in lotr.parameters() if p.requires_grad], lr=5e-2)
-    lotr.train()
-    for step in range(steps):
-        loss = lotr(**inputs(seed=step)).logits.float().pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    lotr.eval()
 
 
 def test_disable_adapter_runs_the_original_head():
@@ -52,7 +33,7 @@ def test_disable_adapter_runs_the_original_head():
     assert all(p.requires_grad for p in model.classifier.parameters())
     assert not any(p.requires_grad for p in head.parameters())
     head_before = {k: v.clone() for k, v in head.state_dict().items()}
-    train_steps(lotr)
+    train_steps(lotr, lr=5e-2)
     trained = logits(lotr)
     assert (trained - base).abs().max() > 1e-3
     for key, value in head.state_dict().items():
@@ -74,7 +55,7 @@ def test_tied_embeddings_never_change_through_the_copy(arch, tmp_path):
     embed_before = embed.detach().clone()
     lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, target_modules=targets, modules_to_save=["lm_head"]))
     assert model.lm_head.weight is not embed and model.get_submodule(embedding).weight is embed
-    train_steps(lotr)
+    train_steps(lotr, lr=5e-2)
     torch.testing.assert_close(embed.detach(), embed_before, atol=0, rtol=0)
     assert lotr.original_modules[0].weight is embed  # the original head is still tied
     assert (model.lm_head.weight.detach() - embed_before).abs().max() > 1e-3
@@ -103,7 +84,7 @@ def test_adapted_module_in_modules_to_save_trains_its_bias_only(tmp_path):
     assert layer.base_layer.weight is original.weight and not original.weight.requires_grad
     assert layer.base_layer.bias.requires_grad and not original.bias.requires_grad
     bias_before = original.bias.detach().clone()
-    train_steps(lotr)
+    train_steps(lotr, lr=5e-2)
     torch.testing.assert_close(original.bias.detach(), bias_before, atol=0, rtol=0)
     assert (layer.base_layer.bias.detach() - bias_before).abs().max() > 1e-3
     with lotr.disable_adapter():
@@ -123,7 +104,7 @@ def test_adapted_module_in_modules_to_save_trains_its_bias_only(tmp_path):
 def test_merge_and_unload_keeps_the_trained_copies():
     model = tiny_bert()
     lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, target_modules=["query"], modules_to_save=["classifier"]))
-    train_steps(lotr)
+    train_steps(lotr, lr=5e-2)
     trained = logits(lotr)
     copy = model.classifier
     plain = lotr.merge_and_unload()
@@ -144,3 +125,26 @@ def test_saved_tensor_of_a_module_outside_modules_to_save_is_refused(tmp_path):
     files.tensors["modules_to_save.classifier.weight"] = torch.zeros(2, 32)
     with pytest.raises(ValueError, match=r"saves 'classifier.weight' \(modules_to_save\).*none of its modules_to_save"):
         tlr.LoTRModel.from_adapter_files(tiny_bert(), files)
+
+
+def test_parameter_count_with_modules_to_save():
+    model = tiny_bert()
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, target_modules=["query"], modules_to_save=["classifier"]))
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert lotr.get_nb_trainable_parameters()[0] == 4 * 32 + 4 * 32 + 3 * 16 + head
+
+
+def test_modules_to_save_are_restored(tmp_path):
+    model = tiny_bert(seed=0)
+    lotr = tlr.get_lotr_model(
+        model, tlr.LoTRConfig(rank=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
+    train_steps(lotr)
+    lotr.save_pretrained(tmp_path)
+    fresh = tiny_bert(seed=0)
+    with torch.no_grad():
+        fresh.classifier.weight.normal_()  # a new, different head
+    loaded = tlr.LoTRModel.from_pretrained(fresh, tmp_path)
+    batch = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, batch), logits(lotr, batch), atol=0, rtol=0)

@@ -1,8 +1,7 @@
-"""torch.compile(fullgraph=True) over models with LoTR adapters.
+"""The contraction planner (nn/layer.py's plans): opt_einsum's order run as matmuls, planned once, compiled as matmuls.
 
-Inductor compiles for tens of seconds on a 2-core machine, so one test uses it, on a one-layer
-Llama; the other captures graphs with a recording backend on a small plain module, where
-dynamo traces in about a second.
+The compiled test captures graphs with a recording backend on a small plain module, where dynamo
+traces in about a second.
 """
 
 from __future__ import annotations
@@ -12,63 +11,59 @@ import operator
 import opt_einsum
 import pytest
 import torch
-from models import VOCAB, inputs
+from builders import assert_same, inputs, loss_and_grads, randomise_cores, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import tensorlotr as tlr
-from tensorlotr.nn.layer import ADAPTER_FORWARD, plan_batched
+from tensorlotr.nn.layer import ADAPTER_FORWARD, execute, plan_batched, plan_path
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+@pytest.mark.parametrize("rows", [1, 3, 16, 100, 1000])
+def test_batched_plan_runs_opt_einsums_order_and_equals_einsum(rows):
+    generator = torch.Generator().manual_seed(rows)
+    shapes = ((48, 6), (6, 4), (40, 4), (rows, 40))
+    operands = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    plan = plan_batched(ADAPTER_FORWARD, shapes, (3, 0))
+    path = plan.path(rows)
+    bucket = 1 << (rows - 1).bit_length()  # the power of two at or above rows
+    assert path == plan_path(ADAPTER_FORWARD, (*shapes[:3], (bucket, 40)))
+    expected = torch.einsum(ADAPTER_FORWARD, *operands)
+    torch.testing.assert_close(execute(path, operands), expected, rtol=1e-12, atol=1e-12)
+    assert all(step.gemm is not None for step in path)  # every step is one matrix product
 
 
-def one_layer_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+def test_batched_plan_switches_order_with_the_row_count():
+    plan = plan_batched(ADAPTER_FORWARD, ((384, 8), (8, 8), (384, 8), (1, 384)), (3, 0))
+    assert len(plan.paths) == len(plan.bounds) + 1 == 3
+    decode, prefill = plan.path(1), plan.path(4096)
+    assert [s.equation for s in decode] == ["bn,ni->bi", "bi,oi->bo", "bo,mo->bm"]  # one token: x V, then G, then U
+    assert [s.equation for s in prefill] == ["oi,mo->im", "bn,ni->bi", "bi,im->bm"]  # U G, x V, one (N, r) x (r, d)
+    assert not any(s.gemm[3] for s in decode)
+    assert prefill[1].gemm[3]  # the tall, narrow x V (4096 x 8) runs transposed
 
 
-def randomise(lotr: tlr.LoTRModel) -> None:
-    generator = torch.Generator().manual_seed(0)
+def test_steps_that_are_not_matrix_products_run_as_einsum():
+    shapes = ((12, 3), (5, 3, 2), (10, 2))  # U, a stack of cores, V: dW_l = U G_l V^T
+    path = plan_path("mo,loi,ni->lmn", shapes)
+    assert any(step.gemm is None for step in path)
+    operands = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    torch.testing.assert_close(execute(path, operands), torch.einsum("mo,loi,ni->lmn", *operands))
+
+
+def test_new_batch_sizes_do_not_plan_again(monkeypatch):
+    lotr = tlr.get_lotr_model(tiny_llama(), tlr.LoTRConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("opt_einsum planned inside a forward")
+
+    monkeypatch.setattr(opt_einsum, "contract_path", refuse)
+    monkeypatch.setattr(opt_einsum, "contract_expression", refuse)
     with torch.no_grad():
-        for _, layer in lotr.lotr_layers():
-            layer.lotr_core.copy_(torch.randn(layer.lotr_core.shape, generator=generator))
+        for batch, length in [(1, 1), (2, 7), (3, 11), (4, 13), (1, 29)]:
+            lotr(**inputs(batch=batch, length=length))
 
 
-def loss_and_grads(model, lotr: tlr.LoTRModel, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    lotr.zero_grad()
-    out = model(*args, **kwargs)
-    loss = (out.logits if hasattr(out, "logits") else out).float().pow(2).mean()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in lotr.named_parameters() if p.requires_grad}
-
-
-def assert_same(compiled, eager) -> None:
-    (loss, grads), (eager_loss, eager_grads) = compiled, eager
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
-    assert grads.keys() == eager_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-5, msg=name)
-
-
-def test_inductor_fullgraph_matches_eager_forward_and_backward():
-    groups = {"q": ["q_proj"], "kv": ["k_proj", "v_proj"]}  # k and v share x V: the cache is bypassed
-    lotr = tlr.get_lotr_model(one_layer_llama(), tlr.LoTRConfig(rank=4, groups=groups))
-    randomise(lotr)
-    lotr.train()
-    batch = inputs()
-    eager = loss_and_grads(lotr, lotr, **batch)
-    compiled = loss_and_grads(torch.compile(lotr, fullgraph=True), lotr, **batch)
-    assert len(compiled[1]) == 2 * 2 + 3  # U and V of two groups, one core per adapted layer
-    assert_same(compiled, eager)
+# --- compiled: one graph per order, no planning inside ---------------------------------------------
 
 
 class Block(nn.Module):
@@ -93,11 +88,12 @@ class Stack(nn.Module):
         return x
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_graphs_hold_plain_matmuls_no_planning_and_follow_the_row_count(monkeypatch):
     lotr = tlr.get_lotr_model(
         Stack(), tlr.LoTRConfig(rank=3, target_modules=["query", "value"], groups="shared", init="normal")
     )
-    randomise(lotr)
+    randomise_cores(lotr)
     plan = plan_batched(ADAPTER_FORWARD, ((24, 3), (3, 3), (24, 3), (1, 24)), (3, 0))  # the layers' plan
     assert plan.bounds == (16, 32)  # x V first up to 16 rows, U G first above, x V transposed above 32
     graphs: list[torch.fx.GraphModule] = []

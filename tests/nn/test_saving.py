@@ -1,94 +1,78 @@
-"""Named adapters, mixed-adapter batches, the Hub and the model card, checked against PEFT on tiny models."""
+"""Saving and loading LoTRModel adapters: PEFT's folder layout, fresh, meta and device-mapped bases, dtypes, the Hub."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from models import inputs, tiny_bert, tiny_llama
-from peft import LoraConfig, PeftModel, get_peft_model
+from builders import (
+    MODELS,
+    TARGETS,
+    fake_hub_cache,
+    inputs,
+    logits,
+    lotr_pair_model,
+    meta_bert,
+    peft_pair_model,
+    tiny_bert,
+    tiny_llama,
+    train_steps,
+    twin,
+)
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
 
 import tensorlotr as tlr
-from tensorlotr.convert import convert_lora
 
-LORAS = {
-    "first": dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8),
-    "second": dict(target_modules=["q_proj", "o_proj"], r=2, lora_alpha=3),
-}
+CONFIG = dict(rank=4, target_modules=["query", "value"], modules_to_save=["classifier"])
 
 
-def logits(model, batch=None, **kwargs):
+# --- one adapter, on a fresh base ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_save_and_load_on_fresh_base(arch, tmp_path):
+    model = MODELS[arch]()
+    fresh = twin(model)
+    config = tlr.LoTRConfig(rank=(3, 5), target_modules=TARGETS[arch], modules_to_save=None)
+    lotr = tlr.get_lotr_model(model, config)
+    train_steps(lotr)
+    lotr.save_pretrained(tmp_path / "adapter")
+    saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())  # the adapter's two files and its model card
+    assert saved == ["README.md", "lotr_config.json", "lotr_model.safetensors"]
+    loaded = tlr.LoTRModel.from_pretrained(fresh, tmp_path / "adapter")
+    batch = inputs(seed=4)
     with torch.no_grad():
-        return model(**(batch or inputs(batch=4)), **kwargs).logits
+        torch.testing.assert_close(logits(loaded, batch), logits(lotr, batch), atol=0, rtol=0)
+    assert loaded.get_nb_trainable_parameters()[0] == 0
+    trainable = tlr.LoTRModel.from_pretrained(MODELS[arch](), tmp_path / "adapter", is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == lotr.get_nb_trainable_parameters()[0]
 
 
-@pytest.fixture(scope="module")
-def peft_pair(tmp_path_factory):
-    """Two PEFT LoRAs of one tiny Llama, each saved, and each converted exactly to LoTR."""
-    root = tmp_path_factory.mktemp("pair")
-    for seed, (name, kwargs) in enumerate(LORAS.items()):
-        torch.manual_seed(seed + 10)
-        get_peft_model(tiny_llama(0), LoraConfig(init_lora_weights=False, **kwargs)).save_pretrained(root / name)
-        convert_lora(root / name, root / f"{name}-lotr")
-    return root
+def test_adapter_on_base_of_other_shapes(tmp_path):
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(rank=2, target_modules=["query"]))
+    lotr.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"expects module .*query' of shape 32x32.*model's is"):
+        tlr.LoTRModel.from_pretrained(tiny_bert(hidden_size=48), tmp_path)
+    with pytest.raises(ValueError, match="which the model lacks"):
+        tlr.LoTRModel.from_pretrained(tiny_llama(), tmp_path)
 
 
-def peft_model(root):
-    model = PeftModel.from_pretrained(tiny_llama(0), root / "first", adapter_name="first")
-    model.load_adapter(root / "second", adapter_name="second")
-    return model.eval()
+def test_missing_and_corrupt_adapter_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"lotr_config\.json is missing"):
+        tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(rank=2, target_modules=["query"]))
+    lotr.save_pretrained(tmp_path)
+    weights = tmp_path / "lotr_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)
 
 
-def lotr_model(root):
-    model = tlr.LoTRModel.from_pretrained(tiny_llama(0), root / "first-lotr", adapter_name="first")
-    model.load_adapter(root / "second-lotr", adapter_name="second")
-    return model
-
-
-def test_named_adapters_switch_as_in_peft(peft_pair):
-    peft, lotr = peft_model(peft_pair), lotr_model(peft_pair)
-    assert lotr.active_adapter == "first" and lotr.active_adapters == ["first"]
-    torch.testing.assert_close(logits(lotr), logits(peft), atol=1e-5, rtol=0)
-    peft.set_adapter("second")
-    lotr.set_adapter("second")
-    assert lotr.active_adapter == "second"
-    torch.testing.assert_close(logits(lotr), logits(peft), atol=1e-5, rtol=0)
-    with peft.disable_adapter(), lotr.disable_adapter():
-        torch.testing.assert_close(logits(lotr), logits(peft), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="no adapter"):
-        lotr.set_adapter("third")
-
-
-def test_add_train_and_delete_an_adapter():
-    lotr = tlr.get_lotr_model(tiny_llama(0), tlr.LoTRConfig(rank=2, target_modules=["q_proj"]))
-    lotr.add_adapter("extra", tlr.LoTRConfig(rank=3, target_modules=["q_proj", "v_proj"]))
-    assert sorted(lotr.lotr_configs) == ["default", "extra"] and lotr.active_adapters == ["default"]
-    trainable = {n for n, p in lotr.named_parameters() if p.requires_grad}
-    assert trainable and all("extra" not in n for n in trainable)  # a new adapter starts inactive and frozen
-    lotr.set_adapter("extra")
-    trainable = {n for n, p in lotr.named_parameters() if p.requires_grad}
-    assert trainable and all("extra" in n for n in trainable)
-    assert lotr.groups["q_proj"].rank == (3, 3) and "extra--v_proj" in lotr.lotr_factors
-    lotr.delete_adapter("extra")
-    assert list(lotr.lotr_configs) == ["default"] and lotr.active_adapter == "default"
-    assert not any("extra" in n for n, _ in lotr.named_parameters())
-    assert not any("v_proj" in name for name, _ in lotr.lotr_layers())  # layers only that adapter had are gone
-
-
-def test_get_lotr_model_on_a_wrapped_model_points_to_add_adapter():
-    lotr = tlr.get_lotr_model(tiny_llama(0), tlr.LoTRConfig(rank=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="add_adapter"):
-        tlr.get_lotr_model(lotr, tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
-    with pytest.raises(ValueError, match="add_adapter"):
-        tlr.get_lotr_model(lotr.base_model, tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
-    for bad in ("copy", "keys", "a.b", "__base__"):
-        with pytest.raises(ValueError, match="adapter name"):
-            lotr.add_adapter(bad, tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
+# --- named adapters in PEFT's layout, and zoos --------------------------------------------------
 
 
 def test_save_lays_adapters_out_as_peft_and_loads_them_back(peft_pair, tmp_path):
-    lotr = lotr_model(peft_pair)
+    lotr = lotr_pair_model(peft_pair)
     lotr.save_pretrained(tmp_path / "all")
     # the first adapter is not named "default": every adapter goes in its own subfolder, as PEFT does
     assert (tmp_path / "all" / "first" / "lotr_config.json").is_file()
@@ -97,70 +81,11 @@ def test_save_lays_adapters_out_as_peft_and_loads_them_back(peft_pair, tmp_path)
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["second"]
     again = tlr.LoTRModel.from_pretrained(tiny_llama(0), tmp_path / "all", subfolder="second", adapter_name="second")
     lotr.set_adapter("second")
-    torch.testing.assert_close(logits(again), logits(lotr), atol=0, rtol=0)
+    torch.testing.assert_close(logits(again, inputs(batch=4)), logits(lotr, inputs(batch=4)), atol=0, rtol=0)
     default = tlr.get_lotr_model(tiny_llama(0), tlr.LoTRConfig(rank=2, target_modules=["q_proj"]))
     default.add_adapter("other", tlr.LoTRConfig(rank=2, target_modules=["v_proj"]))
     default.save_pretrained(tmp_path / "mixed")
     assert (tmp_path / "mixed" / "lotr_config.json").is_file() and (tmp_path / "mixed" / "other").is_dir()
-
-
-def test_mixed_batch_equals_each_sample_alone_and_peft(peft_pair):
-    peft, lotr = peft_model(peft_pair), lotr_model(peft_pair)
-    names = ["first", "second", "__base__", "second"]
-    batch = inputs(seed=3, batch=4)
-    mixed = logits(lotr, batch, adapter_names=names)
-    for i, name in enumerate(names):
-        single = {k: v[i : i + 1] for k, v in batch.items()}
-        if name == "__base__":
-            with lotr.disable_adapter():
-                alone = logits(lotr, single)
-        else:
-            lotr.set_adapter(name)
-            alone = logits(lotr, single)
-        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=0)
-    torch.testing.assert_close(mixed, logits(peft, batch, adapter_names=names), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="unknown adapters"):
-        logits(lotr, batch, adapter_names=["first", "nope", "first", "first"])
-    with pytest.raises(ValueError, match="4 samples"):
-        logits(lotr, batch, adapter_names=["first"])
-
-
-def test_mixed_batch_through_generate(peft_pair):
-    lotr = lotr_model(peft_pair)
-    batch = inputs(seed=5, batch=2, length=4)
-    names = ["second", "first"]
-    with torch.no_grad():
-        mixed = lotr.generate(**batch, adapter_names=names, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        for i, name in enumerate(names):
-            lotr.set_adapter(name)
-            single = {k: v[i : i + 1] for k, v in batch.items()}
-            alone = lotr.generate(**single, max_new_tokens=4, do_sample=False, pad_token_id=0)
-            # a sample that ends (token 0 is EOS) is padded with 0 in the batch
-            assert torch.equal(mixed[i : i + 1, : alone.shape[1]], alone)
-            assert not mixed[i, alone.shape[1] :].any()
-
-
-def test_merging_acts_on_the_active_adapters(peft_pair):
-    lotr = lotr_model(peft_pair)
-    lotr.set_adapter(["first", "second"])  # active updates add up
-    both = logits(lotr)
-    lotr.merge_adapter()
-    torch.testing.assert_close(logits(lotr), both, atol=1e-5, rtol=0)
-    lotr.unmerge_adapter()
-    lotr.set_adapter("first")
-    torch.testing.assert_close(logits(lotr), logits(lotr_model(peft_pair)), atol=1e-6, rtol=0)
-
-
-# --- loading from LoRA -----------------------------------------------------------------------
-
-
-def test_from_lora_converts_in_memory(peft_pair):
-    lotr = tlr.LoTRModel.from_lora(tiny_llama(0), peft_pair / "first")
-    peft = PeftModel.from_pretrained(tiny_llama(0), peft_pair / "first").eval()
-    torch.testing.assert_close(logits(lotr), logits(peft), atol=1e-5, rtol=0)
-    assert lotr.conversion_report.relative_error < 1e-5
-    small = tlr.LoTRModel.from_lora(tiny_llama(0), peft_pair / "first", rank=2)
-    assert all(g.rank == (2, 2) for g in small.groups.values())
 
 
 def test_from_pretrained_on_a_peft_folder_says_how_to_convert(peft_pair):
@@ -168,26 +93,35 @@ def test_from_pretrained_on_a_peft_folder_says_how_to_convert(peft_pair):
         tlr.LoTRModel.from_pretrained(tiny_llama(0), peft_pair / "first")
 
 
+def test_zoo_serves_every_adapter_with_factors_held_once(peft_pair, tmp_path):
+    tlr.compress_zoo([peft_pair / "first", peft_pair / "second"], tmp_path / "zoo")
+    zoo = tlr.LoTRModel.from_pretrained(tiny_llama(0), tmp_path / "zoo")
+    assert sorted(zoo.lotr_configs) == ["first", "second"]
+    assert all(key.startswith("zoo--") for key in zoo.lotr_factors)  # one set of factors per group, shared
+    peft = peft_pair_model(peft_pair)
+    for name in ("first", "second"):
+        zoo.set_adapter(name)
+        peft.set_adapter(name)
+        torch.testing.assert_close(logits(zoo, inputs(batch=4)), logits(peft, inputs(batch=4)), atol=1e-5, rtol=0)
+    names = ["second", "first", "first", "__base__"]
+    batch = inputs(seed=9, batch=4)
+    torch.testing.assert_close(
+        logits(zoo, batch, adapter_names=names), logits(peft, batch, adapter_names=names), atol=1e-5, rtol=0
+    )
+
+
 # --- the Hub, offline ------------------------------------------------------------------------
-
-
-def _cache(cache, repo_id, folder, commit="a" * 40):
-    """huggingface_hub's documented cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
 
 
 def test_loading_by_repo_id_from_the_cache(peft_pair, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _cache(tmp_path / "hub", "someone/first-lotr", peft_pair / "first-lotr")
-    _cache(tmp_path / "hub", "someone/second-lotr", peft_pair / "second-lotr")
+    fake_hub_cache(tmp_path / "hub", "someone/first-lotr", peft_pair / "first-lotr")
+    fake_hub_cache(tmp_path / "hub", "someone/second-lotr", peft_pair / "second-lotr")
     lotr = tlr.LoTRModel.from_pretrained(tiny_llama(0), "someone/first-lotr", cache_dir=tmp_path / "hub")
     lotr.load_adapter("someone/second-lotr", adapter_name="second", cache_dir=tmp_path / "hub")
     lotr.set_adapter("second")
     peft = PeftModel.from_pretrained(tiny_llama(0), peft_pair / "second").eval()
-    torch.testing.assert_close(logits(lotr), logits(peft), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(lotr, inputs(batch=4)), logits(peft, inputs(batch=4)), atol=1e-5, rtol=0)
     config = tlr.LoTRConfig.from_pretrained("someone/first-lotr", cache_dir=tmp_path / "hub")
     assert sorted(config.target_modules) == ["q_proj", "v_proj"]
     with pytest.raises(FileNotFoundError, match=r"'someone/absent'.*not in the cache"):
@@ -206,7 +140,7 @@ def test_push_uploads_the_adapter_only(peft_pair, tmp_path, monkeypatch):
         uploads.append(("upload", repo_id, files))
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    lotr = lotr_model(peft_pair)
+    lotr = lotr_pair_model(peft_pair)
     lotr.push_to_hub("me/adapters")
     assert uploads[0] == ("create", "me/adapters")
     assert uploads[1] == (
@@ -230,31 +164,101 @@ def test_push_uploads_the_adapter_only(peft_pair, tmp_path, monkeypatch):
         lotr.push_to_hub("me/adapters")
 
 
-def test_model_card_is_written_and_user_edits_survive(tmp_path):
-    lotr = tlr.get_lotr_model(tiny_bert(0), tlr.LoTRConfig(rank=2, target_modules=["query", "value"]))
+# --- devices and dtypes: .to(), meta-device bases, device_map and low_cpu_mem_usage loading --------
+
+
+def randomise(lotr: tlr.LoTRModel, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in lotr.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+def adapter_tensors(lotr: tlr.LoTRModel) -> dict[str, torch.Tensor]:
+    return lotr.adapter_files().tensors
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny BERT saved as a transformers folder, and a trained adapter for it."""
+    folder = tmp_path_factory.mktemp("devices")
+    model = tiny_bert()
+    model.save_pretrained(folder / "base")
+    lotr = tlr.get_lotr_model(twin(model), tlr.LoTRConfig(**CONFIG))
+    randomise(lotr)
+    lotr.save_pretrained(folder / "adapter")
+    return folder, lotr
+
+
+def test_factors_cores_and_copies_follow_dtype_casts(saved, tmp_path):
+    _, trained = saved
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(**CONFIG))
+    lotr.load_adapter_tensors(trained.adapter_files())
+    expected = logits(lotr).double()
+    lotr.to(torch.float64)
+    assert {t.dtype for t in adapter_tensors(lotr).values()} == {torch.float64}
+    assert {p.dtype for p in lotr.original_modules.parameters()} == {torch.float64}
+    torch.testing.assert_close(logits(lotr), expected, atol=1e-5, rtol=0)
     lotr.save_pretrained(tmp_path)
-    card = (tmp_path / "README.md").read_text()
-    assert card.startswith("---\n") and "library_name: tensorlotr" in card and "| query |" in card
-    (tmp_path / "README.md").write_text(card + "\nMy notes.\n")
-    lotr.save_pretrained(tmp_path)
-    assert "My notes." in (tmp_path / "README.md").read_text()
+    loaded = tlr.LoTRModel.from_pretrained(tiny_bert(), tmp_path)  # float64 files into a float32 adapter
+    assert {t.dtype for t in adapter_tensors(loaded).values()} == {torch.float32}
+    torch.testing.assert_close(logits(loaded), expected.float(), atol=1e-5, rtol=0)
+    lotr.float()
+    assert {t.dtype for t in adapter_tensors(lotr).values()} == {torch.float32}
 
 
-# --- a zoo served as named adapters ----------------------------------------------------------
+def test_a_model_moved_to_meta_cannot_save_and_loading_materialises(saved, tmp_path):
+    folder, trained = saved
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(**CONFIG)).to("meta")
+    with pytest.raises(ValueError, match=r"adapter tensor 'factors\.query\.out_factor' is on the meta device"):
+        lotr.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    lotr.load_adapter(folder / "adapter")
+    got, want = adapter_tensors(lotr), adapter_tensors(trained)
+    assert got.keys() == want.keys()
+    for key, tensor in got.items():
+        assert tensor.device.type == "cpu", key
+        torch.testing.assert_close(tensor, want[key], atol=0, rtol=0)
+    assert lotr.lotr_factors["query"].out_factor.requires_grad  # a trainable adapter stays trainable
+    assert lotr.base_model.bert.embeddings.word_embeddings.weight.is_meta  # the base is left as it was
 
 
-def test_zoo_serves_every_adapter_with_factors_held_once(peft_pair, tmp_path):
-    tlr.compress_zoo([peft_pair / "first", peft_pair / "second"], tmp_path / "zoo")
-    zoo = tlr.LoTRModel.from_pretrained(tiny_llama(0), tmp_path / "zoo")
-    assert sorted(zoo.lotr_configs) == ["first", "second"]
-    assert all(key.startswith("zoo--") for key in zoo.lotr_factors)  # one set of factors per group, shared
-    peft = peft_model(peft_pair)
-    for name in ("first", "second"):
-        zoo.set_adapter(name)
-        peft.set_adapter(name)
-        torch.testing.assert_close(logits(zoo), logits(peft), atol=1e-5, rtol=0)
-    names = ["second", "first", "first", "__base__"]
-    batch = inputs(seed=9, batch=4)
-    torch.testing.assert_close(
-        logits(zoo, batch, adapter_names=names), logits(peft, batch, adapter_names=names), atol=1e-5, rtol=0
-    )
+def test_meta_base_loads_every_adapter_tensor_from_the_file(saved):
+    folder, trained = saved
+    lotr = tlr.LoTRModel.from_pretrained(meta_bert(), folder / "adapter")
+    got, want = adapter_tensors(lotr), adapter_tensors(trained)
+    for key, tensor in got.items():
+        torch.testing.assert_close(tensor, want[key], atol=0, rtol=0)
+    assert not any(p.requires_grad for p in lotr.parameters())
+    files = trained.adapter_files()
+    del files.tensors["modules_to_save.classifier.bias"]
+    with pytest.raises(ValueError, match=r"no values for 1 adapter tensors on the meta device.*classifier\.bias"):
+        tlr.LoTRModel.from_adapter_files(meta_bert(), files)
+
+
+def test_loading_changes_nothing_unless_every_tensor_fits(saved):
+    _, trained = saved
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(**CONFIG))
+    before = {k: v.clone() for k, v in adapter_tensors(lotr).items()}
+    files = trained.adapter_files()
+    files.tensors["modules_to_save.classifier.weight"] = torch.zeros(3, 32)
+    with pytest.raises(
+        ValueError, match=r"'modules_to_save\.classifier\.weight' of shape \(3, 32\).*model's is \(2, 32\)"
+    ):
+        lotr.load_adapter_tensors(files)
+    for key, tensor in adapter_tensors(lotr).items():
+        torch.testing.assert_close(tensor, before[key], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("load", [{"device_map": "cpu"}, {"low_cpu_mem_usage": True}])
+def test_bases_loaded_with_device_map_or_low_cpu_mem_usage(saved, load):
+    folder, trained = saved
+    base = AutoModelForSequenceClassification.from_pretrained(folder / "base", **load).eval()
+    lotr = tlr.LoTRModel.from_pretrained(base, folder / "adapter")
+    assert {t.device.type for t in adapter_tensors(lotr).values()} == {"cpu"}
+    torch.testing.assert_close(logits(lotr), logits(trained), atol=0, rtol=0)
+    fresh = AutoModelForSequenceClassification.from_pretrained(folder / "base", **load).eval()
+    new = tlr.get_lotr_model(fresh, tlr.LoTRConfig(**CONFIG))
+    assert new.lotr_factors["query"].out_factor.device == fresh.bert.pooler.dense.weight.device
+    torch.testing.assert_close(logits(new), logits(tiny_bert()), atol=0, rtol=0)

@@ -1,21 +1,22 @@
-"""The unmerged forward: opt_einsum's order run as matmuls, planned once; x V shared by sibling layers."""
+"""x V shared by sibling layers of a group in one parent (the sharing hooks): fewer products, the same results."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
-import opt_einsum
 import pytest
 import torch
-from models import inputs, tiny_bert, tiny_llama
+from builders import inputs, randomise_cores, tiny_bert, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tensorlotr as tlr
-from tensorlotr.nn.layer import ADAPTER_FORWARD, SHARE_MIN_ROWS, execute, plan_batched, plan_path
+from tensorlotr.nn.layer import SHARE_MIN_ROWS
 
 #: 4 x 8 = 32 rows: enough for sibling layers to share x V
 ROWS = {"batch": 4, "length": 8}
+
+
 assert ROWS["batch"] * ROWS["length"] >= SHARE_MIN_ROWS
 
 
@@ -32,75 +33,17 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def randomise(lotr: tlr.LoTRModel, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lotr.lotr_layers():
-            layer.lotr_core.copy_(torch.randn(layer.lotr_core.shape, generator=generator))
-
-
 def shared_bert(**config) -> tlr.LoTRModel:
     lotr = tlr.get_lotr_model(
         tiny_bert(), tlr.LoTRConfig(rank=4, target_modules=["query", "value"], groups="shared", **config)
     )
-    randomise(lotr)
+    randomise_cores(lotr)
     return lotr
 
 
 def stop_sharing(lotr: tlr.LoTRModel) -> None:
     for handle in lotr._sharing_hooks:
         handle.remove()
-
-
-# --- plans ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("rows", [1, 3, 16, 100, 1000])
-def test_batched_plan_runs_opt_einsums_order_and_equals_einsum(rows):
-    generator = torch.Generator().manual_seed(rows)
-    shapes = ((48, 6), (6, 4), (40, 4), (rows, 40))
-    operands = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
-    plan = plan_batched(ADAPTER_FORWARD, shapes, (3, 0))
-    path = plan.path(rows)
-    bucket = 1 << (rows - 1).bit_length()  # the power of two at or above rows
-    assert path == plan_path(ADAPTER_FORWARD, (*shapes[:3], (bucket, 40)))
-    expected = torch.einsum(ADAPTER_FORWARD, *operands)
-    torch.testing.assert_close(execute(path, operands), expected, rtol=1e-12, atol=1e-12)
-    assert all(step.gemm is not None for step in path)  # every step is one matrix product
-
-
-def test_batched_plan_switches_order_with_the_row_count():
-    plan = plan_batched(ADAPTER_FORWARD, ((384, 8), (8, 8), (384, 8), (1, 384)), (3, 0))
-    assert len(plan.paths) == len(plan.bounds) + 1 == 3
-    decode, prefill = plan.path(1), plan.path(4096)
-    assert [s.equation for s in decode] == ["bn,ni->bi", "bi,oi->bo", "bo,mo->bm"]  # one token: x V, then G, then U
-    assert [s.equation for s in prefill] == ["oi,mo->im", "bn,ni->bi", "bi,im->bm"]  # U G, x V, one (N, r) x (r, d)
-    assert not any(s.gemm[3] for s in decode)
-    assert prefill[1].gemm[3]  # the tall, narrow x V (4096 x 8) runs transposed
-
-
-def test_steps_that_are_not_matrix_products_run_as_einsum():
-    shapes = ((12, 3), (5, 3, 2), (10, 2))  # U, a stack of cores, V: dW_l = U G_l V^T
-    path = plan_path("mo,loi,ni->lmn", shapes)
-    assert any(step.gemm is None for step in path)
-    operands = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    torch.testing.assert_close(execute(path, operands), torch.einsum("mo,loi,ni->lmn", *operands))
-
-
-def test_new_batch_sizes_do_not_plan_again(monkeypatch):
-    lotr = tlr.get_lotr_model(tiny_llama(), tlr.LoTRConfig(rank=4, target_modules=["q_proj", "v_proj"]))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("opt_einsum planned inside a forward")
-
-    monkeypatch.setattr(opt_einsum, "contract_path", refuse)
-    monkeypatch.setattr(opt_einsum, "contract_expression", refuse)
-    with torch.no_grad():
-        for batch, length in [(1, 1), (2, 7), (3, 11), (4, 13), (1, 29)]:
-            lotr(**inputs(batch=batch, length=length))
-
-
-# --- x V shared by the layers of a group in one parent --------------------------------------
 
 
 def test_shared_group_computes_x_v_once_per_attention_block():
@@ -217,7 +160,7 @@ def test_gradient_checkpointing_with_a_shared_group():
         lotr = tlr.get_lotr_model(
             model, tlr.LoTRConfig(rank=4, target_modules=["k_proj", "v_proj"], groups="shared", init="normal")
         )
-        randomise(lotr)
+        randomise_cores(lotr)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lotr.train()

@@ -1,20 +1,32 @@
-"""PEFT's config conventions, config save/load, Hub loading from a local cache, and the model card."""
+"""Target modules (nn/targets.py): PEFT's selection rules, what cannot be adapted, and quantized bitsandbytes layers.
+
+QLoTR: LoTR on bitsandbytes bases, 4-bit nf4 / fp4 and 8-bit layers, on CPU. The base is a small
+Llama saved from a config and loaded back through transformers with a ``BitsAndBytesConfig``, as
+users load quantized models. Its width is 64, the 4-bit block size: bitsandbytes' CPU kernels need
+whole blocks.
+"""
 
 from __future__ import annotations
 
-import json
-import shutil
+import warnings
 
 import pytest
-from models import tiny_bert, tiny_llama
+import torch
+from builders import inputs, tiny_bert, tiny_llama
 from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import tensorlotr as tlr
-from tensorlotr.adapter.groups import layer_index, select_modules
-from tensorlotr.io.hub import push_folder, resolve_folder
-from tensorlotr.io.model_card import write_model_card
+from tensorlotr.nn.targets import dense_weight, quantization
 
-# --- target selection --------------------------------------------------------------------
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed (pip install 'tensorlotr[quant]')")
+
+
+# --- target selection, as PEFT selects --------------------------------------------------------
 
 
 def _targets(model, **kwargs):
@@ -46,105 +58,176 @@ def test_all_linear_leaves_out_the_head_of_a_classifier():
     assert "classifier" in _targets(tiny_bert(0), target_modules="all-linear")  # PEFT keeps it without SEQ_CLS
 
 
-def test_layer_index_with_a_layers_pattern():
-    assert layer_index("model.layers.3.mlp.up_proj") == 3
-    assert layer_index("transformer.h.7.attn.c_attn", "h") == 7
-    assert layer_index("blocks.2.sub.5.q", ["sub"]) == 5
-    assert layer_index("model.layers.3.q", "h") is None
-    assert select_modules(["a.0.q", "a.1.q", "a.1.k"], ["q"], layers_to_transform=[1]) == ["a.1.q"]
+def test_layers_to_transform_and_regex_targets():
+    model = tiny_llama()
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=2, target_modules=["q_proj"], layers_to_transform=[0, 2]))
+    assert lotr.groups["q_proj"].modules == ["model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.q_proj"]
+    lotr = tlr.get_lotr_model(tiny_llama(), tlr.LoTRConfig(rank=2, target_modules=r".*\.(q|k)_proj"))
+    assert set(lotr.groups) == {"q_proj", "k_proj"}
 
 
-# --- rank_pattern and alpha_pattern keyed as PEFT keys them -----------------------------------
+def test_targets_that_match_nothing_list_close_names():
+    with pytest.raises(ValueError, match=r"match no nn.Linear.*close names: \['query'\]"):
+        tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(target_modules=["querry"]))
 
 
-def test_rank_and_alpha_patterns_by_module_regex_and_by_group():
-    config = tlr.LoTRConfig(
-        rank=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}
+def test_unsupported_layer_types():
+    with pytest.raises(ValueError, match=r"word_embeddings' is a Embedding; LoTR adapts nn.Linear"):
+        tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(target_modules=["word_embeddings"]))
+    with pytest.raises(ValueError, match="LayerNorm"):
+        tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(target_modules=r".*attention\.output\.LayerNorm"))
+
+
+# --- quantized bases (QLoTR) ---------------------------------------------------------------------
+
+
+KINDS = ["nf4", "fp4", "int8"]
+
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    base = tiny_llama(0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=4)
+    base.save_pretrained(folder)
+    return folder
+
+
+def load(folder, kind: str | None) -> torch.nn.Module:
+    if kind is None:
+        return AutoModelForCausalLM.from_pretrained(folder)
+    if kind == "int8":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # int8 matmul notes that inputs are cast to fp16
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu")
+
+
+def adapt(model: torch.nn.Module, **config) -> tlr.LoTRModel:
+    torch.manual_seed(5)
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=4, alpha=8, target_modules=TARGETS, init="normal", **config))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lotr.lotr_layers():
+            layer.lotr_core.copy_(torch.randn(layer.lotr_core.shape, generator=generator) * 0.05)
+    return lotr
+
+
+def lm_loss(lotr: tlr.LoTRModel) -> torch.Tensor:
+    batch = inputs(batch=2, length=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lotr(**batch, labels=batch["input_ids"]).loss
+
+
+def gradients(lotr: tlr.LoTRModel) -> torch.Tensor:
+    lotr.train()
+    lotr.zero_grad()
+    lm_loss(lotr).backward()
+    return torch.cat([p.grad.flatten() for p in lotr.parameters() if p.requires_grad])
+
+
+def logits(lotr: tlr.LoTRModel) -> torch.Tensor:
+    lotr.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lotr(**inputs(seed=7)).logits
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_attaches_with_the_true_shapes_and_trains(saved_base, kind):
+    model = load(saved_base, kind)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert quantization(q_proj) == ("8bit" if kind == "int8" else "4bit")
+    lotr = adapt(model)
+    assert lotr.groups["q_proj"].shape == (64, 64) and lotr.groups["down_proj"].shape == (64, 128)
+    factors = lotr.lotr_factors["down_proj"]
+    assert factors.out_factor.shape == (64, 4) and factors.in_factor.shape == (128, 4)
+    assert factors.in_factor.dtype == torch.float32
+    grads = gradients(lotr)
+    assert torch.isfinite(grads).all() and grads.abs().sum() > 0
+    assert all(p.grad is None for n, p in lotr.named_parameters() if "lotr_" not in n)  # the base stays frozen
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_agree_with_the_float_base_up_to_quantization_error(saved_base, kind):
+    reference = adapt(load(saved_base, None))
+    quantized = adapt(load(saved_base, kind))
+    weight_error = max(
+        relative(dense_weight(layer.base_layer).float(), reference.get_submodule(name).base_layer.weight)
+        for name, layer in quantized.lotr_layers()
     )
-    lotr = tlr.get_lotr_model(tiny_llama(0), config)
-    assert lotr.groups["v_proj"].rank == (2, 2) and lotr.groups["q_proj"].rank == (4, 4)
-    assert lotr.groups["q_proj"].scale == 16 / 4 and lotr.groups["v_proj"].scale == 8 / 2
-    by_group = tlr.LoTRConfig(rank=4, target_modules=["q_proj"], rank_pattern={"q_proj": (3, 2)})
-    assert tlr.get_lotr_model(tiny_llama(0), by_group).groups["q_proj"].rank == (3, 2)
+    expected = gradients(reference)
+    error = relative(gradients(quantized), expected)
+    assert error < 3 * weight_error, (error, weight_error)
+    other = adapt(load(saved_base, None))  # another base: how far gradients move when the weights do
+    with torch.no_grad():
+        for param in other.base_model.parameters():
+            param.add_(torch.randn_like(param) * param.std() * 3 * weight_error)
+    assert error < relative(gradients(other), expected)
 
 
-def test_a_pattern_that_splits_a_group_is_refused():
-    config = tlr.LoTRConfig(rank=4, target_modules=["q_proj"], rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
-    with pytest.raises(ValueError, match=r"rank_pattern gives the modules of group 'q_proj' different values"):
-        tlr.get_lotr_model(tiny_llama(0), config)
-    with pytest.raises(ValueError, match="not a valid regular expression"):
-        tlr.LoTRConfig(rank_pattern={"(": 2})
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_and_load_round_trip(saved_base, kind, tmp_path):
+    lotr = adapt(load(saved_base, kind))
+    expected = logits(lotr)
+    lotr.save_pretrained(tmp_path)
+    loaded = tlr.LoTRModel.from_pretrained(load(saved_base, kind), tmp_path)
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)
 
 
-def test_task_type_and_layers_pattern_are_checked():
-    with pytest.raises(ValueError, match="task_type must be one of"):
-        tlr.LoTRConfig(task_type="CLASSIFY")
-    with pytest.raises(ValueError, match="layers_pattern needs layers_to_transform"):
-        tlr.LoTRConfig(layers_pattern="layers")
+def requantized(dense: torch.Tensor, weight: torch.nn.Parameter) -> torch.Tensor:
+    """``dense`` quantized the way ``weight`` was, and dequantized: what a merge must store."""
+    if type(weight).__name__ == "Int8Params":
+        rows, scales, _ = bnb.functional.int8_vectorwise_quant(dense.half())
+        return bnb.functional.int8_vectorwise_dequant(rows, scales)
+    packed, state = bnb.functional.quantize_4bit(
+        dense, blocksize=weight.blocksize, compress_statistics=weight.compress_statistics, quant_type=weight.quant_type
+    )
+    return bnb.functional.dequantize_4bit(packed, state)
 
 
-# --- config files, unknown keys ---------------------------------------------------------------
+@needs_bnb
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_dequantizes_adds_and_requantizes(saved_base, kind):
+    lotr = adapt(load(saved_base, kind))
+    unmerged = logits(lotr)
+    with lotr.disable_adapter():
+        without = logits(lotr)
+    layer = lotr.base_model.model.layers[0].self_attn.q_proj
+    original = dense_weight(layer.base_layer).float().clone()
+    delta = layer.delta_weight(torch.float32).detach()
+    expected = requantized(original + delta, layer.base_layer.weight).float()
+    with pytest.warns(UserWarning, match="quantizes the sum again"):
+        lotr.merge_adapter()
+    assert type(layer.base_layer.weight).__name__ == ("Int8Params" if kind == "int8" else "Params4bit")
+    merged_weight = dense_weight(layer.base_layer).float()
+    torch.testing.assert_close(merged_weight, expected, rtol=0, atol=1e-6)
+    merged = logits(lotr)
+    # the update survives the rounding: the merged model is far closer to the adapter than to the base
+    assert float((merged - unmerged).abs().max()) < 0.6 * float((without - unmerged).abs().max())
+    with pytest.warns(UserWarning, match="quantizes the sum again"):
+        lotr.unmerge_adapter()
+    restored = dense_weight(layer.base_layer).float()
+    # two more roundings: back near the original, not onto it
+    assert relative(restored, original) < 2 * relative(merged_weight, original + delta)
 
 
-def test_config_save_and_load_keeps_unknown_keys(tmp_path):
-    config = tlr.LoTRConfig(rank=(4, 2), target_modules="all-linear", task_type="CAUSAL_LM", inference_mode=True)
-    config.save_pretrained(tmp_path / "cfg")
-    assert tlr.LoTRConfig.from_pretrained(tmp_path / "cfg") == config
-    document = json.loads((tmp_path / "cfg" / "lotr_config.json").read_text())
-    document["config"]["future_field"] = {"x": 1}
-    (tmp_path / "cfg" / "lotr_config.json").write_text(json.dumps(document))
-    with pytest.warns(UserWarning, match="future_field"):
-        loaded = tlr.LoTRConfig.from_pretrained(tmp_path / "cfg")
-    assert loaded.extra == {"future_field": {"x": 1}}
-    assert loaded.to_dict()["future_field"] == {"x": 1}  # saved again, not dropped
-    with pytest.raises(ValueError, match="unknown LoTRConfig fields"):
-        tlr.LoTRConfig.from_dict(loaded.to_dict())  # explicit from_dict stays strict
-
-
-# --- the Hub, offline, from a cache laid out as huggingface_hub lays it out ---------------------
-
-
-def _fake_hub_cache(cache, repo_id, folder, revision="main", commit="0" * 40):
-    """The documented cache layout: models--{org}--{name}/{refs/<rev>, snapshots/<commit>/files}."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / revision).write_text(commit)
-    (repo / "blobs").mkdir()
-    return snapshot
-
-
-def test_resolve_folder_reads_a_hub_cache_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "lotr_config.json").write_text("{}")
-    snapshot = _fake_hub_cache(tmp_path / "cache", "someone/adapter", tmp_path / "src")
-    assert resolve_folder("someone/adapter", cache_dir=tmp_path / "cache") == snapshot
-    with pytest.raises(FileNotFoundError, match=r"'someone/other'.*not in the cache"):
-        resolve_folder("someone/other", cache_dir=tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_folder(tmp_path / "missing" / "dir")
-
-
-def test_push_is_refused_offline_with_the_repo_named(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConnectionError, match="someone/adapter"):
-        push_folder(tmp_path, "someone/adapter")
-
-
-# --- the model card --------------------------------------------------------------------------
-
-
-def test_model_card_front_matter_and_user_edits_survive(tmp_path):
-    lotr = tlr.get_lotr_model(tiny_llama(0), tlr.LoTRConfig(rank=2, target_modules=["q_proj", "v_proj"]))
-    files = lotr.adapter_files()
-    files.base_model["name_or_path"] = "meta-llama/Llama-2-7b-hf"
-    card = write_model_card(tmp_path, files)
-    text = card.read_text()
-    assert text.startswith("---\n") and "library_name: tensorlotr" in text
-    assert "base_model: meta-llama/Llama-2-7b-hf" in text and "| q_proj |" in text
-    card.write_text(text.replace("# LoTR adapter", "# My adapter\n\nTrained on my data.") + "\nlicense note\n")
-    write_model_card(tmp_path, files)
-    again = card.read_text()
-    assert "Trained on my data." in again and "license note" in again and again.count("library_name") == 1
+@needs_bnb
+def test_svd_init_decomposes_the_dequantized_weights(saved_base):
+    lotr = tlr.get_lotr_model(load(saved_base, "nf4"), tlr.LoTRConfig(rank=4, target_modules=["q_proj"], init="svd"))
+    stack = torch.stack([dense_weight(layer.base_layer).double() for _, layer in lotr.lotr_layers()])
+    expected = tlr.tucker2(stack, 4).out_factor
+    got = lotr.lotr_factors["q_proj"].out_factor.detach().double()
+    torch.testing.assert_close(got.abs(), expected.abs(), atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""transformers.Trainer evaluation: eval_loss, label names, best checkpoints, resuming."""
+"""transformers.Trainer and LoTRTrainer (nn/trainer.py): training, adapter checkpoints, evaluation, bf16."""
 
 from __future__ import annotations
 
@@ -6,37 +6,103 @@ import inspect
 import logging
 
 import torch
-from models import VOCAB, tiny_bert
-from transformers import BertConfig, BertForQuestionAnswering, Trainer, TrainingArguments
+from builders import VOCAB, TokenDataset, tiny_bert, tiny_gpt2, tiny_llama, training_args
+from safetensors.torch import load_file
+from transformers import BertForQuestionAnswering, Trainer, TrainingArguments
 
 import tensorlotr as tlr
+from tensorlotr.nn.layer import Step
 
 
-class LabelledDataset(torch.utils.data.Dataset):
-    """Token rows with a class label; ``flip`` swaps the labels, so training on one set worsens the other."""
-
-    def __init__(self, n: int = 8, flip: bool = False) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(2, VOCAB, (n, 8), generator=generator)
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.ids[i]
-        label = (int(ids[0]) + int(self.flip)) % 2
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(label)}
+def eval_args(tmp_path, **kwargs) -> TrainingArguments:
+    """Three steps, each checkpointed and evaluated."""
+    evaluation = dict(
+        max_steps=3, per_device_eval_batch_size=8, learning_rate=5e-2, eval_strategy="steps", eval_steps=1
+    )
+    return training_args(tmp_path, **{**evaluation, **kwargs})
 
 
-def args(tmp_path, **kwargs) -> TrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        learning_rate=5e-2, save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
-        report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    defaults.update(kwargs)
-    return TrainingArguments(**defaults)
+# --- training and adapter checkpoints ------------------------------------------------------------
+
+
+def test_plain_trainer_runs_two_steps_and_saves(tmp_path):
+    lotr = tlr.get_lotr_model(tiny_bert(), tlr.LoTRConfig(rank=4, target_modules=["query", "value"]))
+    before = lotr.lotr_factors["query"].out_factor.detach().clone()
+    trainer = Trainer(model=lotr, args=training_args(tmp_path), train_dataset=TokenDataset())
+    result = trainer.train()
+    assert result.global_step == 2
+    assert not torch.equal(before, lotr.lotr_factors["query"].out_factor.detach())
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    assert "lotr_factors.query.out_factor" in saved
+
+
+def test_lotr_trainer_saves_adapter_checkpoints_and_resumes(tmp_path):
+    def make():
+        return tlr.get_lotr_model(tiny_gpt2(), tlr.LoTRConfig(rank=4, target_modules=["c_attn"]))
+
+    full = tlr.LoTRTrainer(
+        model=make(), args=training_args(tmp_path / "a", max_steps=4), train_dataset=TokenDataset(labels="lm")
+    )
+    full.train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "lotr_config.json").is_file() and (checkpoint / "lotr_model.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists()  # the base model is not copied into checkpoints
+    loaded = tlr.LoTRModel.from_pretrained(tiny_gpt2(), checkpoint)
+    assert loaded.lotr_factors["c_attn"].out_factor.shape == (96, 4)
+
+    resumed_model = make()
+    resumed = tlr.LoTRTrainer(
+        model=resumed_model, args=training_args(tmp_path / "a", max_steps=4), train_dataset=TokenDataset(labels="lm")
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    final = full.model.tucker("c_attn").to_dense()
+    torch.testing.assert_close(resumed_model.tucker("c_attn").to_dense(), final, atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_bf16_trains_under_autocast(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    seen: list[tuple[bool, torch.dtype]] = []
+    apply = Step.apply
+
+    def recording(self, *operands, **kwargs):
+        out = apply(self, *operands, **kwargs)
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(Step, "apply", recording)  # every product of every adapter layer
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.ids = torch.randint(2, VOCAB, (8, 8), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    def train(bf16: bool) -> float:
+        seen.clear()
+        lotr = tlr.get_lotr_model(tiny_llama(), tlr.LoTRConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(bf16)), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+            report_to=[], use_cpu=True, bf16=bf16, save_strategy="no", disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        result = Trainer(model=lotr, args=args, train_dataset=Tokens()).train()
+        assert lotr.lotr_factors["q_proj"].in_factor.dtype == torch.float32
+        return result.training_loss
+
+    fp32_loss = train(False)
+    assert seen and set(seen) == {(False, torch.float32)}
+    bf16_loss = train(True)
+    assert seen and set(seen) == {(True, torch.bfloat16)}  # every adapter product ran under autocast
+    assert bf16_loss != fp32_loss
+    assert abs(bf16_loss - fp32_loss) < 0.05 * fp32_loss
+
+
+# --- evaluation: eval_loss, label names, best checkpoints --------------------------------------------
 
 
 def make_lotr() -> tlr.LoTRModel:
@@ -52,14 +118,14 @@ def test_signatures_name_labels_and_base_inputs():
     lotr = make_lotr()
     assert "labels" in inspect.signature(type(lotr).forward).parameters  # what Trainer's find_labels reads
     assert "input_ids" in inspect.signature(lotr.forward).parameters  # what remove_unused_columns reads
-    batch = LabelledDataset()[0]
+    batch = TokenDataset(n=8)[0]
     with torch.no_grad():
         out = lotr(**{k: v[None] for k, v in batch.items()})
     assert out.loss is not None and out.loss.ndim == 0
 
 
 def test_plain_trainer_evaluate_reports_eval_loss(tmp_path):
-    trainer = Trainer(model=make_lotr(), args=args(tmp_path, eval_strategy="no"), eval_dataset=LabelledDataset())
+    trainer = Trainer(model=make_lotr(), args=eval_args(tmp_path, eval_strategy="no"), eval_dataset=TokenDataset(n=8))
     assert trainer.label_names == ["labels"]
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0
@@ -73,9 +139,9 @@ def test_lotr_trainer_reloads_the_best_adapter(tmp_path):
     lotr = make_lotr()
     trainer = tlr.LoTRTrainer(
         model=lotr,
-        args=args(tmp_path, metric_for_best_model="loss", load_best_model_at_end=True),
-        train_dataset=LabelledDataset(),
-        eval_dataset=LabelledDataset(flip=True),  # the eval loss rises as training fits the other labels
+        args=eval_args(tmp_path, metric_for_best_model="loss", load_best_model_at_end=True),
+        train_dataset=TokenDataset(n=8),
+        eval_dataset=TokenDataset(n=8, flip=True),  # the eval loss rises as training fits the other labels
     )
     try:
         trainer.train()
@@ -96,11 +162,9 @@ def test_lotr_trainer_reloads_the_best_adapter(tmp_path):
 
 
 def test_lotr_trainer_takes_label_names_from_the_base_model(tmp_path):
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32
-    )
-    lotr = tlr.get_lotr_model(BertForQuestionAnswering(config), tlr.LoTRConfig(rank=2, target_modules=["query"]))
-    trainer = tlr.LoTRTrainer(model=lotr, args=args(tmp_path, eval_strategy="no"))
+    model = tiny_bert(model_class=BertForQuestionAnswering, num_hidden_layers=1, intermediate_size=32)
+    lotr = tlr.get_lotr_model(model, tlr.LoTRConfig(rank=2, target_modules=["query"]))
+    trainer = tlr.LoTRTrainer(model=lotr, args=eval_args(tmp_path, eval_strategy="no"))
     assert trainer.label_names == ["start_positions", "end_positions"]
-    given = tlr.LoTRTrainer(model=lotr, args=args(tmp_path, eval_strategy="no", label_names=["start_positions"]))
+    given = tlr.LoTRTrainer(model=lotr, args=eval_args(tmp_path, eval_strategy="no", label_names=["start_positions"]))
     assert given.label_names == ["start_positions"]
