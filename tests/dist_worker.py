@@ -11,7 +11,7 @@ share of every global batch, in three set-ups (gloo, CPU):
   the shared factors and the copy of ``lm_head``), then ``save_pretrained`` on every process.
 
 Each process writes ``OUT_DIR/writes-<rank>.json``: how many model files it wrote per set-up.
-``tests/test_distributed.py`` compares the checkpoints with a single-process run.
+``tests/e2e/test_distributed.py`` compares the checkpoints with a single-process run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from models import VOCAB, tiny_llama
+from builders import VOCAB, tiny_llama
 
 import tensorlotr as tlr
 

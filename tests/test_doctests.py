@@ -9,6 +9,7 @@ import inspect
 import io
 
 import pytest
+from builders import tiny_peft_lora, tiny_runs
 
 #: Modules whose docstring examples run here. Each runs in an empty working directory, with
 #: ``HF_HUB_OFFLINE=1``; the examples of the modules in :data:`FIXTURES` find there what a
@@ -60,41 +61,6 @@ MODULES = [
     "tensorlotr.cli.main",
     "tensorlotr.jobs.demo",
 ]
-
-
-def tiny_llama(seed: int = 0):
-    """A 2-layer Llama of hidden size 32, built from a config."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=32,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-def tiny_peft_lora(folder, seed: int = 0) -> None:
-    """A rank-4 PEFT LoRA on q_proj and v_proj of :func:`tiny_llama`, saved in ``folder``."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    base = tiny_llama()
-    torch.manual_seed(seed)
-    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    lora.save_pretrained(folder)
-
-
-def tiny_runs(folder) -> None:
-    """Three TensorBoard runs ``folder/sst2/lotr/<lr>/<seed>/`` (lr 1e-4 seeds 0 and 1, lr 3e-4 seed 0),
-    each logging ``train/loss`` = 1 / (step + 1) at steps 0 to 4."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    for lr, seed in (("1e-4", 0), ("1e-4", 1), ("3e-4", 0)):
-        with SummaryWriter(str(folder / "sst2" / "lotr" / lr / str(seed))) as writer:
-            for step in range(5):
-                writer.add_scalar("train/loss", 1.0 / (step + 1), step)
 
 
 #: Two LoRAs of one base (:func:`tiny_peft_lora` with seeds 0 and 1), for the zoo's examples.
