@@ -10,9 +10,9 @@ from builders import BERT_LORA, bert_loras, peft_lora, tiny_bert, token_batches
 from tensorlotr.io import read_adapter
 from tensorlotr.io.peft_lora import PeftLoRA
 from tensorlotr.jobs.calibration import Calibration, error_sums
-from tensorlotr.nn.calibration import calibrate
 from tensorlotr.jobs.convert import convert_lora
 from tensorlotr.jobs.inspect import inspect_adapter
+from tensorlotr.nn.calibration import calibrate
 
 # --- calibrated conversion -------------------------------------------------------------------
 

@@ -13,8 +13,6 @@ from builders import assert_same, inputs, loss_and_grads, randomise_cores, tiny_
 from torch import nn
 
 import tensorlotr as tlr
-from tensorlotr.nn.planner import Step
-
 
 
 def test_conv1d_merge_orientation():

@@ -11,8 +11,6 @@ from builders import inputs, randomise_cores, tiny_bert, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tensorlotr as tlr
-from tensorlotr.nn.layer import ADAPTER_FORWARD
-from tensorlotr.nn.planner import execute, plan_batched, plan_path
 from tensorlotr.nn.sharing import SHARE_MIN_ROWS
 
 #: 4 x 8 = 32 rows: enough for sibling layers to share x V
