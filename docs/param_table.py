@@ -2,7 +2,7 @@
 
     .venv/bin/python docs/param_table.py
 
-prints the Markdown tables; tests/test_docs.py checks that concepts.md holds them verbatim.
+prints the Markdown tables; tests/e2e/test_docs.py checks that concepts.md holds them verbatim.
 Counts are of the adapter only (no classifier head). For a projection stack of L layers
 of d x d matrices at rank r:
 
