@@ -37,8 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tensorlotr.data import read_tsv  # noqa: E402
-from tensorlotr.demo import default_model_dir, load_classifier  # noqa: E402
+from tensorlotr.jobs.data import read_tsv  # noqa: E402
+from tensorlotr.jobs.demo import default_model_dir, load_classifier  # noqa: E402
 
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 NEGATION = re.compile(r"\b(not|no|never|nothing|nobody|none|neither|nor|without|cannot)\b|n't")
@@ -151,7 +151,7 @@ def kept(score: float, low: float, high: float) -> float:
 
 
 def calibration_setup(tokenizer: Any, texts: list[str], heal_steps: int) -> Any:
-    from tensorlotr.calibration import Calibration, tokenized_batches
+    from tensorlotr.jobs.calibration import Calibration, tokenized_batches
 
     batches = tokenized_batches(tokenizer, texts, batch_size=16, max_length=MAX_LENGTH)
     return Calibration(inputs=batches, base_model=fresh_model(), heal_steps=heal_steps, heal_lr=HEAL_LR)
@@ -163,10 +163,10 @@ CONVERT_HEAL_LR = 3e-3  # conversion heals cores and factors
 
 
 def stage_convert(workdir: Path, ranks: list[int]) -> dict[str, Any]:
-    from tensorlotr.calibration import calibrate
-    from tensorlotr.convert import convert_lora
     from tensorlotr.io import read_adapter
     from tensorlotr.io.peft_lora import PeftLoRA
+    from tensorlotr.jobs.calibration import calibrate
+    from tensorlotr.jobs.convert import convert_lora
 
     _, dev, texts = sentences()
     tokenizer = load_classifier(default_model_dir())[0]
@@ -217,9 +217,9 @@ ZOO_MODES = {  # name -> (objective with calibration, or None without; fairness,
 
 
 def stage_zoo(workdir: Path, rank: int, modes: list[str]) -> dict[str, Any]:
-    from tensorlotr.calibration import calibrate
     from tensorlotr.io.peft_lora import PeftLoRA
-    from tensorlotr.zoo import compress_zoo
+    from tensorlotr.jobs.calibration import calibrate
+    from tensorlotr.jobs.zoo import compress_zoo
 
     _, dev, texts = sentences()
     tokenizer = load_classifier(default_model_dir())[0]

@@ -128,7 +128,7 @@ def main() -> None:
                 f"| `{flags}` | {seconds:.2f} | {peak:.0f} | {peak * 2**20 / size:.2f} | {totals['lora_params']:,} "
                 f"| {totals['lotr_params']:,} | {totals['relative_error']:.4f} |"
             )
-        code = PEAK_RSS_SOURCE + "import tensorlotr.cli, tensorlotr.convert\nprint(peak_rss_mib())"
+        code = PEAK_RSS_SOURCE + "import tensorlotr.cli, tensorlotr.jobs.convert\nprint(peak_rss_mib())"
         baseline = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         print(f"\nRSS of the interpreter with tensorlotr imported, before any work: {float(baseline.stdout):.0f} MiB")
 

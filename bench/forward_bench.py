@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine
 
 import tensorlotr as tlr
-from tensorlotr.demo import default_model_dir, load_classifier
+from tensorlotr.jobs.demo import default_model_dir, load_classifier
 
 SHAPES = {"decode (1 x 1)": (1, 1), "prefill (32 x 64)": (32, 64)}
 #: calls per measure and round: many for the sub-millisecond decode, few for a prefill forward

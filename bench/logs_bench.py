@@ -4,7 +4,7 @@
 
 Builds ``<dataset>/<model>/<method>/<lr>/<rank>/<seed>/`` runs with torch's SummaryWriter,
 then times (a) a sequential loop of ``tbparse.SummaryReader(file).scalars`` plus a concat,
-the obvious script, and (b) ``tensorlotr.logs.tb2parquet`` with 2 reader processes,
+the obvious script, and (b) ``tensorlotr.jobs.logs.tb2parquet`` with 2 reader processes,
 including typing the columns and writing zstd parquet.
 """
 
@@ -93,7 +93,7 @@ def main() -> None:
             list(pool.map(write_run, jobs, chunksize=8))
         written = time.perf_counter() - start
 
-        from tensorlotr.logs import tb2parquet
+        from tensorlotr.jobs.logs import tb2parquet
 
         start = time.perf_counter()
         baseline = sequential_tbparse(root)

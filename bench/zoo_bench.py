@@ -1,13 +1,17 @@
 """Benchmarks of the LoRA zoo. Prints markdown tables.
 
-    python bench/zoo_bench.py compress [--adapters 100] [--workdir DIR]
+    python bench/zoo_bench.py compress [--adapters 100] [--kind random|planted|both] [--route new|old|both]
+        [--workdir DIR]
     python bench/zoo_bench.py serve [--adapters 100] [--batch 64] [--seq 32]
 
 1. ``compress``: N synthetic PEFT LoRAs at Llama-2-7B shapes (32 layers; q, k, v, o 4096x4096;
    r=16; bf16 files), random and with planted shared structure (each update is
    ``U0 C V0^T`` with ``U0``, ``V0`` of rank 64 shared by every adapter and layer, plus 1%
    noise). ``tensorlotr zoo compress --rank 64`` in a child process: time, peak RSS, storage
-   against the N separate LoRAs, and each adapter's relative error.
+   against the N separate LoRAs, and each adapter's relative error. ``--route`` picks the fit:
+   ``new`` the randomized range finder of the factored stack read in batches (the default of
+   ``zoo compress``), ``old`` the exact HOSVD of the factored stack in memory
+   (``Objective(method="exact")``, set in the child), ``both`` side by side on the same files.
 2. ``serve``: mixed batches of sequences drawn from N adapters on the packaged MiniLM (CPU):
    throughput of the zoo's mixed-batch forward against (a) the same batch through one adapter
    and (b) PEFT LoRA serving the same N adapters in mixed batches (``adapter_names``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -70,42 +75,62 @@ def write_zoo_sources(root: Path, n_adapters: int, planted: bool, n_layers: int 
     return total
 
 
+#: ``zoo compress`` in a child: argv[1] is the fit method (``Objective.method``), the rest the CLI's arguments.
 CLI_WITH_PEAK = (
     PEAK_RSS_SOURCE
-    + "import sys, json\nfrom tensorlotr.cli import main\nrc = main(sys.argv[1:])\n"
+    + "import functools, importlib, json, sys\n"
+    + "job, fit = (importlib.import_module(f'tensorlotr.jobs.zoo.{m}') for m in ('compress', 'fit'))\n"
+    + "job.Objective = functools.partial(fit.Objective, method=sys.argv[1])\n"
+    + "from tensorlotr.cli import main\nrc = main(sys.argv[2:])\n"
     + "print(json.dumps({'peak_rss_mib': peak_rss_mib()}), file=sys.stderr)\nsys.exit(rc)\n"
 )
+#: The zoo's rank, as the CLI takes it.
+RANK = ["--rank", "64", "--json"]
+#: ``--route`` names and the fit method each runs.
+ROUTES = {"new": "randomized", "old": "exact"}
 
 
-def compress(n_adapters: int, workdir: Path, kinds: tuple[bool, ...] = (False, True)) -> None:
+def compress(
+    n_adapters: int, workdir: Path, kinds: tuple[bool, ...] = (False, True), routes: tuple[str, ...] = ("new",)
+) -> None:
     print(f"Machine: {machine()}, torch {torch.__version__}\n")
     print(f"{n_adapters} LoRAs, Llama-2-7B attention (32 layers, q/k/v/o 4096x4096), r=16, bf16 files; zoo rank 64\n")
-    print("| LoRAs | seconds | peak RSS (MiB) | separate params | zoo params | smaller | mean / max rel. error |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| LoRAs | route | seconds | peak RSS (MiB) | separate params | zoo params | smaller "
+        "| mean / max rel. error | load avg (1 min) before / after |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for planted in kinds:
         root = workdir / ("planted" if planted else "random")
         write_zoo_sources(root, n_adapters, planted)
         sources = sorted(str(p) for p in root.iterdir())
-        out = workdir / "zoo"
-        start = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-c", CLI_WITH_PEAK, "zoo", "compress", *sources, str(out), "--rank", "64", "--json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        seconds = time.perf_counter() - start
-        report = json.loads(done.stdout)
-        peak = json.loads(done.stderr.strip().splitlines()[-1])["peak_rss_mib"]
-        errors = [a["relative_error"] for a in report["adapters"]]
-        totals = report["totals"]
-        print(
-            f"| {'planted' if planted else 'random'} | {seconds:.1f} | {peak:.0f} | {totals['separate_params']:,} | "
-            f"{totals['stored_params']:,} | {totals['compression']:.1f}x | "
-            f"{statistics.mean(errors):.4f} / {max(errors):.4f} |"
-        )
+        means = {}
+        for route in routes:
+            out = workdir / "zoo"
+            load_before = os.getloadavg()[0]
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-c", CLI_WITH_PEAK, ROUTES[route], "zoo", "compress", *sources, str(out), *RANK],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            seconds = time.perf_counter() - start
+            report = json.loads(done.stdout)
+            peak = json.loads(done.stderr.strip().splitlines()[-1])["peak_rss_mib"]
+            errors = [a["relative_error"] for a in report["adapters"]]
+            means[route] = statistics.mean(errors)
+            totals = report["totals"]
+            print(
+                f"| {n_adapters} {'planted' if planted else 'random'} | {route} | {seconds:.1f} | {peak:.0f} | "
+                f"{totals['separate_params']:,} | {totals['stored_params']:,} | {totals['compression']:.1f}x | "
+                f"{statistics.mean(errors):.6f} / {max(errors):.6f} | {load_before:.1f} / {os.getloadavg()[0]:.1f} |",
+                flush=True,
+            )
+            shutil.rmtree(out)
+        if len(means) == 2:
+            print(f"\n{'planted' if planted else 'random'}: mean error new / old = {means['new'] / means['old']:.6f}\n")
         shutil.rmtree(root)
-        shutil.rmtree(out)
 
 
 def _minilm_loras(root: Path, n_adapters: int, r: int = 8) -> list[Path]:
@@ -203,12 +228,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--kind", choices=["random", "planted", "both"], default="both", help="compress: which LoRAs")
+    parser.add_argument("--route", choices=["new", "old", "both"], default="new", help="compress: which fit")
     args = parser.parse_args()
     if args.part == "compress":
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="zoo-bench-"))
         try:
             kinds = {"random": (False,), "planted": (True,), "both": (False, True)}[args.kind]
-            compress(args.adapters, workdir, kinds)
+            routes = ("new", "old") if args.route == "both" else (args.route,)
+            compress(args.adapters, workdir, kinds, routes)
         finally:
             if args.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)

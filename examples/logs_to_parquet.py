@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from torch.utils.tensorboard import SummaryWriter
 
-from tensorlotr.logs import tb2parquet
+from tensorlotr.jobs.logs import tb2parquet
 
 NAMES = ["dataset", "model", "method", "lr", "rank", "seed"]
 METHODS, LRS, RANKS, SEEDS = ("lora", "lotr"), ("1e-4", "3e-4"), (8, 32), (0, 1, 2)

@@ -19,8 +19,8 @@ import peft
 import torch
 
 import tensorlotr as tlr
-from tensorlotr.data import builtin_sentiment, read_tsv
-from tensorlotr.demo import default_model_dir, evaluate, load_classifier
+from tensorlotr.jobs.data import builtin_sentiment, read_tsv
+from tensorlotr.jobs.demo import default_model_dir, evaluate, load_classifier
 
 
 def batches(tokenizer, rows: list[tuple[str, int]], steps: int, batch: int, seed: int) -> list[dict]:

@@ -24,8 +24,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BitsAndBytesConfig
 
 import tensorlotr as tlr
-from tensorlotr.data import builtin_sentiment
-from tensorlotr.demo import default_model_dir
+from tensorlotr.jobs.data import builtin_sentiment
+from tensorlotr.jobs.demo import default_model_dir
 
 
 def quantization_config(kind: str) -> BitsAndBytesConfig:

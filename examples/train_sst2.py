@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import tensorlotr as tlr
-from tensorlotr.data import read_tsv
-from tensorlotr.demo import default_model_dir, evaluate, load_classifier
+from tensorlotr.jobs.data import read_tsv
+from tensorlotr.jobs.demo import default_model_dir, evaluate, load_classifier
 
 
 class Sentences(torch.utils.data.Dataset):

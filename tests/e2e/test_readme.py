@@ -3,9 +3,9 @@
 A block is runnable when the line before its opening fence is ``<!-- runnable -->``; a block
 that repeats an earlier one runs once. Each runs in a fresh working directory that holds
 what the commands name, as a user's checkout would after ``make test``: ``.venv`` (this
-interpreter's environment), ``my-lora/``, ``lora-a/`` and ``lora-b/`` (PEFT LoRAs),
-``base/`` and ``finetuned/`` (model folders) and ``runs/`` (TensorBoard runs, six path
-segments deep).
+interpreter's environment) and :func:`builders.write_doc_fixtures`' folders: ``my-lora/`` and
+``lora-a/`` to ``lora-e/`` (PEFT LoRAs), ``base/`` and ``finetuned/`` (model folders) and
+``runs/`` (TensorBoard runs, six path segments deep).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 import pytest
-from builders import DOC_LLAMA, REPO, tiny_llama, tiny_peft_lora, tiny_runs
+from builders import REPO, write_doc_fixtures
 
 DOCUMENTS = ["README.md", "docs/getting-started.md"]
 _BLOCK = re.compile(r"^<!-- runnable -->\n```(bash|python)\n(.*?)^```", re.M | re.S)
@@ -33,27 +33,10 @@ for _doc in DOCUMENTS:
     BLOCKS += [(_doc, lang, code) for lang, code in runnable_blocks(_doc) if code not in {c for *_, c in BLOCKS}]
 
 
-def _write_fixtures(root) -> None:
-    import torch
-
-    base = tiny_llama(**DOC_LLAMA)
-    base.save_pretrained(root / "base")
-    finetuned = tiny_llama(**DOC_LLAMA)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in finetuned.named_parameters():
-            if name.endswith(("q_proj.weight", "v_proj.weight")):
-                parameter += 0.01 * torch.randn(parameter.shape, generator=generator)
-    finetuned.save_pretrained(root / "finetuned")
-    for seed, name in enumerate(("my-lora", "lora-a", "lora-b")):
-        tiny_peft_lora(root / name, seed=seed)
-    tiny_runs(root / "runs", "sst2/minilm/lotr/{lr}/8/{seed}")
-
-
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme-fixtures")
-    _write_fixtures(root)
+    write_doc_fixtures(root)
     return root
 
 

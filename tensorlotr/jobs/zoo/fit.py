@@ -1,9 +1,12 @@
 """The zoo's shared-basis fit: each group's Tucker-2 over every adapter's layers, fair to each adapter.
 
-For each group, the layers of every adapter that has it are stacked and decomposed at once
-(:func:`tensorlotr.tucker2_lowrank`, or with calibration statistics
-:func:`tensorlotr.core.tucker2_weighted`): one ``U`` (d_out, r_out) and ``V`` (d_in, r_in)
-for the group, a core per adapter and layer. With ``fairness="relative"`` each adapter's
+For each group, the layers of every adapter that has it are stacked and decomposed at once:
+one ``U`` (d_out, r_out) and ``V`` (d_in, r_in) for the group, a core per adapter and layer.
+The weight objective at a given rank takes the randomized range finder of the factored stack
+(:class:`tensorlotr.core.FactoredStack`: the layers stay in their stored dtype and are read in
+batches, each adapter's error comes from small Gram matrices), ``method="exact"`` the exact
+HOSVD of :func:`tensorlotr.tucker2_lowrank` in memory, as do ``energy``, HOOI sweeps and
+calibration statistics (:func:`tensorlotr.core.tucker2_weighted`). With ``fairness="relative"`` each adapter's
 layers are weighted by the inverse of its own (output) energy, so the basis minimises the sum
 of the adapters' relative errors; with ``min_retention`` adapters that keep less of their
 energy are weighted up, round after round, and if that is not enough the group's rank is
@@ -12,6 +15,7 @@ raised (:func:`fit_group`). :func:`fit_zoo` does this for every group and assemb
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from ...adapter.layout import (
     zoo_core_key,
     zoo_saved_key,
 )
-from ...core import Tucker2, max_rank, tucker2_lowrank, tucker2_weighted
+from ...core import FactoredStack, Tucker2, max_rank, tucker2_lowrank, tucker2_weighted
 from ...progress import Progress
 from ..calibration import Calibration, ErrorSums, error_sums
 from .report import PairErrors
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
 
 #: The fairness options of :func:`tensorlotr.zoo.compress_zoo`.
 FAIRNESS = ("relative", "none")
+#: How a group's bases are fitted (:class:`Objective`'s ``method``).
+METHODS = ("randomized", "exact")
 
 
 @dataclass
@@ -64,6 +70,23 @@ class Objective:
     fairness: str = "none"
     min_retention: float | None = None
     max_rounds: int = 6  # reweighting rounds before the rank is raised
+    #: "randomized": :meth:`tensorlotr.core.FactoredStack.tucker2` where it applies (:meth:`randomized`);
+    #: "exact": always :func:`tensorlotr.tucker2_lowrank` (the HOSVD of the stack in memory)
+    method: str = "randomized"
+    oversample: int = 16  # sketch columns beyond the rank, randomized route
+    n_power: int = 1  # power passes, randomized route
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    def randomized(self, calibrated: bool, energy: float | None, n_iter: int) -> bool:
+        """Whether a group takes the randomized route: asked for, the weight objective, a fixed rank, no HOOI.
+
+        >>> Objective().randomized(False, None, 0), Objective(method="exact").randomized(False, None, 0)
+        (True, False)
+        """
+        return self.method == "randomized" and not calibrated and energy is None and n_iter == 0
 
     def fit(
         self,
@@ -144,24 +167,51 @@ def fit_group(
         error = sums.output_error if sums.output_error is not None else sums.weight_error
         return error**2
 
-    adapter_weight = {part.adapter: 1.0 for part in parts}
-    if objective.fairness == "relative":
-        for part in parts:
+    layers = _stacked(parts)
+    ends = list(itertools.accumulate(len(part.modules) for part in parts))
+    spans = [slice(end - len(part.modules), end) for part, end in zip(parts, ends, strict=True)]
+    if objective.randomized(factor_of is not None, energy, n_iter):
+        stack = FactoredStack(*layers)
+        norms = stack.norms_sq()
+
+        def own_energy(i: int, part: Part) -> float:
+            return float(norms[spans[i]].sum())
+
+        def fit(current: tuple[int, int] | None, weights: list[float]) -> tuple[Tucker2, dict[str, ErrorSums]]:
+            found = stack.tucker2(
+                current or exact, layer_weights=weights, oversample=objective.oversample, n_power=objective.n_power
+            )
+            sums = {
+                part.adapter: ErrorSums(float(found.residual_sq[span].sum()), float(found.norm_sq[span].sum()))
+                for part, span in zip(parts, spans, strict=True)
+            }
+            return found.tucker, sums
+
+    else:
+        factors = [factor_of[m] for part in parts for m in part.modules] if factor_of is not None else None
+
+        def own_energy(i: int, part: Part) -> float:
             bs, as_, _ = part.layers
             own = part.error_sums(_empty(bs[0], as_[0], len(part.modules)), factor_of)
-            energy_a = own.output_ref if own.output_ref is not None else own.weight_ref
+            return own.output_ref if own.output_ref is not None else own.weight_ref
+
+        def fit(current: tuple[int, int] | None, weights: list[float]) -> tuple[Tucker2, dict[str, ErrorSums]]:
+            tucker = objective.fit(layers, factors, current, energy, n_iter, weights)
+            return tucker, {part.adapter: part.error_sums(piece, factor_of) for part, piece in pieces(tucker, parts)}
+
+    adapter_weight = {part.adapter: 1.0 for part in parts}
+    if objective.fairness == "relative":
+        for i, part in enumerate(parts):
+            energy_a = own_energy(i, part)
             adapter_weight[part.adapter] = 1.0 / energy_a if energy_a > 0 else 1.0
     scale = len(adapter_weight) / sum(adapter_weight.values())
     adapter_weight = {k: w * scale for k, w in adapter_weight.items()}
-    layers = _stacked(parts)
-    factors = [factor_of[m] for part in parts for m in part.modules] if factor_of is not None else None
     current = rank
     budget = 1.0 - objective.min_retention if objective.min_retention is not None else None
     while True:
         for _ in range(objective.max_rounds if budget is not None else 1):
             weights = [adapter_weight[part.adapter] for part in parts for _ in part.modules]
-            tucker = objective.fit(layers, factors, current, energy, n_iter, weights)
-            sums = {part.adapter: part.error_sums(piece, factor_of) for part, piece in pieces(tucker, parts)}
+            tucker, sums = fit(current, weights)
             if budget is None:
                 return tucker, sums
             short = {name: share_lost(e) / budget for name, e in sums.items() if share_lost(e) > budget}
@@ -232,12 +282,13 @@ def fit_zoo(
     ordered = dict(sorted(shapes.items(), key=lambda item: module_order(item[0])))
     plan = group_modules(ordered, groups)
     for group in progress(plan, "compressing", len(plan)):
+        factor_of = {m: objective.stats.factor(m) for m in group.modules} if objective.stats is not None else None
+        stored = objective.randomized(factor_of is not None, energy, n_iter)  # half precision stays so
         parts = []
         for name, source in sources.items():
             modules = [m for m in group.modules if m in source.modules]
             if modules:
-                parts.append(Part(name, modules, source.load(modules)))
-        factor_of = {m: objective.stats.factor(m) for m in group.modules} if objective.stats is not None else None
+                parts.append(Part(name, modules, source.load(modules, stored=stored)))
         n_layers = sum(len(part.modules) for part in parts)
         total = sum(int(b.shape[1]) for part in parts for b in part.layers[0])
         bound_out, bound_in = max_rank(n_layers, group.shape)

@@ -38,8 +38,8 @@ class Source(Protocol):
     fan_in_fan_out: bool
     base: str | None
 
-    def load(self, names: list[str]) -> Layers:
-        """The layers of ``names``."""
+    def load(self, names: list[str], stored: bool = False) -> Layers:
+        """The layers of ``names``; with ``stored``, in the dtype they are stored in (half precision kept)."""
         ...
 
     def load_modules_to_save(self) -> dict[str, torch.Tensor]:
@@ -70,9 +70,15 @@ class LoRASource:
         self.fan_in_fan_out = lora.fan_in_fan_out
         self.base: str | None = lora.config.get("base_model_name_or_path")
 
-    def load(self, names: list[str]) -> Layers:
-        """``B_l``, ``A_l`` and ``s_l`` of ``names``, in float32 unless stored in float64 (errors add up in float64)."""
+    def load(self, names: list[str], stored: bool = False) -> Layers:
+        """``B_l``, ``A_l`` and ``s_l`` of ``names``, in float32 unless stored in float64 (errors add up in float64).
+
+        ``stored=True`` keeps the stored dtype (bfloat16 stays bfloat16: half the memory for a
+        fit that converts one batch of layers at a time).
+        """
         bs, as_, scales = self.lora.load(names)
+        if stored:
+            return bs, as_, scales
         work = torch.float64 if bs[0].dtype == torch.float64 else torch.float32
         return [b.to(work) for b in bs], [a.to(work) for a in as_], scales
 
@@ -108,8 +114,8 @@ class LoTRSource:
         self.fan_in_fan_out = any(g.fan_in_fan_out for g in files.groups.values())
         self.base = base
 
-    def load(self, names: list[str]) -> Layers:
-        """``B_l`` and ``A_l`` of ``names`` from their groups' :meth:`LoTRAdapterFiles.lora_factors`."""
+    def load(self, names: list[str], stored: bool = False) -> Layers:
+        """``B_l`` and ``A_l`` of ``names`` from their groups' :meth:`LoTRAdapterFiles.lora_factors`, in float64."""
         group_of = {m: g for g, layout in self.files.groups.items() for m in layout.modules}
         views = {g: self.files.lora_factors(g, torch.float64) for g in {group_of[m] for m in names}}
         pairs = [views[group_of[m]][m] for m in names]
