@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..adapter.config import CONFIG_NAME, FORMAT_VERSION
-from ..adapter.layout import GroupLayout, LoTRAdapterFiles, expected_shapes
+from ..adapter.layout import LoTRAdapterFiles
 from ..files.atomic import atomic_file
 from ..files.jsonfile import read_json_object
-from .checkpoint import unreadable
-from .peft_lotr import is_peft_lotr_dir, read_peft_lotr
+from .checkpoint import check_readable
+from .peft_lotr import check_group_layouts, check_tensors, is_peft_lotr_dir, read_peft_lotr
 
 WEIGHTS_NAME = "lotr_model.safetensors"
 #: Dtypes whose range a converted adapter may overflow.
@@ -169,64 +168,21 @@ def read_adapter(path: str | os.PathLike[str]) -> LoTRAdapterFiles:
     version = document.get("format_version", 0)
     if document.get("format") != "tensorlotr" or not _is_int(version) or version > FORMAT_VERSION:
         raise ValueError(f"{config_path} is not a tensorlotr adapter of format version <= {FORMAT_VERSION}")
-    groups = _read_groups(document.get("groups"), config_path)
+    groups = check_group_layouts(document.get("groups"), config_path, "'groups'")
     for key in ("config", "base_model"):
         if not isinstance(document.get(key, {}), dict):
             raise ValueError(f"{config_path}: {key!r} must be an object, got {document[key]!r}")
     if "config" not in document:
         raise ValueError(f"{config_path} has no 'config'")
-    why = unreadable(weights_path)
-    if why is not None:
-        raise ValueError(f"{weights_path} cannot be read: {why}")
+    check_readable(weights_path)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{weights_path} cannot be read as safetensors: {exc}") from None
     adapter = LoTRAdapterFiles(document["config"], groups, tensors, document.get("base_model", {}))
-    _check_tensors(adapter, weights_path)
+    check_tensors(adapter, weights_path)
     return adapter
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _read_groups(groups: Any, where: Path) -> dict[str, GroupLayout]:
-    """The ``groups`` of a ``lotr_config.json``, checked field by field; errors name the file and group."""
-    if not isinstance(groups, dict) or not groups:
-        raise ValueError(f"{where}: 'groups' must be a non-empty object of group layouts, got {groups!r}")
-    layouts = {}
-    owner: dict[str, str] = {}
-    for name, group in groups.items():
-        if not isinstance(group, dict):
-            raise ValueError(f"{where}: group {name!r} must be an object, got {group!r}")
-        modules, shape, rank, scale = (group.get(k) for k in ("modules", "shape", "rank", "scale"))
-        if not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
-            raise ValueError(f"{where}: group {name!r}: 'modules' must be a non-empty list of names, got {modules!r}")
-        for key, pair in (("shape", shape), ("rank", rank)):
-            if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(n) and n > 0 for n in pair)):
-                raise ValueError(f"{where}: group {name!r}: {key!r} must be two positive integers, got {pair!r}")
-        if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
-            raise ValueError(f"{where}: group {name!r}: 'scale' must be a finite number, got {scale!r}")
-        if not isinstance(group.get("fan_in_fan_out", False), bool):
-            raise ValueError(f"{where}: group {name!r}: 'fan_in_fan_out' must be true or false")
-        for module in modules:
-            if module in owner:
-                raise ValueError(f"{where}: module {module!r} is in groups {owner[module]!r} and {name!r}")
-            owner[module] = name
-        layouts[name] = GroupLayout.from_dict(group)
-    return layouts
-
-
-def _check_tensors(adapter: LoTRAdapterFiles, where: Path) -> None:
-    for name, group in adapter.groups.items():
-        for key, shape in expected_shapes(name, group).items():
-            if key not in adapter.tensors:
-                raise ValueError(f"{where} lacks tensor {key!r}")
-            tensor = adapter.tensors[key]
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
-            if not tensor.is_floating_point():
-                raise ValueError(f"{where}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{where}: tensor {key!r} contains NaN or Inf values")

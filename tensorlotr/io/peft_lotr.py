@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,7 +319,7 @@ class PeftLoTRFolder:
                 raise ValueError(f"{where}: tensor {key!r} belongs to no group of {self.path / CONFIG_NAME}")
             tensors[saved_key(key[len(_MODEL) :])] = tensor
         files = LoTRAdapterFiles(self.config, dict(groups), tensors, self.base_model())
-        _check_tensors(files, where)
+        check_tensors(files, where)
         return files
 
     def base_model(self) -> dict[str, Any]:
@@ -390,9 +391,17 @@ def layout_groups(layout: dict[str, Any], where: str | os.PathLike[str] = CONFIG
     >>> layout_groups({"format": "tensorlotr", "format_version": 1, "groups": {"query": group}})["query"].rank
     (3, 2)
     """
-    groups = layout.get("groups")
+    return check_group_layouts(layout.get("groups"), where, f"{LAYOUT}.groups")
+
+
+def check_group_layouts(groups: Any, where: str | os.PathLike[str], field: str) -> dict[str, GroupLayout]:
+    """``groups`` (a JSON object of group layouts, the file's ``field``) checked field by field.
+
+    Raises ``ValueError`` naming ``where``, the group and the field at fault; a module in two
+    groups names both.
+    """
     if not isinstance(groups, dict) or not groups:
-        raise ValueError(f"{where}: {LAYOUT}.groups must be a non-empty object of group layouts, got {groups!r}")
+        raise ValueError(f"{where}: {field} must be a non-empty object of group layouts, got {groups!r}")
     layouts: dict[str, GroupLayout] = {}
     owner: dict[str, str] = {}
     for name, group in groups.items():
@@ -404,8 +413,10 @@ def layout_groups(layout: dict[str, Any], where: str | os.PathLike[str] = CONFIG
         for key, pair in (("shape", shape), ("rank", rank)):
             if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(n) and n > 0 for n in pair)):
                 raise ValueError(f"{where}: group {name!r}: {key!r} must be two positive integers, got {pair!r}")
-        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)):
+        if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)):
             raise ValueError(f"{where}: group {name!r}: 'scale' must be a finite number, got {scale!r}")
+        if not isinstance(group.get("fan_in_fan_out", False), bool):
+            raise ValueError(f"{where}: group {name!r}: 'fan_in_fan_out' must be true or false")
         for module in modules:
             if module in owner:
                 raise ValueError(f"{where}: module {module!r} is in groups {owner[module]!r} and {name!r}")
@@ -414,7 +425,8 @@ def layout_groups(layout: dict[str, Any], where: str | os.PathLike[str] = CONFIG
     return layouts
 
 
-def _check_tensors(adapter: LoTRAdapterFiles, where: Path) -> None:
+def check_tensors(adapter: LoTRAdapterFiles, where: str | os.PathLike[str]) -> None:
+    """The tensors of ``adapter``'s groups: present, of their shapes, floating point, finite; errors name ``where``."""
     for name, group in adapter.groups.items():
         for key, shape in expected_shapes(name, group).items():
             if key not in adapter.tensors:

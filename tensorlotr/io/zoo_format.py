@@ -24,7 +24,8 @@ from safetensors.torch import load as load_safetensors
 
 from ..adapter.layout import IN_FACTOR, OUT_FACTOR, ZooAdapter, ZooFiles, factor_key, zoo_core_key
 from ..files.jsonfile import read_json_object
-from .lotr_format import _is_int, _read_groups, write_pair
+from .lotr_format import _is_int, write_pair
+from .peft_lotr import check_group_layouts
 
 ZOO_CONFIG_NAME = "zoo_config.json"
 ZOO_WEIGHTS_NAME = "zoo_model.safetensors"
@@ -157,7 +158,7 @@ def _read_zoo(folder: Path) -> ZooFiles:
         raise ValueError(
             f"{config_path} has format version {version!r}; this reads integers up to {ZOO_FORMAT_VERSION}"
         )
-    groups = _read_groups(document.get("groups"), config_path)
+    groups = check_group_layouts(document.get("groups"), config_path, "'groups'")
     for name, group in groups.items():
         if group.scale != 1.0:
             raise ValueError(

@@ -26,7 +26,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..adapter import LoTRConfig
 from ..adapter.groups import is_conv1d
-from ..adapter.layout import GroupLayout, LoTRAdapterFiles
+from ..adapter.layout import GroupLayout, LoTRAdapterFiles, ZooFiles
 from ..core import Tucker2, check_rank, tucker2
 from . import saving
 from .from_peft import lotr_from_peft_model
@@ -46,6 +46,10 @@ from .targets import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from huggingface_hub import CommitInfo
+
     from ..adapter.lora import LoRAConversion
 
 
@@ -364,8 +368,9 @@ class LoTRModel(nn.Module):
         merged = sorted({n for _, layer in self.lotr_layers() for n in layer.merged_adapters})
         if merged:  # the base weights hold their updates: no row could get the base, or another adapter, alone
             raise ValueError(
-                f"adapter_names cannot serve a mixed batch while adapters {merged} are merged into the base "
-                "weights; call unmerge_adapter() first, as in PEFT"
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first. "
+                f"(adapters {merged} are merged into the base weights, so no sample could get the base model or "
+                "another adapter alone)"
             )
         with_copies = {n for n in set(names) if self._has_copies(n)}
         if with_copies and (len(set(names)) > 1 or with_copies != {self._in_place}):
@@ -643,7 +648,9 @@ class LoTRModel(nn.Module):
                 out[key] = value if keep_vars else value.detach()
         return out
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
         """Load a state dict of this model: :meth:`state_dict`'s (the adapters') or a whole one.
 
         ``strict`` applies to the adapters' tensors: a missing adapter tensor or an unexpected
@@ -1478,6 +1485,8 @@ class LoTRModel(nn.Module):
         calls this (FSDP2 gathers the sharded tensors then) and only the one with
         ``is_main_process`` writes. ``push_to_hub=True`` then uploads the folder as
         :meth:`push_to_hub` does (``repo_id``, ``token``, ``private``, ``commit_message`` in ``kwargs``).
+        The model card's loading snippet names the adapter by ``repo_id`` (given, or pushed to),
+        the base model by its Hub id only, and loads it with the Auto class of the task.
         PEFT's and ``transformers.Trainer``'s keywords are taken: ``state_dict`` (this model's
         whole state dict, as Trainer gathers one under DeepSpeed or FSDP) is read instead of
         the model's tensors; the adapters are always written as safetensors
@@ -1525,12 +1534,12 @@ class LoTRModel(nn.Module):
         private: bool | None = None,
         commit_message: str = "Upload LoTR adapter",
         **kwargs: Any,
-    ) -> Any:
+    ) -> CommitInfo | Future[CommitInfo]:
         """Upload the adapters (never the base model) to the Hub repo ``repo_id``.
 
         The adapters are saved to a temporary folder as :meth:`save_pretrained` lays them out,
-        then uploaded with ``create_repo`` and ``upload_folder``. Offline it raises
-        ``ConnectionError`` naming the repo.
+        then uploaded with ``create_repo`` and ``upload_folder``; their model cards name
+        ``repo_id`` in the loading snippet. Offline it raises ``ConnectionError`` naming the repo.
         """
 
         return saving.push_to_hub(
@@ -1609,7 +1618,9 @@ class LoTRModel(nn.Module):
         return saving.from_adapter_files(cls, model, files, is_trainable, source, adapter_name)
 
     @classmethod
-    def from_zoo(cls, model: nn.Module, zoo: Any, is_trainable: bool = False, source: str = "the zoo") -> LoTRModel:
+    def from_zoo(
+        cls, model: nn.Module, zoo: ZooFiles, is_trainable: bool = False, source: str = "the zoo"
+    ) -> LoTRModel:
         """Attach every adapter of a zoo (:class:`tensorlotr.adapter.layout.ZooFiles`), factors held once."""
 
         return saving.from_zoo(cls, model, zoo, is_trainable, source)
@@ -1778,7 +1789,9 @@ class LoTRModel(nn.Module):
         """
         return saving.get_peft_model_state_dict(self, adapter_name=adapter_name or self.active_adapter)
 
-    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str | None = None) -> Any:
+    def load_adapter_state_dict(
+        self, state_dict: dict[str, torch.Tensor], adapter_name: str | None = None
+    ) -> _IncompatibleKeys:
         """Copy a state dict keyed as :meth:`get_adapter_state_dict`'s into adapter ``adapter_name`` (default: active).
 
         Returns ``(missing_keys, unexpected_keys)``; see

@@ -49,6 +49,10 @@ from .layer import DEFAULT_ADAPTER, LoTRFactors, check_adapter_name
 from .targets import build_groups, unwrap, weight_of
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from huggingface_hub import CommitInfo
+
     from .model import LoTRModel
 
 __all__ = [
@@ -205,17 +209,19 @@ def save_pretrained(
     files = {name: adapter_files(lotr, name, state_dict) for name in names}
     if not is_main_process:
         return
+    repo_id = kwargs.pop("repo_id", None)  # where the adapter goes on the Hub: the model card names it
+    if push_to_hub and not repo_id:
+        repo_id = os.path.basename(os.path.normpath(save_directory))
     from ..io.model_card import write_model_card
     from ..io.peft_lotr import write_peft_lotr  # the file format lives in io; the model hands it data
 
     for name, adapter in files.items():
         folder = os.path.join(save_directory, "" if name == DEFAULT_ADAPTER else name)
         write_peft_lotr(folder, adapter, base_model_name_or_path=adapter.base_model.get("name_or_path") or None)
-        write_model_card(folder, adapter, name)
+        write_model_card(folder, adapter, name, repo_id=repo_id)
     if push_to_hub:
         from ..files.hub import push_folder
 
-        repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
         push_folder(save_directory, repo_id, **kwargs)
 
 
@@ -228,7 +234,7 @@ def push_to_hub(
     private: bool | None = None,
     commit_message: str = "Upload LoTR adapter",
     **kwargs: Any,
-) -> Any:
+) -> CommitInfo | Future[CommitInfo]:
     """Upload ``lotr``'s adapters to the Hub repo ``repo_id``; see :meth:`LoTRModel.push_to_hub`.
 
     Examples
@@ -246,7 +252,7 @@ def push_to_hub(
     from ..files.hub import push_folder
 
     with tempfile.TemporaryDirectory(prefix="tensorlotr-push-") as folder:
-        save_pretrained(lotr, folder, selected_adapters=selected_adapters)
+        save_pretrained(lotr, folder, selected_adapters=selected_adapters, repo_id=repo_id)
         return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message, **kwargs)
 
 

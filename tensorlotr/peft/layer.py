@@ -95,13 +95,18 @@ class LoTRLinear(LoTRLayer, BaseTunerLayer):  # type: ignore[misc]  # PEFT types
         """The base layer's output plus the active adapters' updates.
 
         ``adapter_names`` (one per sample, ``"__base__"`` for none) serves a mixed batch, as
-        PEFT passes it to its layers during ``model(..., adapter_names=...)``. A merged adapter
-        is unmerged while adapters are disabled, as in PEFT.
+        PEFT passes it to its layers during ``model(..., adapter_names=...)``; while an adapter is
+        merged it is refused (``ValueError``, PEFT's message). A merged adapter is unmerged while
+        adapters are disabled, as in PEFT.
         """
         if self.disable_adapters and self.merged:
             self.unmerge()
         if adapter_names is None:
             return super().forward(x, *args, **kwargs)
+        if self.merged:  # the base weight holds the merged updates: no sample could get the base or another adapter
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         self.batch_adapters = list(adapter_names)
         try:
             return super().forward(x, *args, **kwargs)

@@ -36,6 +36,42 @@ def test_plain_trainer_runs_two_steps_and_saves(tmp_path):
     assert "lotr_factors.query.out_factor" in saved
 
 
+def test_plain_trainer_on_a_tied_embedding_model_saves_the_adapter_only_and_resumes(tmp_path):
+    # GPT-2's lm_head shares the embeddings' weight: saving the whole model raised "Some tensors share memory"
+    def make():
+        gpt2 = tiny_gpt2()
+        assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+        return tlr.get_lotr_model(gpt2, tlr.LoTRConfig(rank=4, target_modules=["c_attn", "c_proj"]))
+
+    lotr = make()
+    trainer = Trainer(
+        model=lotr,
+        args=training_args(tmp_path / "run", max_steps=4, save_steps=2),
+        train_dataset=TokenDataset(labels="lm"),
+    )
+    trainer.train()
+    base_bytes = sum(p.numel() * p.element_size() for p in tiny_gpt2().parameters())
+    for step in (2, 4):
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        size = (folder / "model.safetensors").stat().st_size
+        saved = load_file(str(folder / "model.safetensors"))
+        assert saved.keys() == lotr.state_dict().keys() and all("lotr_" in key for key in saved), sorted(saved)
+        assert size < base_bytes / 5, (size, base_bytes)  # the adapter, never a copy of the base
+    resumed_model = make()
+    resumed = Trainer(
+        model=resumed_model,
+        args=training_args(tmp_path / "resumed", max_steps=4, save_steps=2),
+        train_dataset=TokenDataset(labels="lm"),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for group in ("c_attn", "attn_c_proj", "mlp_c_proj"):
+        torch.testing.assert_close(
+            resumed_model.tucker(group).to_dense(), lotr.tucker(group).to_dense(), atol=1e-5, rtol=1e-4
+        )
+    assert resumed_model.base_model.lm_head.weight is resumed_model.base_model.transformer.wte.weight
+
+
 def test_lotr_trainer_saves_adapter_checkpoints_and_resumes(tmp_path):
     def make():
         return tlr.get_lotr_model(tiny_gpt2(), tlr.LoTRConfig(rank=4, target_modules=["c_attn"]))

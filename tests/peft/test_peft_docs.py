@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from peft_tiny import REPO
+from builders import REPO
 
 #: A block runs when the line before its opening fence is ``<!-- runnable -->`` (as in tests/test_readme.py).
 _BLOCK = re.compile(r"^<!-- runnable -->\n```python\n(.*?)^```", re.M | re.S)

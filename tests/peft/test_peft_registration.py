@@ -10,22 +10,24 @@ import textwrap
 
 import pytest
 import torch
+from builders import REPO, lotr_registered_here, randomise_peft_cores, skip_unless_lotr_peft, tiny_llama, token_ids
 from peft import get_peft_model
 from peft import mapping as peft_mapping
-from peft_tiny import REPO, ids, randomize_cores, registered_here, tiny_llama
 
-from tensorlotr.peft import LOTR, PEFT_VERSIONS, LoTRPeftConfig, LoTRTuner, UnsupportedPeftVersionError, register
-from tensorlotr.peft.registration import is_registered
-from tensorlotr.peft.support import check_peft_version, peft_version, peft_version_problem
+skip_unless_lotr_peft()
 
-HERE = os.path.dirname(__file__)
+from tensorlotr.peft import LOTR, PEFT_VERSIONS, LoTRPeftConfig, LoTRTuner, UnsupportedPeftVersionError, register  # noqa: E402
+from tensorlotr.peft.registration import is_registered  # noqa: E402
+from tensorlotr.peft.support import check_peft_version, peft_version, peft_version_problem  # noqa: E402
+
+TESTS = os.path.dirname(os.path.dirname(__file__))  # builders.py
 
 
 def run(code: str, root=None) -> str:
     """Run ``code`` in a fresh interpreter (offline, this checkout first on the path, ``ROOT`` the folder ``root``);
     return its stdout."""
     code = f"ROOT = {str(root)!r}\n" + textwrap.dedent(code)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -42,11 +44,11 @@ def saved(tmp_path_factory):
         AutoModelForCausalLM.from_pretrained(root / "base"),
         LoTRPeftConfig(rank=(4, 2), target_modules="all-linear", task_type="CAUSAL_LM"),
     )
-    randomize_cores(model)
+    randomise_peft_cores(model)
     model.save_pretrained(root / "adapter")
     model.eval()
     with torch.no_grad():
-        torch.save(model(input_ids=ids()).logits, root / "logits.pt")
+        torch.save(model(input_ids=token_ids()).logits, root / "logits.pt")
     return root
 
 
@@ -77,14 +79,14 @@ def test_a_saved_adapter_loads_in_a_fresh_process_through_both_loaders(saved):
         import torch
         from peft import AutoPeftModelForCausalLM, PeftModel
         from transformers import AutoModelForCausalLM
-        from peft_tiny import ids
+        from builders import token_ids
 
         expected = torch.load(ROOT + "/logits.pt")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ROOT + "/base"), ROOT + "/adapter")
         auto = AutoPeftModelForCausalLM.from_pretrained(ROOT + "/adapter")
         for loaded in (model, auto):
             with torch.no_grad():
-                assert torch.equal(loaded.eval()(input_ids=ids()).logits, expected)
+                assert torch.equal(loaded.eval()(input_ids=token_ids()).logits, expected)
         print(type(model.base_model).__name__, type(auto).__name__)
         """,
         saved,
@@ -121,7 +123,7 @@ def test_an_unsupported_peft_refuses_lotr_clearly_and_nothing_else(saved):
 
 def test_a_spawned_process_that_receives_a_config_has_lotr_registered():
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        assert pool.apply(registered_here, (LoTRPeftConfig(rank=2),)) == ("LoTRPeftConfig", "LOTR")
+        assert pool.apply(lotr_registered_here, (LoTRPeftConfig(rank=2),)) == ("LoTRPeftConfig", "LOTR")
 
 
 def test_register_is_idempotent_and_refuses_a_foreign_lotr(monkeypatch):
@@ -144,3 +146,11 @@ def test_the_supported_versions():
     for version in ("0.17.1", "0.20.0", "0.22.0.dev0", "0.22.0", "1.0.0"):
         with pytest.raises(UnsupportedPeftVersionError, match=f"needs peft{PEFT_VERSIONS}, but peft {version} is"):
             check_peft_version(version)
+
+
+def test_the_peft_extra_pins_the_supported_versions():
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as file:
+        extras = tomllib.load(file)["project"]["optional-dependencies"]
+    assert extras["peft"] == [f"peft{PEFT_VERSIONS}"]

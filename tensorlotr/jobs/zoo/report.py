@@ -72,10 +72,10 @@ class ZooReport(Result):
     adapter_groups: list[dict[str, Any]] = field(default_factory=list)  # errors per adapter and group
     calibration: dict[str, Any] | None = None
     path: str | None = None  # the zoo read, for inspect (which writes nothing: ``output`` is None)
-    zoo: ZooFiles | None = field(default=None, repr=False)
+    zoo: ZooFiles | None = field(default=None, repr=False, metadata={"json": False})  # the zoo read, in memory
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in super().to_dict().items() if k != "zoo"}
+        data = super().to_dict()
         data["totals"] = {
             "stored_params": self.stored_params,
             "separate_params": self.separate_params,
