@@ -1,8 +1,8 @@
 """A randomized Tucker-2 of a LoRA-factored stack too large for float32, read in batches of layers.
 
 The stack ``dW_l = s_l B_l A_l`` stays as given (e.g. bfloat16 factors, a zoo's 3,200 layers);
-each pass copies one batch of layers (runs of equal rank, ``batch_columns`` columns of
-``B_l^T`` and ``A_l`` stacked as rows) into a reused buffer of the compute dtype. With
+each pass reads one batch of layers at a time (runs of equal rank, at most ``batch_columns``
+rank columns), stacked and cast to the compute dtype in one step per factor. With
 ``t_l = s_l sqrt(w_l)`` (``w_l`` the basis weights), the mode-1 unfolding ``[t_l B_l A_l]_l``
 has the Gram matrix ``M_U = sum_l t_l^2 B_l (A_l A_l^T) B_l^T`` and mode 2
 ``M_V = sum_l t_l^2 A_l^T (B_l^T B_l) A_l``: only r x r Gram matrices of the factors and
@@ -27,7 +27,7 @@ difference cancels, is recomputed from thin-QR triangles (as
 :func:`tensorlotr.relative_error_lowrank` does), with the factors as returned.
 
 Cost: ``2 + n_power`` float32 passes of ``2 d (L r) k`` flops per mode (two for a power pass)
-and one float64 pass of ``d (L r) k``; memory: the factors as given, two batch buffers,
+and one float64 pass of ``d (L r) k``; memory: the factors as given, one batch of each factor,
 ``(L r) x k`` float64 per mode and the r x r Grams.
 """
 
@@ -139,28 +139,24 @@ class FactoredStack:
         return self.shape[0]
 
     def _batches(self, dtype: Any) -> Iterator[tuple[_Run, Array, Array]]:
-        """One pass: each run with ``B_l^T`` rows (n r, d_out) and ``A_l`` rows (n r, d_in) in ``dtype``.
+        """One pass: each run's ``B_l`` stacked (n, d_out, r) and ``A_l`` stacked (n, r, d_in), in ``dtype``.
 
-        The arrays are views of two buffers that the next batch overwrites.
+        Each batch is one stack and one cast per factor (no per-layer copies), freed when the
+        next batch is built.
         """
-        _, d_out, d_in = self.shape
-        cols = max(run.n * run.rank for run in self.runs)
-        rows_b = tl.zeros((cols, d_out), **{**tl.context(self.bs[0]), "dtype": dtype})
-        rows_a = tl.zeros((cols, d_in), **{**tl.context(self.bs[0]), "dtype": dtype})
         for run in self.runs:
-            r = run.rank
-            for j, i in enumerate(range(run.start, run.stop)):
-                rows_b[j * r : (j + 1) * r] = tl.transpose(self.bs[i])
-                rows_a[j * r : (j + 1) * r] = self.as_[i]
-            yield run, rows_b[: run.n * r], rows_a[: run.n * r]
+            yield (
+                run,
+                as_float(tl.stack(self.bs[run.start : run.stop]), dtype),
+                as_float(tl.stack(self.as_[run.start : run.stop]), dtype),
+            )
 
-    def _check_finite(self, run: _Run, rows_b: Array, rows_a: Array) -> None:
-        if all_finite(rows_b) and all_finite(rows_a):
+    def _check_finite(self, run: _Run, b3: Array, a3: Array) -> None:
+        if all_finite(b3) and all_finite(a3):
             return
         for j, i in enumerate(range(run.start, run.stop)):
-            r = run.rank
-            for name, rows in (("B", rows_b), ("A", rows_a)):
-                if not all_finite(rows[j * r : (j + 1) * r]):
+            for name, stacked in (("B", b3), ("A", a3)):
+                if not all_finite(stacked[j]):
                     raise ValueError(f"{name}[{i}] contains NaN or Inf values")
 
     def norms_sq(self) -> np.ndarray:
@@ -172,9 +168,9 @@ class FactoredStack:
         if self._norms is None:
             with backend_for(self.bs[0]):
                 grams, norms = [], []
-                for run, rows_b, rows_a in self._batches(self.dtype):
-                    self._check_finite(run, rows_b, rows_a)
-                    gram_b, gram_a = _grams(run, rows_b, rows_a)
+                for run, b3, a3 in self._batches(self.dtype):
+                    self._check_finite(run, b3, a3)
+                    gram_b, gram_a = _grams(b3, a3)
                     grams.append((gram_b, gram_a))
                     norms.append(_to_numpy(tl.sum(gram_b * gram_a, axis=(1, 2)), np.float64))
                 self._grams = grams
@@ -245,25 +241,23 @@ class FactoredStack:
         dims = (d_out, d_in)
         context = {**tl.context(self.bs[0]), "dtype": self.dtype}
         ys = {mode: tl.zeros((dims[mode], ks[mode]), **context) for mode in todo}
-        for b, (run, rows_b, rows_a) in enumerate(self._batches(self.dtype)):
-            t = _column(np.sqrt(basis_sq[run.start : run.stop]), rows_b)
+        for b, (run, b3, a3) in enumerate(self._batches(self.dtype)):
+            t = _column(np.sqrt(basis_sq[run.start : run.stop]), b3)
             gram_b, gram_a = self._grams[b]
             for mode in todo:
-                rows, other = (rows_b, gram_a) if mode == 0 else (rows_a, gram_b)
-                (omega,) = gaussian([(run.n, run.rank, ks[mode])], seed * 1_000_003 + 2 * b + mode, rows)
+                other = gram_a if mode == 0 else gram_b
+                (omega,) = gaussian([(run.n, run.rank, ks[mode])], seed * 1_000_003 + 2 * b + mode, b3)
                 x = tl.matmul(_sqrt_psd(other), omega) * t  # (n, r, k): A_l Omega_l in law, times t_l
-                add_product(ys[mode], tl.transpose(rows), tl.reshape(x, (-1, ks[mode])))
+                _accumulate(ys[mode], mode, b3, a3, x)
         qs = {mode: _orthonormal(ys[mode]) for mode in todo}
         for _ in range(n_power):
             ys = {mode: tl.zeros((dims[mode], ks[mode]), **context) for mode in todo}
-            for b, (run, rows_b, rows_a) in enumerate(self._batches(self.dtype)):
-                t_sq = _column(basis_sq[run.start : run.stop], rows_b)
+            for b, (run, b3, a3) in enumerate(self._batches(self.dtype)):
+                t_sq = _column(basis_sq[run.start : run.stop], b3)
                 gram_b, gram_a = self._grams[b]
                 for mode in todo:
-                    rows, other = (rows_b, gram_a) if mode == 0 else (rows_a, gram_b)
-                    w = tl.reshape(tl.dot(rows, qs[mode]), (run.n, run.rank, ks[mode]))
-                    x = tl.matmul(other, w) * t_sq
-                    add_product(ys[mode], tl.transpose(rows), tl.reshape(x, (-1, ks[mode])))
+                    x = tl.matmul(gram_a if mode == 0 else gram_b, _project(mode, b3, a3, qs[mode])) * t_sq
+                    _accumulate(ys[mode], mode, b3, a3, x)
             qs = {mode: _orthonormal(ys[mode]) for mode in todo}
         return qs.get(0, q_out), qs.get(1, q_in)
 
@@ -282,11 +276,10 @@ class FactoredStack:
         ritz_out = tl.zeros((k_out, k_out), **tl.context(q_out))
         ritz_in = tl.zeros((k_in, k_in), **tl.context(q_in))
         kept: list[tuple[Array, Array, Array, Array]] = []  # per run: W_B (n, r, k_out), W_A (n, r, k_in), Grams
-        for run, rows_b, rows_a in self._batches(f64):
-            gram_b, gram_a = _grams(run, rows_b, rows_a)
-            t_sq = _column(basis_sq[run.start : run.stop], rows_b)
-            w_b = tl.reshape(tl.dot(rows_b, q_out), (run.n, run.rank, k_out))
-            w_a = tl.reshape(tl.dot(rows_a, q_in), (run.n, run.rank, k_in))
+        for run, b3, a3 in self._batches(f64):
+            gram_b, gram_a = _grams(b3, a3)
+            t_sq = _column(basis_sq[run.start : run.stop], b3)
+            w_b, w_a = _project(0, b3, a3, q_out), _project(1, b3, a3, q_in)
             ritz_out += _ritz(w_b, tl.matmul(gram_a, w_b) * t_sq)
             ritz_in += _ritz(w_a, tl.matmul(gram_b, w_a) * t_sq)
             kept.append((w_b, w_a, gram_b, gram_a))
@@ -344,11 +337,26 @@ class FactoredStack:
             residual_sq[rows] = _to_numpy(total, np.float64)
 
 
-def _grams(run: _Run, rows_b: Array, rows_a: Array) -> tuple[Array, Array]:
-    """``B_l^T B_l`` and ``A_l A_l^T`` (n, r, r) of a batch's rows."""
-    b3 = tl.reshape(rows_b, (run.n, run.rank, -1))
-    a3 = tl.reshape(rows_a, (run.n, run.rank, -1))
-    return tl.matmul(b3, swap(b3)), tl.matmul(a3, swap(a3))
+def _grams(b3: Array, a3: Array) -> tuple[Array, Array]:
+    """``B_l^T B_l`` and ``A_l A_l^T`` (n, r, r) of a batch."""
+    return tl.matmul(swap(b3), b3), tl.matmul(a3, swap(a3))
+
+
+def _project(mode: int, b3: Array, a3: Array, q: Array) -> Array:
+    """``B_l^T Q`` (mode 0) or ``A_l Q`` (mode 1) of a batch: (n, r, k) for ``q`` (d, k)."""
+    if mode == 0:
+        return tl.matmul(swap(b3), q)
+    n, r, d_in = (int(x) for x in a3.shape)
+    return tl.reshape(tl.dot(tl.reshape(a3, (n * r, d_in)), q), (n, r, -1))
+
+
+def _accumulate(y: Array, mode: int, b3: Array, a3: Array, x: Array) -> None:
+    """``y += sum_l B_l x_l`` (mode 0, y (d_out, k)) or ``y += sum_l A_l^T x_l`` (mode 1, y (d_in, k)), x (n, r, k)."""
+    n, r, k = (int(s) for s in x.shape)
+    if mode == 0:
+        y += tl.einsum("ndr,nrk->dk", b3, x)
+    else:
+        add_product(y, tl.transpose(tl.reshape(a3, (n * r, -1))), tl.reshape(x, (n * r, k)))
 
 
 def _ritz(w: Array, x: Array) -> Array:

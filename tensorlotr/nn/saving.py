@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,31 +87,25 @@ def _gathered(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _adapter_slots(lotr: LoTRModel, adapter: str) -> dict[str, tuple[nn.Module, str]]:
-    """Every tensor of ``adapter`` by its key in :class:`LoTRAdapterFiles`, as (owning module, attribute)."""
+#: How each kind of adapter tensor is keyed: ``(factor key(group, which), core key(module), saved key(name))``.
+_KeyScheme = tuple[Callable[[str, str], str], Callable[[str], str], Callable[[str], str]]
+#: The keys of :class:`LoTRAdapterFiles` and those of PEFT's state dict (``adapter_model.safetensors``).
+_FILE_KEYS: _KeyScheme = (factor_key, core_key, saved_key)
+_PEFT_KEYS: _KeyScheme = (peft_factor_key, peft_core_key, peft_saved_key)
+
+
+def _slots(lotr: LoTRModel, adapter: str, keys: _KeyScheme) -> dict[str, tuple[nn.Module, str]]:
+    """Every tensor of ``adapter`` by its key in ``keys``' scheme, as (owning module, attribute)."""
+    factor, core, saved = keys
     slots: dict[str, tuple[nn.Module, str]] = {}
     for group_name, group in lotr.adapter_groups[adapter].items():
         factors = lotr.lotr_factors[lotr._factor_keys[adapter][group_name]]
-        slots[factor_key(group_name, OUT_FACTOR)] = (factors, "out_factor")
-        slots[factor_key(group_name, IN_FACTOR)] = (factors, "in_factor")
+        slots[factor(group_name, OUT_FACTOR)] = (factors, "out_factor")
+        slots[factor(group_name, IN_FACTOR)] = (factors, "in_factor")
         for name in group.modules:
-            slots[core_key(name)] = (lotr._layer(name).lotr_cores, adapter)
+            slots[core(name)] = (lotr._layer(name).lotr_cores, adapter)
     for key, slot in lotr._saved_slots(adapter).items():
-        slots[saved_key(key)] = slot
-    return slots
-
-
-def _peft_slots(lotr: LoTRModel, adapter: str) -> dict[str, tuple[nn.Module, str]]:
-    """Every tensor of ``adapter`` by its key in PEFT's state dict (``adapter_model.safetensors``)."""
-    slots: dict[str, tuple[nn.Module, str]] = {}
-    for group_name, group in lotr.adapter_groups[adapter].items():
-        factors = lotr.lotr_factors[lotr._factor_keys[adapter][group_name]]
-        slots[peft_factor_key(group_name, OUT_FACTOR)] = (factors, "out_factor")
-        slots[peft_factor_key(group_name, IN_FACTOR)] = (factors, "in_factor")
-        for name in group.modules:
-            slots[peft_core_key(name)] = (lotr._layer(name).lotr_cores, adapter)
-    for key, slot in lotr._saved_slots(adapter).items():
-        slots[peft_saved_key(key)] = slot
+        slots[saved(key)] = slot
     return slots
 
 
@@ -148,7 +143,7 @@ def adapter_files(
         raise ValueError(f"no adapter {adapter!r}; adapters: {sorted(lotr.lotr_configs)}")
     tensors: dict[str, torch.Tensor] = {}
     names = _model_keys(lotr) if state_dict is not None else {}
-    for key, (owner, attr) in _adapter_slots(lotr, adapter).items():
+    for key, (owner, attr) in _slots(lotr, adapter, _FILE_KEYS).items():
         if state_dict is not None:
             name = names.get((id(owner), attr))
             if name is None or name not in state_dict:
@@ -612,7 +607,7 @@ def load_adapter_tensors(
     True
     """
     adapter = adapter or lotr.active_adapter
-    slots = _adapter_slots(lotr, adapter)
+    slots = _slots(lotr, adapter, _FILE_KEYS)
     optional = {saved_key(k) for k in lotr._saved_slots(adapter)}  # a saved module's tensor the file leaves out
     for key in files.modules_to_save:
         if saved_key(key) not in slots:
@@ -680,7 +675,7 @@ def get_peft_model_state_dict(
         raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(model.lotr_configs)}")
     names = _model_keys(model) if state_dict is not None else {}
     out: dict[str, torch.Tensor] = {}
-    for key, (owner, attr) in _peft_slots(model, adapter_name).items():
+    for key, (owner, attr) in _slots(model, adapter_name, _PEFT_KEYS).items():
         if state_dict is None:
             out[key] = _gathered(getattr(owner, attr)).detach()
             continue
@@ -719,7 +714,7 @@ def set_peft_model_state_dict(
     """
     if adapter_name not in model.lotr_configs:
         raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(model.lotr_configs)}")
-    slots = _peft_slots(model, adapter_name)
+    slots = _slots(model, adapter_name, _PEFT_KEYS)
     loads = []
     for key, value in peft_model_state_dict.items():
         if key not in slots:
