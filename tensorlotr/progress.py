@@ -30,12 +30,20 @@ class Progress(Protocol):
 
 
 def no_progress(items: Iterable[_T], _desc: str, _total: int | None) -> Iterable[_T]:
-    """Report nothing (the library default)."""
+    """Report nothing (the library default).
+
+    >>> list(no_progress(range(3), "layers", 3))
+    [0, 1, 2]
+    """
     return items
 
 
 def tqdm_progress(items: Iterable[_T], desc: str, total: int | None) -> Iterable[_T]:
-    """A tqdm bar on stderr that disappears when done (the CLI's choice)."""
+    """A tqdm bar on stderr that disappears when done (the CLI's choice).
+
+    >>> sum(tqdm_progress(range(4), "groups", 4))
+    6
+    """
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, total=total, leave=False)

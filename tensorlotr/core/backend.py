@@ -161,7 +161,11 @@ def to_float(x: Array) -> float:
 
 
 def normalize_rank(rank: int | Sequence[int] | None) -> tuple[int, int] | None:
-    """``rank`` as ``(r_out, r_in)``; an int means equal ranks. Ranks must be positive."""
+    """``rank`` as ``(r_out, r_in)``; an int means equal ranks. Ranks must be positive.
+
+    >>> normalize_rank(8), normalize_rank((16, 4)), normalize_rank(None)
+    ((8, 8), (16, 4), None)
+    """
     if rank is None:
         return None
     if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
@@ -228,6 +232,13 @@ def clipped_rank_note(group: str, requested: tuple[int, int] | None, kept: Seque
 
 
 def check_energy(energy: float | None) -> None:
-    """Raise ``ValueError`` unless ``energy`` is None or in (0, 1]."""
+    """Raise ``ValueError`` unless ``energy`` is None or in (0, 1].
+
+    >>> check_energy(0.99)
+    >>> check_energy(1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: energy must be in (0, 1], got 1.5
+    """
     if energy is not None and not 0.0 < float(energy) <= 1.0:
         raise ValueError(f"energy must be in (0, 1], got {energy!r}")

@@ -51,6 +51,29 @@ def unreadable(path: str | os.PathLike[str]) -> str | None:
         return exc.strerror or str(exc)
 
 
+def check_readable(path: str | os.PathLike[str]) -> None:
+    """Raise unless the file ``path`` can be opened for reading; the error names ``path`` and the reason.
+
+    A file the user may not read raises :class:`PermissionError` (the command line's exit code
+    1, as for every permission problem); any other reason (a missing file, a folder) raises
+    :class:`ValueError` (bad input, exit code 2).
+
+    Examples
+    --------
+    >>> check_readable("missing.bin")
+    Traceback (most recent call last):
+    ...
+    ValueError: missing.bin cannot be read: No such file or directory
+    """
+    try:
+        with open(path, "rb"):
+            return
+    except PermissionError as exc:
+        raise PermissionError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
 def load_tensor_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     """The tensors of a ``torch.save`` file, unpickling nothing but tensors; errors name ``path``.
 
@@ -64,9 +87,7 @@ def load_tensor_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     >>> load_tensor_file(Path("legacy.bin"), "a state dict")
     {'w': tensor([1., 1.])}
     """
-    why = unreadable(path)
-    if why is not None:
-        raise ValueError(f"{path} cannot be read: {why}")
+    check_readable(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # an untrusted file: whatever the unpickler raises, refuse it
@@ -119,9 +140,7 @@ class _Safetensors(WeightSource):
         shapes: dict[str, tuple[int, ...]] = {}
         self._file_of: dict[str, Path] = {}
         for path in sorted(set(files.values())):
-            why = unreadable(path)
-            if why is not None:
-                raise ValueError(f"{path} cannot be read: {why}")
+            check_readable(path)
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     for key in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ..adapter.groups import module_order
 from ..files.atomic import atomic_file
 from ..files.jsonfile import read_json_object
-from .checkpoint import load_tensor_file, unreadable
+from .checkpoint import check_readable, load_tensor_file
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -185,9 +185,7 @@ class _Tensors:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._loaded: dict[str, torch.Tensor] | None = None
-        why = unreadable(path)
-        if why is not None:
-            raise ValueError(f"{path} cannot be read: {why}")
+        check_readable(path)
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as handle:
@@ -346,7 +344,7 @@ class PeftLoRA:
 
     @property
     def dtype(self) -> str:
-        dtypes = {self._tensors.dtypes[m.key_a] for m in self.modules.values()}
+        dtypes = {self._tensors.dtypes[k] for m in self.modules.values() for k in (m.key_a, m.key_b)}
         return ",".join(sorted(dtypes))
 
     @property
@@ -370,6 +368,10 @@ class PeftLoRA:
         keys = [k for n in names for k in (self.modules[n].key_b, self.modules[n].key_a)]
         tensors = self._tensors.get(keys)
         bs, as_ = tensors[0::2], tensors[1::2]
+        for i, (b, a) in enumerate(zip(bs, as_, strict=True)):
+            if b.dtype != a.dtype:  # a module's B and A in two dtypes: both in the wider, nothing rounded
+                common = torch.promote_types(b.dtype, a.dtype)
+                bs[i], as_[i] = b.to(common), a.to(common)
         for name, b, a in zip(names, bs, as_, strict=True):
             if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
                 raise ValueError(f"{self.weights_path}: module {name!r} has NaN or Inf values")

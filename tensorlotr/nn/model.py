@@ -1,43 +1,46 @@
-"""``LoTRModel``: a model with named LoTR adapters (attach, switch, merge, unload), and ``get_lotr_model``.
+"""``LoTRModel``: a model with named LoTR adapters (attach, switch, forward, merge, unload), and ``get_lotr_model``.
 
-Saving, loading and the Hub are functions of :mod:`tensorlotr.nn.saving`, the copies of
-``modules_to_save`` :class:`tensorlotr.nn.modules_to_save.ModulesToSaveWrapper` s, and the
-conversion of a live PEFT model :mod:`tensorlotr.nn.from_peft`; the methods here delegate to them.
+The model's other jobs are plain functions in their own modules, behind thin methods:
+saving, loading and the Hub in :mod:`tensorlotr.nn.saving`, whose methods (``save_pretrained``,
+``from_pretrained``, ``load_adapter``, …), and the adapters-only ``state_dict``, ``LoTRModel``
+inherits from :class:`tensorlotr.nn.pretrained.PretrainedMixin`; PEFT's status API (``get_layer_status``,
+``get_model_status``, :class:`TunerLayerStatus`, :class:`TunerModelStatus`) in
+:mod:`tensorlotr.nn.status`; weighted combinations of adapters in :mod:`tensorlotr.nn.combine`;
+TRL's reference model (:class:`LoTRReferenceModel`) and fused LM head in
+:mod:`tensorlotr.nn.reference`. The copies of ``modules_to_save`` are
+:class:`tensorlotr.nn.modules_to_save.ModulesToSaveWrapper` s. The names those modules
+define stay importable from here.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import copy
 import functools
 import inspect
-import os
 import types
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 
 from ..adapter import LoTRConfig
 from ..adapter.groups import is_conv1d
-from ..adapter.layout import GroupLayout, LoTRAdapterFiles, ZooFiles
+from ..adapter.layout import GroupLayout
 from ..core import Tucker2, check_rank, tucker2
-from . import saving
-from .from_peft import lotr_from_peft_model
+from . import combine, status
 from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, LoTRFactors, LoTRLayer, check_adapter_name
 from .modules_to_save import ModulesToSaveWrapper, swap_module
+from .pretrained import PretrainedMixin
+from .reference import FUSED_LM_HEAD, LoTRReferenceModel, adopt_fused_lm_head, is_fused_lm_head
 from .sharing import share_input_products
+from .status import TunerLayerStatus, TunerModelStatus
 from .targets import (
     build_groups,
     dense_weight,
     is_supported,
-    quantization,
     resolve_modules_to_save,
     resolve_targets,
     unwrap,
@@ -46,11 +49,16 @@ from .targets import (
 )
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
-    from huggingface_hub import CommitInfo
-
     from ..adapter.lora import LoRAConversion
+
+__all__ = [
+    "FUSED_LM_HEAD",
+    "LoTRModel",
+    "LoTRReferenceModel",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_lotr_model",
+]
 
 
 def _bound_forward(lotr: LoTRModel, model: nn.Module) -> functools.partial[Any]:
@@ -96,160 +104,7 @@ def _refuse_meta_weights(model: nn.Module, groups: dict[str, GroupLayout]) -> No
                 )
 
 
-#: The keyword of TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``), and the options of that patch.
-FUSED_LM_HEAD = "fused_lm_head"
-_FUSED_OPTIONS = ("temperature", "cast_lm_head_to_fp32", "outputs")
-#: What "cannot adopt TRL's fused LM head" says; ``{detail}`` is why.
-_NO_FUSED_LM_HEAD = (
-    "TRL patches the model's forward with a fused LM head (add_fused_lm_head) that reads the model's base_model as "
-    "its transformer backbone; a LoTRModel applies that patch to its base model instead, but {detail}. Train the "
-    "adapter as a PEFT model: SFTTrainer(model=base_model, peft_config=LoTRPeftConfig(...)) with "
-    "tensorlotr.peft.LoTRPeftConfig"
-)
-
-
-def _is_fused_lm_head(owner: nn.Module, value: Any) -> bool:
-    """True for ``owner.forward = <TRL's fused forward bound to owner>``: a bound method taking ``fused_lm_head``."""
-    if not isinstance(value, types.MethodType) or value.__self__ is not owner:
-        return False
-    code = getattr(value.__func__, "__code__", None)
-    if code is None:
-        return False
-    named = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-    return FUSED_LM_HEAD in named
-
-
-def _fused_lm_head_patch(value: types.MethodType) -> tuple[Any, dict[str, Any]]:
-    """TRL's ``add_fused_lm_head`` that made the fused forward ``value``, and the options it was called with."""
-    func = value.__func__
-    patch = func.__globals__.get("add_fused_lm_head")
-    cells = dict(zip(func.__code__.co_freevars, func.__closure__ or (), strict=True))
-    options = {}
-    for name in _FUSED_OPTIONS:
-        with contextlib.suppress(KeyError, ValueError):  # not a variable of the patch, or an empty cell
-            options[name] = cells[name].cell_contents
-    if not callable(patch) or len(options) != len(_FUSED_OPTIONS):
-        detail = f"this TRL's patch does not take the options {_FUSED_OPTIONS} that tensorlotr knows (TRL 1.16)"
-        raise TypeError(_NO_FUSED_LM_HEAD.format(detail=detail))
-    return patch, options
-
-
-@dataclass
-class TunerLayerStatus:
-    """The status of one adapted layer (or copied ``modules_to_save`` module), with the fields of PEFT's dataclass.
-
-    ``requires_grad`` maps each adapter to True, False or ``"irregular"`` (its tensors
-    disagree); ``devices`` each adapter to the device types of its tensors.
-
-    Examples
-    --------
-    >>> status = TunerLayerStatus("layer.0.query", "LoTRLayer", True, ["default"], [], {"default": True},
-    ...                           ["default"], {"default": ["cpu"]}, None)
-    >>> status.enabled, status.requires_grad
-    (True, {'default': True})
-    """
-
-    name: str
-    module_type: str
-    enabled: bool
-    active_adapters: list[str]
-    merged_adapters: list[str]
-    requires_grad: dict[str, bool | Literal["irregular"]]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-    quantization_backend: str | None
-
-
-@dataclass
-class TunerModelStatus:
-    """The status of a model's adapters, with the fields of PEFT's dataclass; ``"irregular"`` where layers disagree.
-
-    Examples
-    --------
-    >>> status = TunerModelStatus("BertModel", "LoTRModel", {"default": "LOTR"}, 288, 1000, 2, True, ["default"],
-    ...                           [], {"default": True}, ["default"], {"default": ["cpu"]}, None)
-    >>> status.peft_types, status.num_adapter_layers
-    ({'default': 'LOTR'}, 2)
-    """
-
-    base_model_type: str
-    adapter_model_type: str
-    peft_types: dict[str, str]
-    trainable_params: int
-    total_params: int
-    num_adapter_layers: int
-    enabled: bool | Literal["irregular"]
-    active_adapters: list[str] | Literal["irregular"]
-    merged_adapters: list[str] | Literal["irregular"]
-    requires_grad: dict[str, bool | Literal["irregular"]]
-    available_adapters: list[str]
-    devices: dict[str, list[str]]
-    quantization_backend: str | Literal["irregular"] | None
-
-
-def _agree(values: Sequence[bool | str]) -> bool | Literal["irregular"]:
-    """True when every value is True, False when every one is False, else ``"irregular"``, as PEFT reports."""
-    if all(v is True for v in values):
-        return True
-    if all(v is False for v in values):
-        return False
-    return "irregular"
-
-
-class LoTRReferenceModel(nn.Module):
-    """A :class:`LoTRModel` with its adapters disabled: the base model, as a reference for DPO, sharing every weight.
-
-    Its forward runs the LoTR model inside :meth:`LoTRModel.disable_adapter`, so it computes
-    the base model (the original ``modules_to_save`` included) with no second copy in memory,
-    as TRL's trainers use a ``PeftModel`` with its adapter disabled. It holds no parameters of
-    its own (the LoTR model is not its submodule), and attributes it lacks (``config``,
-    ``generation_config``, ``device``) are the LoTR model's. Pass it as TRL's ``ref_model``:
-    ``DPOTrainer(model=lotr, ref_model=lotr.reference_model(), ...)``. TRL's fused LM head
-    works through it too.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from transformers import BertConfig, BertModel
-    >>> from tensorlotr import LoTRConfig, get_lotr_model, tucker2
-    >>> bert = BertConfig(
-    ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-    ... )
-    >>> base = BertModel(bert).eval()
-    >>> x = torch.tensor([[1, 2, 3]])
-    >>> expected = base(input_ids=x).last_hidden_state
-    >>> lotr = get_lotr_model(base, LoTRConfig(rank=4, target_modules=["query"])).eval()
-    >>> lotr.load_tucker("query", tucker2(torch.randn(2, 32, 32), rank=4))  # as if trained
-    >>> reference = lotr.reference_model()
-    >>> torch.equal(reference(input_ids=x).last_hidden_state, expected), list(reference.parameters())
-    (True, [])
-    """
-
-    _lotr: LoTRModel
-
-    def __init__(self, lotr: LoTRModel) -> None:
-        super().__init__()
-        object.__setattr__(self, "_lotr", lotr)  # not a submodule: no parameter is seen twice
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The LoTR model's forward with its adapters disabled."""
-        with self._lotr.disable_adapter():
-            return self._lotr(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._lotr, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "forward" and _is_fused_lm_head(self, value):
-            self._lotr._adopt_fused_lm_head(value)  # the base model gets the fused head; this forward passes it on
-            return
-        super().__setattr__(name, value)
-
-
-class LoTRModel(nn.Module):
+class LoTRModel(PretrainedMixin, nn.Module):
     """A model whose targeted Linear / Conv1D layers carry named LoTR adapters.
 
     The base model's parameters are frozen. Each adapter's groups hold factors ``U`` and
@@ -548,37 +403,14 @@ class LoTRModel(nn.Module):
             return getattr(self.base_model, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "forward" and _is_fused_lm_head(self, value):
+        if name == "forward" and is_fused_lm_head(self, value):
             self._adopt_fused_lm_head(value)
             return
         super().__setattr__(name, value)
 
     def _adopt_fused_lm_head(self, patched: types.MethodType) -> None:
-        """Apply TRL's fused LM head to the base model, where its backbone and head are, instead of to this wrapper.
-
-        TRL's ``add_fused_lm_head(model)`` replaces ``model.forward`` by a forward that, given
-        ``fused_lm_head=True``, runs ``model.base_model`` as the transformer backbone (a
-        transformers model's ``base_model``) and projects through ``model.get_output_embeddings()``.
-        A ``LoTRModel``'s ``base_model`` is the whole model, so the patch goes to it, with the
-        same options; this model's own forward passes ``fused_lm_head`` and the labels on.
-        Anything else than TRL 1.16's patch raises ``TypeError`` pointing to ``LoTRPeftConfig``.
-        """
-        patch, options = _fused_lm_head_patch(patched)
-        adopted = self._fused_lm_head
-        if adopted is not None:  # the reference model of the same trainer, or another trainer
-            if any(adopted[k] != options[k] for k in _FUSED_OPTIONS if k != "outputs"):
-                detail = f"it was patched with other options already ({adopted}, now {options})"
-                raise TypeError(_NO_FUSED_LM_HEAD.format(detail=detail))
-            wanted = tuple(dict.fromkeys((*adopted["outputs"], *options["outputs"])))
-            if wanted == tuple(adopted["outputs"]):
-                return  # the fields asked for are computed already
-            options = {**options, "outputs": wanted}  # one head computing every field either asks for
-        text_config = getattr(getattr(self.base_model, "config", None), "get_text_config", None)
-        if not callable(text_config) or not callable(getattr(self.base_model, "get_output_embeddings", None)):
-            detail = f"the base model, a {type(self.base_model).__name__}, is not a transformers causal LM"
-            raise TypeError(_NO_FUSED_LM_HEAD.format(detail=detail))
-        patch(self.base_model, **options)
-        self._fused_lm_head = options
+        """Apply TRL's fused LM head to the base model, not to this wrapper: :func:`.reference.adopt_fused_lm_head`."""
+        adopt_fused_lm_head(self, patched)
 
     def reference_model(self) -> LoTRReferenceModel:
         """This model with its adapters disabled, as a module: TRL's ``ref_model`` without a second copy.
@@ -600,88 +432,6 @@ class LoTRModel(nn.Module):
         ('LoTRReferenceModel', True)
         """
         return LoTRReferenceModel(self)
-
-    # --- the state dict: the adapters', as PEFT saves it ---------------------------------------
-    def _adapter_tensor_ids(self) -> set[int]:
-        """The ids of every adapter tensor: factors, cores, and the copies of ``modules_to_save``."""
-        ids = {id(t) for t in (*self.lotr_factors.parameters(), *self.lotr_factors.buffers())}
-        for _, layer in self.lotr_layers():
-            ids.update(id(core) for core in layer.lotr_cores.values())
-        for adapter in self.lotr_configs:
-            ids.update(id(getattr(owner, attr)) for owner, attr in self._saved_slots(adapter).values())
-        return ids
-
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
-        """The adapters' tensors, under this model's parameter names: never the frozen base weights.
-
-        Every adapter's factors (once per group), cores and copies of ``modules_to_save``, as
-        PEFT's ``get_peft_model_state_dict`` selects them (but keyed by this model's own
-        parameter names, so that :meth:`load_state_dict` takes them back). This is what lets a
-        plain ``transformers.Trainer`` write adapter-only checkpoints (it saves the
-        ``state_dict()`` of a model that is no ``PreTrainedModel``) without tripping on weights
-        the base shares (tied embeddings), and resume from them. The base model's own state
-        dict is ``lotr.base_model.state_dict()``. Called by a parent module collecting its
-        children's state (``destination`` given: a ``DistributedDataParallel`` wrapper, a
-        container, FSDP), it contributes everything, as any module does.
-
-        Examples
-        --------
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query"]))
-        >>> list(lotr.state_dict())  # a core per layer, and U and V once
-        ['base_model.encoder.layer.0.attention.self.query.lotr_cores.default',
-         'base_model.encoder.layer.1.attention.self.query.lotr_cores.default',
-         'lotr_factors.query.out_factor', 'lotr_factors.query.in_factor']
-        """
-        if args or destination is not None:
-            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        full = super().state_dict(prefix=prefix, keep_vars=True)
-        ids = self._adapter_tensor_ids()
-        out: Any = collections.OrderedDict()
-        out._metadata = getattr(full, "_metadata", collections.OrderedDict())
-        for key, value in full.items():
-            if id(value) in ids:
-                out[key] = value if keep_vars else value.detach()
-        return out
-
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> _IncompatibleKeys:
-        """Load a state dict of this model: :meth:`state_dict`'s (the adapters') or a whole one.
-
-        ``strict`` applies to the adapters' tensors: a missing adapter tensor or an unexpected
-        key raises ``RuntimeError``, missing base weights do not. Returns ``(missing_keys,
-        unexpected_keys)`` with the missing adapter tensors only, as ``transformers.Trainer``
-        reads it when it resumes. A tensor of another shape raises, as in torch.
-
-        Examples
-        --------
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> config = LoTRConfig(rank=4, target_modules=["query"])
-        >>> lotr, other = get_lotr_model(BertModel(bert), config), get_lotr_model(BertModel(bert), config)
-        >>> other.load_state_dict(lotr.state_dict())
-        <All keys matched successfully>
-        """
-        expected = set(self.state_dict(keep_vars=True))
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if key in expected]
-        unexpected = list(result.unexpected_keys)
-        if strict and (missing or unexpected):
-            parts = []
-            if missing:
-                parts.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
-            if unexpected:
-                parts.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".")
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(parts))
-        return _IncompatibleKeys(missing, unexpected)
 
     # --- named adapters ---------------------------------------------------------------
     @property
@@ -832,52 +582,7 @@ class LoTRModel(nn.Module):
         >>> first.name, first.module_type, first.active_adapters, first.requires_grad, first.devices
         ('encoder.layer.0.attention.self.query', 'LoTRLayer', ['default'], {'default': True}, {'default': ['cpu']})
         """
-        statuses = []
-        for name, layer in self.lotr_layers():
-            grads: dict[str, list[bool]] = collections.defaultdict(list)
-            devices: dict[str, set[str]] = collections.defaultdict(set)
-            for adapter, core in layer.lotr_cores.items():
-                factors = layer.factors_of(adapter)
-                for tensor in (core, factors.out_factor, factors.in_factor):
-                    grads[adapter].append(tensor.requires_grad)
-                    devices[adapter].add(tensor.device.type)
-            statuses.append(
-                TunerLayerStatus(
-                    name=name,
-                    module_type=type(layer).__name__,
-                    enabled=bool(layer.active),
-                    active_adapters=list(layer.active_adapters),
-                    merged_adapters=list(layer.merged_adapters),
-                    requires_grad={a: _agree(v) for a, v in grads.items()},
-                    available_adapters=sorted(layer.lotr_cores),
-                    devices={a: sorted(d) for a, d in devices.items()},
-                    quantization_backend=quantization(layer.base_layer),
-                )
-            )
-        for wrapper in self._wrappers():
-            grads = collections.defaultdict(list)
-            devices = collections.defaultdict(set)
-            for adapter in wrapper.adapters:
-                for owner, attr in wrapper.tensor_slots(adapter).values():
-                    tensor = getattr(owner, attr)
-                    grads[adapter].append(tensor.requires_grad)
-                    devices[adapter].add(tensor.device.type)
-            placed = self._in_place
-            active = [placed] if placed in wrapper.adapters and placed in self._active else []
-            statuses.append(
-                TunerLayerStatus(
-                    name=wrapper.path.removesuffix(".base_layer"),
-                    module_type=type(wrapper).__name__,
-                    enabled=self._enabled,
-                    active_adapters=active,
-                    merged_adapters=[],
-                    requires_grad={a: _agree(v) for a, v in grads.items()},
-                    available_adapters=sorted(wrapper.adapters),
-                    devices={a: sorted(d) for a, d in devices.items()},
-                    quantization_backend=None,
-                )
-            )
-        return statuses
+        return status.get_layer_status(self)
 
     def get_model_status(self) -> TunerModelStatus:
         """The status of the model's adapters, shaped as PEFT's ``get_model_status()``; ``peft_types`` are ``"LOTR"``.
@@ -894,35 +599,7 @@ class LoTRModel(nn.Module):
         >>> status.adapter_model_type, status.peft_types, status.trainable_params, status.num_adapter_layers
         ('LoTRModel', {'default': 'LOTR'}, 288, 2)
         """
-        layers = self.get_layer_status()
-        trainable, total = self.get_nb_trainable_parameters()
-        enabled = {status.enabled for status in layers}
-        actives = {tuple(status.active_adapters) for status in layers if status.module_type != "ModulesToSaveWrapper"}
-        merged_all = sorted({a for status in layers for a in status.merged_adapters})
-        irregular_merge = any(
-            set(merged_all) & (set(status.available_adapters) - set(status.merged_adapters))
-            for status in layers
-            if status.module_type != "ModulesToSaveWrapper"
-        )
-        grads: dict[str, list[bool | str]] = collections.defaultdict(list)
-        devices: dict[str, set[str]] = collections.defaultdict(set)
-        for status in layers:
-            for adapter, value in status.requires_grad.items():
-                grads[adapter].append(value)
-            for adapter, kinds in status.devices.items():
-                devices[adapter].update(kinds)
-        backends = {status.quantization_backend for status in layers if status.module_type != "ModulesToSaveWrapper"}
-        return TunerModelStatus(
-            base_model_type=type(self.base_model).__name__, adapter_model_type=type(self).__name__,
-            peft_types={name: "LOTR" for name in self.lotr_configs}, trainable_params=trainable, total_params=total,
-            num_adapter_layers=len(layers), enabled=enabled.pop() if len(enabled) == 1 else "irregular",
-            active_adapters=list(actives.pop()) if len(actives) == 1 else ([] if not actives else "irregular"),
-            merged_adapters="irregular" if irregular_merge else merged_all,
-            requires_grad={a: _agree(v) for a, v in grads.items()},
-            available_adapters=sorted({a for status in layers for a in status.available_adapters}),
-            devices={a: sorted(d) for a, d in devices.items()},
-            quantization_backend=backends.pop() if len(backends) == 1 else ("irregular" if backends else None),
-        )  # fmt: skip
+        return status.get_model_status(self)
 
     def add_adapter(self, adapter_name: str, config: LoTRConfig) -> None:
         """Attach a new adapter ``adapter_name`` with ``config``; it starts inactive, as in PEFT.
@@ -1081,89 +758,7 @@ class LoTRModel(nn.Module):
         >>> lotr.adapter_groups["diff"]["query"].rank
         (8, 8)
         """
-        adapters, weights = list(adapters), [float(w) for w in weights]
-        if not adapters or len(adapters) != len(weights):
-            raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-        if combination_type not in ("linear", "cat"):
-            raise ValueError(
-                f"combination_type {combination_type!r} is not 'linear' or 'cat': LoTR combines adapters exactly, "
-                "'linear' for adapters that share their factors (a weighted sum of cores), 'cat' for any adapters on "
-                "the same groups (rank: the sum of their ranks)"
-            )
-        unknown = [a for a in adapters if a not in self.lotr_configs]
-        if unknown:
-            raise ValueError(f"unknown adapters {unknown}; adapters: {sorted(self.lotr_configs)}")
-        check_adapter_name(adapter_name)
-        if adapter_name in self.lotr_configs:
-            raise ValueError(f"adapter {adapter_name!r} already exists")
-        if any(self._has_copies(a) for a in adapters):
-            raise ValueError("adapters with modules_to_save have no weighted sum of their full copies; leave them out")
-        if any(layer.merged for _, layer in self.lotr_layers()):
-            raise RuntimeError("unmerge_adapter() before add_weighted_adapter()")
-        first = self.adapter_groups[adapters[0]]
-        modules = {group: layout.modules for group, layout in first.items()}
-        for other in adapters[1:]:
-            if {group: layout.modules for group, layout in self.adapter_groups[other].items()} != modules:
-                raise ValueError(f"adapters {adapters[0]!r} and {other!r} adapt different groups of modules")
-        factors = {g: [self._factors(self._factor_keys[a][g]) for a in adapters] for g in first}
-        config = copy.deepcopy(self.lotr_configs[adapters[0]])
-        config.modules_to_save = None
-        config.init = "zeros"
-        shared: dict[str, LoTRFactors] | None = None
-        owner: str | None = None
-        if combination_type == "linear":
-            for group, found in factors.items():
-                for other, theirs in zip(adapters[1:], found[1:], strict=True):
-                    same = theirs is found[0] or all(
-                        a.shape == b.shape and torch.equal(a, b.to(a))
-                        for a, b in ((found[0].out_factor, theirs.out_factor), (found[0].in_factor, theirs.in_factor))
-                    )
-                    if not same:
-                        raise ValueError(
-                            f"combination_type='linear' combines adapters that share their factors, but "
-                            f"{adapters[0]!r} and {other!r} have different U, V in group {group!r}: their weighted sum "
-                            "is no adapter on one pair of factors at that rank; combination_type='cat' combines them "
-                            "exactly, at rank the sum of their ranks"
-                        )
-            keys = {self._factor_keys[a][g] for a in adapters for g in first}
-            key_owner = {k.partition("--")[0] if "--" in k else DEFAULT_ADAPTER for k in keys}
-            if all(len({id(f) for f in found}) == 1 for found in factors.values()) and len(key_owner) == 1:
-                shared = {g: found[0] for g, found in factors.items()}  # the very factors: held once
-                owner = key_owner.pop()
-            groups = {
-                g: GroupLayout(list(x.modules), x.shape, x.rank, x.scale, x.fan_in_fan_out) for g, x in first.items()
-            }
-        else:
-            groups = {}
-            for g, layout in first.items():
-                ranks = [self.adapter_groups[a][g].rank for a in adapters]
-                rank = (sum(r[0] for r in ranks), sum(r[1] for r in ranks))
-                check_rank(g, len(layout.modules), layout.shape, rank)
-                groups[g] = GroupLayout(list(layout.modules), layout.shape, rank, layout.scale, layout.fan_in_fan_out)
-            config.rank_pattern = {**config.rank_pattern, **{g: groups[g].rank for g in groups}}
-        self._attach(
-            adapter_name, config, groups, source=f"adapter {adapter_name!r}", initialise=False, shared=shared,
-            factor_owner=owner,
-        )  # fmt: skip
-        with torch.no_grad():
-            for g, layout in groups.items():
-                target = self._factors(self._factor_keys[adapter_name][g])
-                if shared is None and combination_type == "linear":
-                    target.out_factor.copy_(factors[g][0].out_factor)
-                    target.in_factor.copy_(factors[g][0].in_factor)
-                elif shared is None:
-                    target.out_factor.copy_(torch.cat([f.out_factor.to(target.out_factor) for f in factors[g]], dim=1))
-                    target.in_factor.copy_(torch.cat([f.in_factor.to(target.in_factor) for f in factors[g]], dim=1))
-                for name in layout.modules:
-                    layer = self._layer(name)
-                    work = torch.promote_types(layer.lotr_cores[adapter_name].dtype, torch.float32)
-                    parts = [
-                        w * layer.scales[a] * layer.lotr_cores[a].to(work)
-                        for a, w in zip(adapters, weights, strict=True)
-                    ]
-                    core = torch.stack(parts).sum(0) if combination_type == "linear" else torch.block_diag(*parts)  # type: ignore[no-untyped-call]
-                    layer.lotr_cores[adapter_name].copy_(core / layer.scales[adapter_name])
-        self._set_trainable(adapter_name, False)
+        combine.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
 
     def _mark_trainable(self) -> None:
         """Only the active adapters that were loaded trainable have ``requires_grad``."""
@@ -1446,412 +1041,6 @@ class LoTRModel(nn.Module):
         self.lotr_factors = nn.ModuleDict()
         self.modules_to_save_wrappers = nn.ModuleList()
         return self.base_model
-
-    # --- saving and loading (tensorlotr.nn.saving) ------------------------------------
-    def adapter_files(self, adapter: str | None = None) -> LoTRAdapterFiles:
-        """Adapter ``adapter``'s (default: the active one's) config, layout and tensors, as saved.
-
-        Tensors sharded by FSDP2 (DTensors) are all-gathered, so every process must call this.
-        Raises ``ValueError`` for a tensor on the meta device, which holds no data.
-        """
-
-        return saving.adapter_files(self, adapter)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike[str],
-        is_main_process: bool = True,
-        selected_adapters: list[str] | None = None,
-        push_to_hub: bool = False,
-        *,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        safe_serialization: bool = True,
-        save_embedding_layers: bool | str = "auto",
-        **kwargs: Any,
-    ) -> None:
-        """Write each adapter as PEFT does: ``adapter_config.json``, ``adapter_model.safetensors`` and a model card.
-
-        The folder is the LoTR PEFT method's (:mod:`tensorlotr.io.peft_lotr`): this class's
-        :meth:`from_pretrained` loads it, and so does ``peft.PeftModel.from_pretrained`` after
-        ``import tensorlotr``. ``adapter_config.json`` holds the config, PEFT's fields
-        (``"peft_type": "LOTR"``) and ``lotr_layout``, the groups exactly as built, so that PEFT
-        rebuilds this very adapter. A folder saved by an earlier version (``lotr_config.json``,
-        ``lotr_model.safetensors``) is rewritten in this format and its two files removed.
-
-        The adapter ``"default"`` goes in ``save_directory``, every other one in a subfolder
-        named after it, as PEFT lays them out; ``selected_adapters`` picks some. Shared factors
-        are stored once per group. Files are replaced atomically; other files in the folder are
-        kept, and so is a model card the user has edited. In a multi-process run every process
-        calls this (FSDP2 gathers the sharded tensors then) and only the one with
-        ``is_main_process`` writes. ``push_to_hub=True`` then uploads the folder as
-        :meth:`push_to_hub` does (``repo_id``, ``token``, ``private``, ``commit_message`` in ``kwargs``).
-        The model card's loading snippet names the adapter by ``repo_id`` (given, or pushed to),
-        the base model by its Hub id only, and loads it with the Auto class of the task.
-        PEFT's and ``transformers.Trainer``'s keywords are taken: ``state_dict`` (this model's
-        whole state dict, as Trainer gathers one under DeepSpeed or FSDP) is read instead of
-        the model's tensors; the adapters are always written as safetensors
-        (``safe_serialization``), and embeddings only as copies of ``modules_to_save``
-        (``save_embedding_layers``).
-
-        The weights file holds per group ``base_model.lotr_factors.<group>.out_factor``
-        (d_out, r_out) and ``….in_factor`` (d_in, r_in), per adapted module
-        ``base_model.model.<module>.lotr_cores`` (r_out, r_in), and the ``modules_to_save``
-        tensors as ``base_model.model.<parameter>``: the keys PEFT saves for LoTR.
-
-        Examples
-        --------
-        >>> from pathlib import Path
-        >>> from safetensors.torch import load_file
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
-        >>> lotr.add_adapter("other", LoTRConfig(rank=2, target_modules=["query"]))
-        >>> lotr.save_pretrained("my-adapter")  # "default" at the top, "other" in a subfolder
-        >>> sorted(str(p.relative_to("my-adapter")) for p in Path("my-adapter").rglob("*.*"))
-        ['README.md', 'adapter_config.json', 'adapter_model.safetensors',
-         'other/README.md', 'other/adapter_config.json', 'other/adapter_model.safetensors']
-        >>> tensors = load_file("my-adapter/adapter_model.safetensors")
-        >>> tuple(tensors["base_model.lotr_factors.query.out_factor"].shape)  # U (d_out, r_out)
-        (32, 4)
-        >>> tuple(tensors["base_model.model.encoder.layer.1.attention.self.query.lotr_cores"].shape)
-        (4, 4)
-        """
-
-        saving.save_pretrained(
-            self, save_directory, is_main_process, selected_adapters, push_to_hub, state_dict=state_dict,
-            safe_serialization=safe_serialization, save_embedding_layers=save_embedding_layers, **kwargs,
-        )  # fmt: skip
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        selected_adapters: list[str] | None = None,
-        token: str | bool | None = None,
-        private: bool | None = None,
-        commit_message: str = "Upload LoTR adapter",
-        **kwargs: Any,
-    ) -> CommitInfo | Future[CommitInfo]:
-        """Upload the adapters (never the base model) to the Hub repo ``repo_id``.
-
-        The adapters are saved to a temporary folder as :meth:`save_pretrained` lays them out,
-        then uploaded with ``create_repo`` and ``upload_folder``; their model cards name
-        ``repo_id`` in the loading snippet. Offline it raises ``ConnectionError`` naming the repo.
-        """
-
-        return saving.push_to_hub(
-            self, repo_id, selected_adapters=selected_adapters, token=token, private=private,
-            commit_message=commit_message, **kwargs,
-        )  # fmt: skip
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        adapter_dir: str | os.PathLike[str],
-        adapter_name: str = DEFAULT_ADAPTER,
-        is_trainable: bool = False,
-        *,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        torch_device: str | torch.device | None = None,
-        **hub_kwargs: Any,
-    ) -> LoTRModel:
-        """Attach the adapter in ``adapter_dir`` (a folder or a Hub repo id) to ``model``, a fresh base.
-
-        It reads the folder :meth:`save_pretrained` writes, the one ``PeftModel.save_pretrained``
-        writes for a ``LoTRPeftConfig`` (its groups are then built on ``model`` from the modules
-        the file holds cores for, as PEFT built them), and the earlier ``lotr_config.json``
-        folders. A zoo folder attaches every adapter of the zoo, by its name, sharing the zoo's
-        factors; the first is active. The adapter is frozen (its config's ``inference_mode``
-        set) unless ``is_trainable``, as in PEFT. PEFT's keywords: ``torch_device`` is where the
-        file is read to (the adapter then lives with the base weights, as in PEFT);
-        ``autocast_adapter_dtype=False`` keeps an adapter without ``adapter_dtype`` in the base
-        weights' dtype rather than float32; ``low_cpu_mem_usage`` changes nothing, a saved
-        adapter being attached without initialising it. ``hub_kwargs`` (``subfolder``,
-        ``revision``, ``token``, ``cache_dir``, ``local_files_only``) go to the Hub. Raises
-        ``ValueError`` when the adapter does not fit the model (a missing module, another shape),
-        for a PEFT LoRA folder, naming :meth:`from_lora` and ``tensorlotr convert``, and for a
-        plain ``Trainer`` checkpoint, naming :meth:`load_adapter`.
-
-        Examples
-        --------
-        Save an adapter of a 2-layer BERT of hidden size 32, then attach it to a fresh base of
-        the same shapes:
-
-        >>> import torch
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, LoTRModel, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
-        >>> lotr.save_pretrained("my-adapter")
-        >>> loaded = LoTRModel.from_pretrained(BertModel(bert), "my-adapter")  # frozen, in eval mode
-        >>> loaded.groups["query"].shape, loaded.groups["query"].rank, loaded.get_nb_trainable_parameters()[0]
-        ((32, 32), (4, 4), 0)
-        >>> torch.equal(loaded.tucker("query").out_factor, lotr.tucker("query").out_factor)  # U (32, 4)
-        True
-        >>> LoTRModel.from_pretrained(BertModel(bert), "my-adapter", is_trainable=True).get_nb_trainable_parameters()[0]
-        576
-        """
-
-        return saving.from_pretrained(
-            cls, model, adapter_dir, adapter_name, is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage, torch_device=torch_device, **hub_kwargs,
-        )  # fmt: skip
-
-    @classmethod
-    def from_adapter_files(
-        cls,
-        model: nn.Module,
-        files: LoTRAdapterFiles,
-        is_trainable: bool = False,
-        source: str = "the adapter",
-        adapter_name: str = DEFAULT_ADAPTER,
-    ) -> LoTRModel:
-        """Attach an adapter held in memory (as ``decompose`` returns it) to ``model``."""
-
-        return saving.from_adapter_files(cls, model, files, is_trainable, source, adapter_name)
-
-    @classmethod
-    def from_zoo(
-        cls, model: nn.Module, zoo: ZooFiles, is_trainable: bool = False, source: str = "the zoo"
-    ) -> LoTRModel:
-        """Attach every adapter of a zoo (:class:`tensorlotr.adapter.layout.ZooFiles`), factors held once."""
-
-        return saving.from_zoo(cls, model, zoo, is_trainable, source)
-
-    @classmethod
-    def from_lora(
-        cls,
-        model: nn.Module,
-        peft_dir: str | os.PathLike[str],
-        *,
-        rank: int | tuple[int, int] | None = None,
-        energy: float | None = None,
-        n_iter: int = 0,
-        adapter_name: str = DEFAULT_ADAPTER,
-        is_trainable: bool = False,
-        **hub_kwargs: Any,
-    ) -> LoTRModel:
-        """Convert a PEFT LoRA (a folder or a Hub repo id) to LoTR in memory and attach it to ``model``.
-
-        ``rank``, ``energy`` and ``n_iter`` are :func:`tensorlotr.convert_lora`'s; the conversion
-        (:class:`tensorlotr.adapter.lora.LoRAConversion`: per group, the ranks, parameters and
-        errors) is ``lotr.conversion_report``.
-
-        Examples
-        --------
-        ``my-lora/`` holds a PEFT LoRA of rank 4 on ``q_proj`` and ``v_proj`` of a 2-layer Llama
-        of hidden size 32: each group's LoRA is two (32, 4) ``B`` and two (4, 32) ``A``, 512
-        parameters; at rank 4, LoTR keeps ``U`` (32, 4), ``V`` (32, 4) and two (4, 4) cores, 288.
-
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from tensorlotr import LoTRModel
-        >>> llama = LlamaConfig(
-        ...     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        ...     num_key_value_heads=4, max_position_embeddings=32,
-        ... )
-        >>> lotr = LoTRModel.from_lora(LlamaForCausalLM(llama), "my-lora", rank=4)
-        >>> [(g.group, g.rank, g.lora_params, g.lotr_params) for g in lotr.conversion_report.groups]
-        [('q_proj', (4, 4), 512, 288), ('v_proj', (4, 4), 512, 288)]
-        >>> lotr.groups["q_proj"].shape, lotr.active_adapter
-        ((32, 32), 'default')
-        """
-
-        return saving.from_lora(
-            cls, model, peft_dir, rank=rank, energy=energy, n_iter=n_iter, adapter_name=adapter_name,
-            is_trainable=is_trainable, **hub_kwargs,
-        )  # fmt: skip
-
-    @classmethod
-    def from_peft_model(
-        cls,
-        peft_model: nn.Module,
-        config: LoTRConfig | None = None,
-        *,
-        rank: int | tuple[int, int] | None = None,
-        is_trainable: bool = True,
-    ) -> LoTRModel:
-        """Convert a live PEFT LoRA model to LoTR in memory: the second half of a LoRA warm-up.
-
-        Each group's stack ``dW_l = scale_l B_l A_l`` is decomposed in factored form
-        (:func:`tensorlotr.tucker2_lowrank`, HOSVD) at the group's rank; the LoRA layers
-        are removed from the base model (PEFT's ``unload``: the trained copies of
-        ``modules_to_save`` stay) and a LoTR adapter set to the decomposition is attached.
-        Where the stack's exact rank is below the requested one, the factors get random
-        orthonormal columns with zero cores, so the model still computes the LoRA's
-        function and every direction can train. ``peft_model`` is consumed.
-
-        Parameters
-        ----------
-        peft_model : peft.PeftModel
-            With a LoRA adapter (its active one; not DoRA, not merged).
-        config : LoTRConfig, optional
-            Must target exactly modules the LoRA adapts. Default: ``rank`` (or the LoRA's
-            ``r``), ``alpha = lora_alpha``, the LoRA's modules and ``modules_to_save``.
-        rank : int or (r_out, r_in), optional
-            The ranks of the default config.
-        is_trainable : bool
-            Leave the adapter trainable (the default, to go on training) or freeze it.
-
-        Returns
-        -------
-        LoTRModel
-            ``conversion_errors`` holds each group's relative error of the conversion.
-
-        Examples
-        --------
-        A PEFT LoRA of rank 2 on the two ``query`` layers of a BERT of hidden size 32, its
-        ``B`` set at random (as after some training), then LoTR at rank 4, the exact rank
-        of the two-layer stack, which computes the same function:
-
-        >>> import peft, torch
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRModel
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> lora = peft.get_peft_model(BertModel(bert).eval(), peft.LoraConfig(r=2, target_modules=["query"]))
-        >>> for name, p in lora.named_parameters():
-        ...     if "lora_B" in name:
-        ...         _ = torch.nn.init.normal_(p, std=0.1)
-        >>> x = torch.tensor([[1, 2, 3]])
-        >>> expected = lora(input_ids=x).last_hidden_state
-        >>> lotr = LoTRModel.from_peft_model(lora, rank=4).eval()
-        >>> list(lotr.groups), lotr.groups["query"].rank, lotr.conversion_errors["query"] < 1e-6
-        (['query'], (4, 4), True)
-        >>> torch.allclose(lotr(input_ids=x).last_hidden_state, expected, atol=1e-5)
-        True
-        """
-
-        return lotr_from_peft_model(cls, peft_model, config, rank=rank, is_trainable=is_trainable)
-
-    def load_adapter(
-        self,
-        adapter_dir: str | os.PathLike[str],
-        adapter_name: str | None = None,
-        is_trainable: bool = False,
-        *,
-        torch_device: str | torch.device | None = None,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        **hub_kwargs: Any,
-    ) -> None:
-        """Load a saved adapter (a folder or a Hub repo id), in any format :meth:`from_pretrained` reads.
-
-        With a new ``adapter_name`` it is added as a named adapter, inactive (as in PEFT). With
-        ``adapter_name=None`` or an existing name, its tensors are loaded into that adapter,
-        which must have the same layout (resuming from a checkpoint). A plain
-        ``transformers.Trainer`` checkpoint of this model (``model.safetensors``, its
-        :meth:`state_dict`) is loaded that way too. PEFT's keywords are those of :meth:`from_pretrained`.
-
-        Examples
-        --------
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query", "value"]))
-        >>> lotr.save_pretrained("my-adapter")
-        >>> lotr.load_adapter("my-adapter", adapter_name="saved")  # a second adapter, inactive
-        >>> sorted(lotr.lotr_configs), lotr.active_adapters
-        (['default', 'saved'], ['default'])
-        >>> lotr.load_adapter("my-adapter")  # into the active adapter, as when resuming
-        """
-
-        saving.load_adapter(
-            self, adapter_dir, adapter_name, is_trainable, torch_device=torch_device,
-            autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage, **hub_kwargs,
-        )  # fmt: skip
-
-    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """Adapter ``adapter_name``'s (default: the active one's) tensors keyed as PEFT saves them.
-
-        :func:`tensorlotr.nn.saving.get_peft_model_state_dict` (also ``tensorlotr.nn.get_peft_model_state_dict``)
-        does it; the keys are those of ``adapter_model.safetensors``, without the adapter's name.
-
-        Examples
-        --------
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> lotr = get_lotr_model(BertModel(bert), LoTRConfig(rank=4, target_modules=["query"]))
-        >>> sorted(lotr.get_adapter_state_dict())[0]
-        'base_model.lotr_factors.query.in_factor'
-        """
-        return saving.get_peft_model_state_dict(self, adapter_name=adapter_name or self.active_adapter)
-
-    def load_adapter_state_dict(
-        self, state_dict: dict[str, torch.Tensor], adapter_name: str | None = None
-    ) -> _IncompatibleKeys:
-        """Copy a state dict keyed as :meth:`get_adapter_state_dict`'s into adapter ``adapter_name`` (default: active).
-
-        Returns ``(missing_keys, unexpected_keys)``; see
-        :func:`tensorlotr.nn.saving.set_peft_model_state_dict`.
-
-        Examples
-        --------
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> config = LoTRConfig(rank=4, target_modules=["query"])
-        >>> lotr, other = get_lotr_model(BertModel(bert), config), get_lotr_model(BertModel(bert), config)
-        >>> other.load_adapter_state_dict(lotr.get_adapter_state_dict())
-        <All keys matched successfully>
-        """
-        return saving.set_peft_model_state_dict(self, state_dict, adapter_name=adapter_name or self.active_adapter)
-
-    def hotswap_adapter(
-        self,
-        model_name_or_path: str | os.PathLike[str],
-        adapter_name: str = DEFAULT_ADAPTER,
-        torch_device: str | torch.device | None = None,
-        **hub_kwargs: Any,
-    ) -> None:
-        """Replace adapter ``adapter_name``'s tensors in place by a saved adapter's, without recompiling.
-
-        As PEFT's ``hotswap_adapter``: same groups and modules, ranks no larger (padded with
-        zeros), scales folded into the cores; see :func:`tensorlotr.nn.saving.hotswap_adapter`.
-
-        Examples
-        --------
-        >>> from transformers import BertConfig, BertModel
-        >>> from tensorlotr import LoTRConfig, get_lotr_model
-        >>> bert = BertConfig(
-        ...     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-        ... )
-        >>> config = LoTRConfig(rank=4, target_modules=["query"])
-        >>> get_lotr_model(BertModel(bert), config).save_pretrained("my-adapter")
-        >>> lotr = get_lotr_model(BertModel(bert), config)
-        >>> core = lotr.lotr_layers().__next__()[1].lotr_core
-        >>> lotr.hotswap_adapter("my-adapter")
-        >>> lotr.lotr_layers().__next__()[1].lotr_core is core  # the same tensor, new values
-        True
-        """
-        saving.hotswap_adapter(self, model_name_or_path, adapter_name, torch_device, **hub_kwargs)
-
-    def load_adapter_tensors(
-        self, files: LoTRAdapterFiles, source: str = "adapter", adapter: str | None = None
-    ) -> None:
-        """Copy the tensors of ``files`` into adapter ``adapter`` (default: the active one).
-
-        An adapter tensor on the meta device (the base was built under ``init_empty_weights``,
-        say) is replaced by the file's, on the CPU in the adapter tensor's dtype. Raises
-        ``ValueError`` for a tensor of the wrong shape, a ``modules_to_save`` tensor the model
-        lacks, and an adapter tensor the file does not hold that would stay on the meta device.
-        """
-
-        saving.load_adapter_tensors(self, files, source, adapter)
 
 
 def get_lotr_model(model: nn.Module, config: LoTRConfig) -> LoTRModel:

@@ -58,3 +58,34 @@ def test_config_save_and_load_keeps_unknown_keys(tmp_path):
     assert loaded.to_dict()["future_field"] == {"x": 1}  # saved again, not dropped
     with pytest.raises(ValueError, match="unknown LoTRConfig fields"):
         tlr.LoTRConfig.from_dict(loaded.to_dict())  # explicit from_dict stays strict
+
+
+@pytest.mark.parametrize("targets", [5, [5], ["q", 5], [""], 3.5, {"q": 1}])
+def test_target_modules_of_the_wrong_type_are_refused_at_once(targets):
+    """Issue 23, item 11: ``LoTRConfig(target_modules=5)`` was accepted and failed later."""
+    with pytest.raises(ValueError, match="target_modules"):
+        tlr.LoTRConfig(rank=4, target_modules=targets)
+
+
+def test_the_docs_say_what_init_normal_draws():
+    """Issue 23, item 17: std 1/sqrt(d) per factor (d_out for U, d_in for V); the original code's std 1 is not ours."""
+    import math
+    import re
+
+    import torch
+    from builders import REPO
+
+    from tensorlotr.nn.layer import LoTRFactors
+
+    torch.manual_seed(0)
+    factors = LoTRFactors(400, 900, (50, 40))
+    factors.reset_normal()
+    for factor, d in ((factors.out_factor, 400), (factors.in_factor, 900)):
+        assert float(factor.std()) == pytest.approx(1 / math.sqrt(d), rel=0.03)
+    text = " ".join((REPO / "docs" / "training.md").read_text().split())
+    row = re.search(r'`"normal"`: ([^;|]*)', text)
+    assert row is not None, "docs/training.md does not describe init='normal'"
+    assert "std 1/sqrt(d)" in row.group(1) and "as the original code" not in row.group(1), row.group(1)
+    assert "the original code draws std 1" in text
+    docstring = " ".join((tlr.LoTRConfig.__doc__ or "").split())
+    assert "std ``1/sqrt(d)``" in docstring and "the original code draws std 1" in docstring

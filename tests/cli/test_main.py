@@ -160,3 +160,55 @@ def test_bad_regexes_on_the_command_line_are_one_line_errors(pair, capsys):
     args = ["decompose", str(pair / "base"), str(pair / "ft"), str(pair / "o"), "--target-modules", "re:("]
     assert run(args) == 2
     assert "invalid regular expression '('" in error_line(capsys.readouterr().err, "decompose")
+
+
+# --- issue 23, item 14: messages that name the culprit ----------------------------------------------------
+
+
+def test_an_unreadable_adapter_weights_file_says_why(tmp_path):
+    write_lora(tmp_path / "lora")
+    os.chmod(tmp_path / "lora" / "adapter_model.safetensors", 0o000)
+    done = subprocess.run(
+        [sys.executable, "-m", "tensorlotr", "convert", "lora", "out"], cwd=tmp_path, capture_output=True, text=True,
+        check=False, preexec_fn=_without_file_privileges,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    line = error_line(done.stderr, "convert")
+    assert "lora/adapter_model.safetensors" in line and "Permission denied" in line, line
+    assert "No such file or directory" not in line and "truncated or corrupt" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_inputs_are_named_when_missing(lora, tmp_path, capsys):
+    from builders import tiny_llama
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")  # a model folder without a tokenizer
+    (tmp_path / "texts.txt").write_text("a few words\nand some more\n")
+    args = ["convert", str(lora), str(tmp_path / "out"), "--base-model", str(tmp_path / "base")]
+    assert run([*args, "--calibration-data", str(tmp_path / "nope.txt")]) == 2
+    line = error_line(capsys.readouterr().err, "convert")
+    assert f"{tmp_path / 'nope.txt'}" in line and "no such calibration file" in line, line
+    assert run([*args, "--calibration-data", str(tmp_path / "texts.txt")]) == 2
+    line = error_line(capsys.readouterr().err, "convert")
+    assert f"{tmp_path / 'base'} has no tokenizer" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_with_stdout_closed_says_so(lora):
+    done = subprocess.run(
+        [sys.executable, "-m", "tensorlotr", "inspect", str(lora)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, check=False, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "NoneType" not in done.stderr and "stdout is closed" in error_line(done.stderr, "inspect")
+
+
+def test_deprecation_warnings_print_as_one_line_without_a_source_path(tmp_path):
+    (tmp_path / "logs").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "tensorlotr", "tb2parquet", "logs", "x.parquet", "--names", "a", "b"], cwd=tmp_path,
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    warning = [line for line in done.stderr.splitlines() if "deprecated" in line]
+    assert warning and warning[0].startswith("tensorlotr tb2parquet: warning: "), done.stderr
+    assert ".py:" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr

@@ -129,3 +129,28 @@ def test_cli_convert_json_force_and_export(tmp_path, capsys):
     capsys.readouterr()
     assert cli(["inspect", str(tmp_path)]) == 2
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_lora_with_factors_in_two_dtypes_converts_in_the_wider(tmp_path):
+    """Hostile round of issue 23: B in float64 and A in float16 gave a float32 adapter (only A's dtype was read)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    from tensorlotr.io import read_adapter
+
+    model = get_peft_model(
+        tiny_llama(6).double(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    model.save_pretrained(tmp_path / "mixed")
+    weights = tmp_path / "mixed" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v.half() if "lora_A" in k else v for k, v in tensors.items()}, weights)
+    expected = {k: v.half().double() if "lora_A" in k else v for k, v in load_file(weights).items()}
+    convert_lora(tmp_path / "mixed", tmp_path / "lotr")
+    adapter = read_adapter(tmp_path / "lotr")
+    assert {t.dtype for t in adapter.tensors.values()} == {torch.float64}
+    scale = 8 / 4
+    for module, (b, a) in adapter.lora_factors("q_proj", dtype=torch.float64).items():
+        key = f"base_model.model.{module}"
+        dense = scale * expected[f"{key}.lora_B.weight"] @ expected[f"{key}.lora_A.weight"]
+        assert (b @ a - dense).abs().max().item() < 1e-12 * max(1.0, dense.abs().max().item())

@@ -334,3 +334,22 @@ def test_peak_memory_is_far_below_the_stack(tmp_path):
     used = growth("decompose")
     print(f"peak growth: decompose {used:.0f} MiB, materialised stack {control:.0f} MiB ({stack_mib:.0f} MiB of data)")
     assert used < 0.35 * stack_mib, (used, stack_mib, control)
+
+
+def test_legacy_non_zip_pytorch_model_bin_is_read_as_convert_reads_it(sharded, tmp_path):
+    """Issue 23, item 13: a legacy (non-zip) ``pytorch_model.bin`` cannot be memory-mapped; it is read whole."""
+    folder, finetuned, _ = sharded
+    base = tiny_llama(0)
+    for name, model in (("base", base), ("ft", finetuned)):
+        model.config.save_pretrained(tmp_path / name)
+        state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+        torch.save(state, tmp_path / name / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with open(tmp_path / "ft" / "pytorch_model.bin", "rb") as handle:
+        assert handle.read(2) != b"PK"  # not a zip file
+    kwargs = dict(target_modules=["q_proj", "v_proj"], rank=(4, 3), dtype=torch.float64)
+    legacy = tlr.decompose(tmp_path / "base", tmp_path / "ft", tmp_path / "out", **kwargs).report
+    reference = tlr.decompose(folder / "base", folder / "ft", **kwargs).report
+    assert [g.relative_error for g in legacy.groups] == pytest.approx([g.relative_error for g in reference.groups])
+    assert (tmp_path / "out" / "adapter_config.json").is_file() or (tmp_path / "out" / "lotr_config.json").is_file()
+    assert run(["decompose", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "cli"), "--target-modules",
+                "q_proj", "--rank", "2", "--json"]) == 0  # fmt: skip

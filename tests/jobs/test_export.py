@@ -70,3 +70,55 @@ def test_export_refuses_a_nan_group_scale(lora, tmp_path, capsys):
     with pytest.raises(ValueError, match="holds NaN or Inf values"):
         export_lora(model, tmp_path / "out")
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+
+
+# --- issue 23, item 16: the source's dtype is kept unless --dtype asks for another --------------------------
+
+
+def test_a_float64_adapter_exports_to_a_float64_lora_that_peft_runs_exactly(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    base = tiny_llama(4).double()
+    pristine = twin(base)
+    lotr = tlr.get_lotr_model(base, tlr.LoTRConfig(rank=(4, 3), alpha=6, target_modules=["q_proj", "v_proj"]))
+    lotr.double()
+    with torch.no_grad():
+        for name, parameter in lotr.named_parameters():
+            if "lotr_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.3)
+    lotr.eval()
+    lotr.save_pretrained(tmp_path / "lotr64")
+    assert {t.dtype for t in read_adapter(tmp_path / "lotr64").tensors.values()} == {torch.float64}
+    assert run(["export-lora", str(tmp_path / "lotr64"), str(tmp_path / "lora64")]) == 0  # no --dtype
+    tensors = load_file(tmp_path / "lora64" / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float64}
+    peft_model = PeftModel.from_pretrained(pristine, tmp_path / "lora64").eval()
+    with torch.no_grad():
+        theirs, ours = logits(peft_model), logits(lotr)
+    assert theirs.dtype == torch.float64 and (theirs - ours).abs().max().item() < 1e-12
+    assert (ours - logits(tiny_llama(4).double())).abs().max() > 1e-3  # the adapter does change the outputs
+    assert run(["export-lora", str(tmp_path / "lotr64"), str(tmp_path / "lora32"), "--dtype", "float32"]) == 0
+    tensors = load_file(tmp_path / "lora32" / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+def test_convert_keeps_a_float64_loras_dtype_unless_told(tmp_path):
+    peft_model = tlr_peft_double(tmp_path / "peft64")
+    convert_lora(tmp_path / "peft64", tmp_path / "lotr64")
+    assert {t.dtype for t in read_adapter(tmp_path / "lotr64").tensors.values()} == {torch.float64}
+    assert run(["convert", str(tmp_path / "peft64"), str(tmp_path / "lotr32"), "--dtype", "float32"]) == 0
+    assert {t.dtype for t in read_adapter(tmp_path / "lotr32").tensors.values()} == {torch.float32}
+    lotr = tlr.LoTRModel.from_pretrained(tiny_llama(5).double(), tmp_path / "lotr64").double().eval()
+    with torch.no_grad():
+        assert (logits(lotr) - logits(peft_model)).abs().max().item() < 1e-10
+
+
+def tlr_peft_double(folder):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama(5).double(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    ).eval()
+    model.save_pretrained(folder)
+    return model

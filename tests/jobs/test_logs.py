@@ -170,3 +170,87 @@ def test_logs_tags_regex_is_checked_in_the_api(tmp_path):
         read_logs(tmp_path, tags="(")
     with pytest.raises(ValueError, match="repeated"):
         read_logs(tmp_path, index=["tag", "tag"])
+
+
+# --- issue 23: distinct runs stay distinct, one row per run, tag and step, and clear refusals -----------------
+
+
+def write_run(folder, steps, offset=0.0, name=None):
+    writer = SummaryWriter(str(folder), filename_suffix=name or "")
+    for step in steps:
+        writer.add_scalar("loss", float(step) + offset, step)
+    writer.close()
+
+
+@pytest.mark.parametrize(("column", "segments"), [("seed", ("07", "7")), ("lr", ("1e-4", "0.0001"))])
+def test_segments_that_read_as_one_number_keep_their_runs_apart(column, segments, tmp_path):
+    """Item 8: ``seed/07`` and ``seed/7`` (``lr/1e-4`` and ``lr/0.0001``) are two runs, not one."""
+    for k, segment in enumerate(segments):
+        write_run(tmp_path / "logs" / segment, range(3), offset=10.0 * k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = read_logs(tmp_path / "logs", [column]).reset_index()
+    assert len(frame) == 6 and set(frame[column].astype(str)) == set(segments)
+    assert not frame.duplicated([column, "tag", "step"]).any()
+    for k, segment in enumerate(segments):
+        assert sorted(frame[frame[column].astype(str) == segment]["value"]) == [10.0 * k, 10.0 * k + 1, 10.0 * k + 2]
+    assert any(type(w.message).__name__ == "SegmentTypeWarning" and column in str(w.message) for w in caught)
+
+
+def test_a_resumed_run_gives_one_row_per_step_the_last_written_wins(tmp_path):
+    """Item 8: two event files of one run with the same steps (a resumed run) give one row per step."""
+    import time
+
+    write_run(tmp_path / "logs" / "run", range(5), offset=0.0, name=".first")
+    time.sleep(1.1)  # the second file's name (its creation time) sorts after the first's
+    write_run(tmp_path / "logs" / "run", range(3, 8), offset=100.0, name=".second")
+    assert len(list((tmp_path / "logs" / "run").glob("*tfevents*"))) == 2
+    frame = read_logs(tmp_path / "logs", ["name"]).reset_index()
+    assert not frame.duplicated(["name", "tag", "step"]).any()
+    values = dict(zip(frame["step"], frame["value"], strict=True))
+    assert values == {0: 0.0, 1: 1.0, 2: 2.0, 3: 103.0, 4: 104.0, 5: 105.0, 6: 106.0, 7: 107.0}
+
+
+def test_tags_that_match_nothing_are_refused_naming_the_tags_found(tmp_path, capsys):
+    """Item 8: ``--tags nomatch`` is an error, not an empty file."""
+    write_run(tmp_path / "logs" / "run", range(3))
+    out = tmp_path / "x.parquet"
+    assert run(["tb2parquet", str(tmp_path / "logs"), str(out), "--tags", "nomatch"]) == 2
+    line = error_line(capsys.readouterr().err, "tb2parquet")
+    assert "nomatch" in line and "loss" in line, line
+    assert not out.exists()
+    with pytest.raises(ValueError, match="nomatch"):
+        read_logs(tmp_path / "logs", tags="nomatch")
+
+
+@pytest.mark.parametrize("jobs", [0, -3, 1.5, True])
+def test_jobs_must_be_a_positive_integer(jobs, tmp_path, capsys):
+    """Item 11: ``jobs=0`` and ``jobs=-3`` are refused, in the API and on the command line."""
+    write_run(tmp_path / "logs" / "run", range(2))
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        tb2parquet(tmp_path / "logs", tmp_path / "x.parquet", jobs=jobs)
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        read_logs(tmp_path / "logs", jobs=jobs)
+    if isinstance(jobs, int) and not isinstance(jobs, bool):
+        assert run(["tb2parquet", str(tmp_path / "logs"), str(tmp_path / "x.parquet"), "--jobs", str(jobs)]) == 2
+        capsys.readouterr()
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_file_given_as_the_log_folder_is_named_as_a_file(tmp_path, capsys):
+    """Item 14: ``tb2parquet afile`` says it is a file, not that the folder does not exist."""
+    (tmp_path / "afile").write_text("x")
+    assert run(["tb2parquet", str(tmp_path / "afile"), str(tmp_path / "x.parquet")]) == 2
+    line = error_line(capsys.readouterr().err, "tb2parquet")
+    assert f"{tmp_path / 'afile'} is a file" in line and "does not exist" not in line
+
+
+def test_a_tree_of_only_corrupt_event_files_names_one(tmp_path, capsys):
+    """Item 14: "no scalars" names a file and why it could not be read."""
+    (tmp_path / "logs" / "a").mkdir(parents=True)
+    bad = tmp_path / "logs" / "a" / "events.out.tfevents.1.host"
+    bad.write_bytes(b"garbage\x00\xff")
+    assert run(["tb2parquet", str(tmp_path / "logs"), str(tmp_path / "x.parquet")]) == 2
+    line = error_line(capsys.readouterr().err, "tb2parquet")
+    assert str(bad) in line, line
+    assert not (tmp_path / "x.parquet").exists()
