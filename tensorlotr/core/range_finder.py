@@ -15,19 +15,20 @@ unfolding. With ``k = r + oversample`` per mode:
    ``Omega_l`` (r, k): a Gaussian sketch of the unfolding, whose ``A_l Omega'_l`` has the law of
    ``K_l Omega_l``. ``Q_U = orth(Y_U)``; the same for V.
 3. *Power passes* (``n_power``): ``Y_U = M_U Q_U``, one pass each; ``Q_U = orth(Y_U)``.
-4. *Rayleigh-Ritz*, in float64: ``W_l = B_l^T Q_U`` and ``Q_U^T M_U Q_U = sum_l t_l^2 W_l^T
-   (A_l A_l^T) W_l`` (k x k), whose leading eigenvectors ``E`` give ``U = Q_U E``; the Grams are
-   taken again in float64. When ``k >= d`` the basis is the identity and this is the exact Gram
-   route, the HOSVD up to round-off, with no sketch.
+4. *Rayleigh-Ritz*: ``W_l = B_l^T Q_U`` (in the compute dtype, then float64) and
+   ``Q_U^T M_U Q_U = sum_l t_l^2 W_l^T (A_l A_l^T) W_l`` (k x k, float64), whose leading
+   eigenvectors ``E`` give ``U = Q_U E``. When ``k >= d`` the basis is the identity and this is
+   the exact Gram route, the HOSVD up to round-off, with no sketch.
 
 Then everything is small: ``U^T B_l = E^T W_l^T`` (r_out, r), the cores
 ``G_l = s_l (U^T B_l)(A_l V)``, and each layer's squared error ``||dW_l||^2 - ||G_l||^2`` (U and V
-are orthonormal in float64). A layer fitted to within ``1e-8`` of its energy, where that
-difference cancels, is recomputed from thin-QR triangles (as
+are orthonormal in float64). A layer fitted to within ``1e-8`` of its energy (``1e-4`` when the
+compute dtype is float32), where that difference cancels, is recomputed in float64 from thin-QR
+triangles (as
 :func:`tensorlotr.relative_error_lowrank` does), with the factors as returned.
 
-Cost: ``2 + n_power`` float32 passes of ``2 d (L r) k`` flops per mode (two for a power pass)
-and one float64 pass of ``d (L r) k``; memory: the factors as given, one batch of each factor,
+Cost: four passes over the factors for ``n_power=1`` (norms, sketch, power, Ritz) of
+``2 d (L r) k`` flops per mode each (two for a power pass); memory: the factors as given, one batch of each factor,
 ``(L r) x k`` float64 per mode and the r x r Grams.
 """
 
@@ -45,8 +46,15 @@ from .linalg import triangle
 from .lowrank import ScaleArg, check_factors, per_layer_floats, per_layer_sq, swap
 from .tensor import Tucker2
 
-#: A layer whose squared error is at most this share of its energy is recomputed from triangles.
+#: A layer whose squared error is at most this share of its energy is recomputed from triangles,
+#: by the compute dtype's precision: float64 (``||dW||^2 - ||G||^2`` exact to about 1e-14 of the
+#: energy), else float32 (the Grams and projections, to about 1e-6).
 CANCELLATION = 1e-8
+CANCELLATION_FLOAT32 = 1e-4
+
+
+def _cancellation(dtype: Any) -> float:
+    return CANCELLATION if "float64" in str(dtype) else CANCELLATION_FLOAT32
 
 
 @dataclass(frozen=True)
@@ -279,34 +287,39 @@ class FactoredStack:
         basis_sq: np.ndarray,
         n_power: int,
     ) -> FactoredFit:
-        """Step 4 and the cores and errors (module docstring)."""
+        """Step 4 and the cores and errors (module docstring).
+
+        The projections ``B_l^T Q`` and ``A_l Q`` are taken in the compute dtype, one pass; the
+        Ritz matrices, the cores and the errors in float64 from them and the cached Grams.
+        """
+        assert self._grams is not None and self._norms is not None
         f64 = float64_of(q_out)
         q_out, q_in = _orthonormal(as_float(q_out, f64)), _orthonormal(as_float(q_in, f64))
+        work_out, work_in = as_float(q_out, self.dtype), as_float(q_in, self.dtype)
         k_out, k_in = int(q_out.shape[1]), int(q_in.shape[1])
         ritz_out = tl.zeros((k_out, k_out), **tl.context(q_out))
         ritz_in = tl.zeros((k_in, k_in), **tl.context(q_in))
-        kept: list[tuple[Array, Array, Array, Array]] = []  # per run: W_B (n, r, k_out), W_A (n, r, k_in), Grams
-        for run, b3, a3 in self._batches(f64):
-            gram_b, gram_a = _grams(b3, a3)
-            t_sq = _column(basis_sq[run.start : run.stop], b3)
-            w_b, w_a = _project(0, b3, a3, q_out), _project(1, b3, a3, q_in)
+        kept: list[tuple[Array, Array]] = []  # per run: W_B (n, r, k_out), W_A (n, r, k_in), float64
+        for b, (run, b3, a3) in enumerate(self._batches(self.dtype)):
+            gram_b, gram_a = (as_float(g, f64) for g in self._grams[b])
+            w_b, w_a = as_float(_project(0, b3, a3, work_out), f64), as_float(_project(1, b3, a3, work_in), f64)
+            t_sq = _column(basis_sq[run.start : run.stop], w_b)
             ritz_out += _ritz(w_b, tl.matmul(gram_a, w_b) * t_sq)
             ritz_in += _ritz(w_a, tl.matmul(gram_b, w_a) * t_sq)
-            kept.append((w_b, w_a, gram_b, gram_a))
+            kept.append((w_b, w_a))
         e_out, e_in = _leading(ritz_out, ranks[0]), _leading(ritz_in, ranks[1])
         u, e_out = _signed(tl.dot(q_out, e_out), e_out)
         v, e_in = _signed(tl.dot(q_in, e_in), e_in)
-        cores, residual, norms = [], [], []
-        for run, (w_b, w_a, gram_b, gram_a) in zip(self.runs, kept, strict=True):
+        cores, residual = [], []
+        for run, (w_b, w_a) in zip(self.runs, kept, strict=True):
             s = _column(self.scales[run.start : run.stop], w_b)
             core = tl.matmul(swap(tl.matmul(w_b, e_out)), tl.matmul(w_a, e_in)) * s  # (n, r_out, r_in)
-            norm = _to_numpy(tl.sum(gram_b * gram_a, axis=(1, 2)), np.float64) * self.scales[run.start : run.stop] ** 2
             cores.append(core)
-            norms.append(norm)
+            norm = self._norms[run.start : run.stop]
             residual.append(np.maximum(norm - _to_numpy(per_layer_sq(core), np.float64), 0.0))
         core = cores[0] if len(cores) == 1 else tl.concatenate(cores, axis=0)
         tucker = Tucker2(as_float(core, self.dtype), as_float(u, self.dtype), as_float(v, self.dtype))
-        norm_sq, residual_sq = np.concatenate(norms), np.concatenate(residual)
+        norm_sq, residual_sq = self._norms.copy(), np.concatenate(residual)
         self._exact_where_cancelled(tucker, residual_sq, norm_sq)
         exact = k_out == self.shape[1] and k_in == self.shape[2]
         route = "exact Gram" if exact else f"randomized (k={k_out}x{k_in}, {n_power} power)"
@@ -319,7 +332,7 @@ class FactoredStack:
         QRs: the residual of a layer is ``||(I - P_U) dW_l||^2 + ||P_U dW_l (I - P_V)||^2 +
         ||Q_U^T dW_l Q_V - G'_l||^2``, each a small matrix of triangles.
         """
-        flagged = residual_sq <= CANCELLATION * norm_sq
+        flagged = residual_sq <= _cancellation(self.dtype) * norm_sq
         if not flagged.any():
             return
         f64 = float64_of(tucker.core)

@@ -373,11 +373,14 @@ class PeftLoRA:
                 common = torch.promote_types(b.dtype, a.dtype)
                 bs[i], as_[i] = b.to(common), a.to(common)
         for name, b, a in zip(names, bs, as_, strict=True):
-            if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            # one float64 reduction per factor: a NaN or Inf value makes its norm so (no float16 overflows)
+            norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+            norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float64))
+            if not (math.isfinite(norm_b) and math.isfinite(norm_a)):
                 raise ValueError(f"{self.weights_path}: module {name!r} has NaN or Inf values")
             compute = torch.float64 if b.dtype == a.dtype == torch.float64 else torch.float32
             limit = math.sqrt(torch.finfo(compute).max) / 1e3
-            bound = abs(self.modules[name].scale) * float(b.double().norm()) * float(a.double().norm())
+            bound = abs(self.modules[name].scale) * norm_b * norm_a
             if bound > limit:
                 raise ValueError(
                     f"{self.weights_path}: module {name!r} has an update of norm up to {bound:.3g}, too large to "
