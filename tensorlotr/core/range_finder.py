@@ -51,6 +51,8 @@ from .tensor import Tucker2
 #: energy), else float32 (the Grams and projections, to about 1e-6).
 CANCELLATION = 1e-8
 CANCELLATION_FLOAT32 = 1e-4
+#: Layers recomputed together by that check.
+RECHECK_LAYERS = 32
 
 
 def _cancellation(dtype: Any) -> float:
@@ -135,7 +137,7 @@ class FactoredStack:
         A: Array | Sequence[Array],
         scale: ScaleArg = 1.0,
         *,
-        batch_columns: int = 4096,
+        batch_columns: int = 2048,
     ) -> None:
         self.bs, self.as_, self.scales = check_factors(B, A, scale)
         self.dtype = compute_dtype(self.bs[0])
@@ -339,10 +341,9 @@ class FactoredStack:
         q_out, r_out = tl.qr(as_float(tucker.out_factor, f64))
         q_in, r_in = tl.qr(as_float(tucker.in_factor, f64))
         core = as_float(tucker.core, f64)
-        for run in self.runs:
-            rows = [i for i in range(run.start, run.stop) if flagged[i]]
-            if not rows:
-                continue
+        flagged_rows = [[i for i in range(run.start, run.stop) if flagged[i]] for run in self.runs]
+        chunks = [rows[j : j + RECHECK_LAYERS] for rows in flagged_rows for j in range(0, len(rows), RECHECK_LAYERS)]
+        for rows in chunks:  # a few layers at a time: (n, d, r) float64 and its thin QRs
             b = tl.stack([as_float(self.bs[i], f64) for i in rows])
             a = tl.stack([as_float(self.as_[i], f64) for i in rows])
             s = _column(self.scales[rows], b)

@@ -208,7 +208,9 @@ class _Tensors:
             return [self._loaded[k] for k in keys]
         try:
             with safe_open(str(self.path), framework="pt") as handle:
-                return [handle.get_tensor(k) for k in keys]
+                # copies: a tensor read from the handle maps the file, and keeps (with the kernel's
+                # read-around) pages of the other modules resident as long as it lives
+                return [handle.get_tensor(k).clone() for k in keys]
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{self.path}: cannot read tensors {keys[:2]}…: {exc}") from None
 

@@ -10,7 +10,7 @@ sum of their ranks.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,45 @@ from .layer import DEFAULT_ADAPTER, LoTRFactors, check_adapter_name
 
 if TYPE_CHECKING:
     from .model import LoTRModel
+
+
+#: The ways to combine adapters exactly (PEFT's ``combination_type``).
+COMBINATIONS = ("linear", "cat")
+
+
+def check_combination(
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    combination_type: str,
+    adapter_name: str,
+    existing: Collection[str],
+) -> tuple[list[str], list[float]]:
+    """The adapters and weights of an ``add_weighted_adapter`` call, checked against the ``existing`` adapter names.
+
+    Raises ``ValueError`` for a weight count that differs, a ``combination_type`` other than
+    :data:`COMBINATIONS`, an unknown adapter or a new name already taken.
+
+    >>> check_combination(["a", "b"], [1, 0.5], "cat", "mix", {"a", "b"})
+    (['a', 'b'], [1.0, 0.5])
+    >>> check_combination(["a", "c"], [1, 1], "linear", "mix", {"a", "b"})
+    Traceback (most recent call last):
+    ValueError: unknown adapters ['c']; adapters: ['a', 'b']
+    """
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    if combination_type not in COMBINATIONS:
+        raise ValueError(
+            f"combination_type {combination_type!r} is not one of {COMBINATIONS}: LoTR combines adapters exactly, "
+            "'linear' for adapters that share their factors (a weighted sum of cores), 'cat' for any adapters on "
+            "the same groups (rank: the sum of their ranks)"
+        )
+    unknown = [a for a in adapters if a not in existing]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; adapters: {sorted(existing)}")
+    if adapter_name in existing:
+        raise ValueError(f"adapter {adapter_name!r} already exists")
+    return adapters, weights
 
 
 def add_weighted_adapter(
@@ -55,21 +94,8 @@ def add_weighted_adapter(
     Traceback (most recent call last):
     ValueError: combination_type='linear' combines adapters that share their factors, ...
     """
-    adapters, weights = list(adapters), [float(w) for w in weights]
-    if not adapters or len(adapters) != len(weights):
-        raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    if combination_type not in ("linear", "cat"):
-        raise ValueError(
-            f"combination_type {combination_type!r} is not 'linear' or 'cat': LoTR combines adapters exactly, "
-            "'linear' for adapters that share their factors (a weighted sum of cores), 'cat' for any adapters on "
-            "the same groups (rank: the sum of their ranks)"
-        )
-    unknown = [a for a in adapters if a not in lotr.lotr_configs]
-    if unknown:
-        raise ValueError(f"unknown adapters {unknown}; adapters: {sorted(lotr.lotr_configs)}")
+    adapters, weights = check_combination(adapters, weights, combination_type, adapter_name, lotr.lotr_configs)
     check_adapter_name(adapter_name)
-    if adapter_name in lotr.lotr_configs:
-        raise ValueError(f"adapter {adapter_name!r} already exists")
     if any(lotr._has_copies(a) for a in adapters):
         raise ValueError("adapters with modules_to_save have no weighted sum of their full copies; leave them out")
     if any(layer.merged for _, layer in lotr.lotr_layers()):

@@ -36,6 +36,7 @@ from ..adapter.groups import is_conv1d
 from ..adapter.layout import GroupLayout
 from ..core import check_rank, tucker2
 from ..io.peft_lotr import layout_groups
+from ..nn.combine import check_combination
 from ..nn.layer import BASE_ADAPTER, LoTRFactors, check_adapter_name
 from ..nn.sharing import share_input_products
 from ..nn.targets import build_groups, dense_weight, is_supported, unwrap, weight_shape
@@ -46,8 +47,6 @@ __all__ = ["FACTORS", "LoTRTuner"]
 
 #: The tuner attribute that holds the factors: ``lotr_factors[adapter][group]`` is a :class:`LoTRFactors`.
 FACTORS = "lotr_factors"
-#: The combinations :meth:`LoTRTuner.add_weighted_adapter` makes, both exact.
-COMBINATIONS = ("linear", "cat")
 
 
 def _adapter_names_hook(module: nn.Module, args: Any, kwargs: dict[str, Any], adapter_names: list[str]) -> Any:
@@ -434,20 +433,7 @@ class LoTRTuner(BaseTuner):
 
             tuner.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mix")  # 0.5 dW_a + 0.5 dW_b
         """
-        adapters, weights = list(adapters), [float(w) for w in weights]
-        if not adapters or len(adapters) != len(weights):
-            raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-        if combination_type not in COMBINATIONS:
-            raise ValueError(
-                f"combination_type {combination_type!r} is not one of {COMBINATIONS}: LoTR combines adapters exactly, "
-                "'linear' for adapters that share their factors (a weighted sum of cores), 'cat' for any adapters on "
-                "the same groups (rank: the sum of their ranks)"
-            )
-        unknown = [a for a in adapters if a not in self.peft_config]
-        if unknown:
-            raise ValueError(f"unknown adapters {unknown}; adapters: {sorted(self.peft_config)}")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists")
+        adapters, weights = check_combination(adapters, weights, combination_type, adapter_name, self.peft_config)
         if any(self._config(a).modules_to_save for a in adapters):
             raise ValueError("adapters with modules_to_save have no weighted sum of their full copies; leave them out")
         groups = self.lotr_groups[adapters[0]]

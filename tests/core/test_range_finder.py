@@ -182,3 +182,17 @@ def test_bad_arguments_raise_value_error(kwargs, message):
     bs, as_, scales = lora_stack(3, 8, 8, [2], seed=10)
     with pytest.raises(ValueError, match=message):
         FactoredStack(bs, as_, scales).tucker2(**kwargs)
+
+
+def test_float32_errors_near_the_noise_floor_are_rechecked_exactly():
+    """float32 factors 1% off a planted basis (residual ~1e-4 of the energy, where float32 Grams cancel): the
+    reported errors are the true ones to 1%, in chunks of layers."""
+    bs, as_, scales = lora_stack(40, 48, 40, [3], seed=11, shared=(4, 4))
+    rng = np.random.default_rng(12)
+    bs = [b + 0.01 * np.abs(b).mean() * rng.standard_normal(b.shape) for b in bs]
+    b32 = [torch.tensor(b, dtype=torch.float32) for b in bs]
+    a32 = [torch.tensor(a, dtype=torch.float32) for a in as_]
+    fit = FactoredStack(b32, a32, scales, batch_columns=12).tucker2(4, oversample=4)
+    truth = layer_residuals(fit.tucker, dense(b32, a32, scales))
+    assert (truth < 1e-3 * fit.norm_sq).all() and (truth > 1e-7 * fit.norm_sq).all()
+    np.testing.assert_allclose(fit.residual_sq, truth, rtol=1e-2)
