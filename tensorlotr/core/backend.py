@@ -6,6 +6,7 @@ that matches its inputs and never imports torch itself, so it knows nothing of m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -110,6 +111,72 @@ def add_product(out: Array, a: Array, b: Array) -> None:
         out.addmm_(a, b)
     else:
         out += a @ b
+
+
+class Buffers:
+    """Flat buffers reused from one batch to the next, by name: no allocation (nor page fault) per batch.
+
+    On torch, :meth:`stack` stacks into a reused buffer of the arrays' dtype and casts into one of
+    the target dtype, and :meth:`sum_products` reuses a buffer for its transposed copy; on numpy
+    both allocate, as plain expressions do. A view returned for a name is overwritten by the
+    next call for that name.
+
+    Examples
+    --------
+    >>> import torch
+    >>> buffers = Buffers()
+    >>> layers = [torch.ones(3, 2, dtype=torch.bfloat16) * i for i in range(4)]
+    >>> stacked = buffers.stack("B", layers, torch.float32)
+    >>> stacked.shape, stacked.dtype, float(stacked[3, 0, 0])
+    (torch.Size([4, 3, 2]), torch.float32, 3.0)
+    >>> x = torch.ones(4, 2, 5)
+    >>> y = torch.zeros(3, 5)
+    >>> buffers.sum_products(y, stacked, x)  # y += sum_l B_l x_l
+    >>> float(y[0, 0])
+    12.0
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, Any], Any] = {}
+
+    def _view(self, name: str, shape: tuple[int, ...], like: Any, dtype: Any) -> Any:
+        import torch
+
+        size = math.prod(shape)
+        flat = self._flat.get((name, dtype))
+        if flat is None or flat.numel() < size:
+            flat = torch.empty(size, dtype=dtype, device=like.device)
+            self._flat[(name, dtype)] = flat
+        return flat[:size].view(shape)
+
+    def stack(self, name: str, arrays: Sequence[Array], dtype: Any) -> Array:
+        """``arrays`` (n arrays of one shape) stacked, (n, ...), in ``dtype``."""
+        if not is_torch(arrays[0]):
+            return as_float(tl.stack(list(arrays)), dtype)
+        import torch
+
+        shape = (len(arrays), *arrays[0].shape)
+        stage = self._view(name, shape, arrays[0], arrays[0].dtype)
+        torch.stack(list(arrays), out=stage)
+        if stage.dtype == dtype:
+            return stage
+        out = self._view(name, shape, arrays[0], dtype)
+        out.copy_(stage)
+        return out
+
+    def sum_products(self, out: Array, b: Array, x: Array) -> None:
+        """``out += sum_l b_l x_l`` in place, ``b`` (n, d, r) and ``x`` (n, r, k): one GEMM, (d, n r) by (n r, k)."""
+        n, d, r = (int(s) for s in b.shape)
+        if not is_torch(out):
+            out += tl.einsum("ndr,nrk->dk", b, x)
+            return
+        wide = self._view("sum_products", (d, n, r), b, b.dtype)
+        wide.copy_(b.permute(1, 0, 2))
+        out.addmm_(wide.view(d, n * r), x.reshape(n * r, -1))
+
+    def clear(self) -> None:
+        """Free the buffers."""
+        self._flat.clear()
 
 
 def gaussian(shapes: list[tuple[int, ...]], seed: int, like: Array) -> list[Array]:

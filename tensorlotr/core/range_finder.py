@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorly as tl
 
-from .backend import Array, add_product, all_finite, as_float, backend_for, compute_dtype, float64_of, gaussian
+from .backend import Array, Buffers, add_product, all_finite, as_float, backend_for, compute_dtype, float64_of, gaussian
 from .linalg import triangle
 from .lowrank import ScaleArg, check_factors, per_layer_floats, per_layer_sq, swap
 from .tensor import Tucker2
@@ -151,6 +151,7 @@ class FactoredStack:
             if i == len(self.bs) or self.ranks[i] != self.ranks[start] or size + self.ranks[i] > batch_columns:
                 self.runs.append(_Run(start, i, self.ranks[start]))
                 start = i
+        self._buffers = Buffers()
         self._grams: list[tuple[Array, Array]] | None = None  # (B^T B, A A^T) per run, compute dtype
         self._norms: np.ndarray | None = None
 
@@ -161,14 +162,14 @@ class FactoredStack:
     def _batches(self, dtype: Any) -> Iterator[tuple[_Run, Array, Array]]:
         """One pass: each run's ``B_l`` stacked (n, d_out, r) and ``A_l`` stacked (n, r, d_in), in ``dtype``.
 
-        Each batch is one stack and one cast per factor (no per-layer copies), freed when the
-        next batch is built.
+        Each batch is one stack and one cast per factor into buffers that the next batch reuses
+        (:class:`~tensorlotr.core.backend.Buffers`): the arrays are overwritten by the next batch.
         """
         for run in self.runs:
             yield (
                 run,
-                as_float(tl.stack(self.bs[run.start : run.stop]), dtype),
-                as_float(tl.stack(self.as_[run.start : run.stop]), dtype),
+                self._buffers.stack("B", self.bs[run.start : run.stop], dtype),
+                self._buffers.stack("A", self.as_[run.start : run.stop], dtype),
             )
 
     def _check_finite(self, run: _Run, b3: Array, a3: Array) -> None:
@@ -243,7 +244,10 @@ class FactoredStack:
             q_in = _identity(d_in, like, self.dtype) if k_in == d_in else None
             if q_out is None or q_in is None:
                 q_out, q_in = self._range(basis_sq, q_out, q_in, (k_out, k_in), n_power, seed)
-            return self._finish(q_out, q_in, (r_out, r_in), basis_sq, n_power)
+            try:
+                return self._finish(q_out, q_in, (r_out, r_in), basis_sq, n_power)
+            finally:
+                self._buffers.clear()
 
     def _range(
         self,
@@ -268,7 +272,7 @@ class FactoredStack:
                 other = gram_a if mode == 0 else gram_b
                 (omega,) = gaussian([(run.n, run.rank, ks[mode])], seed * 1_000_003 + 2 * b + mode, b3)
                 x = tl.matmul(_sqrt_psd(other), omega) * t  # (n, r, k): A_l Omega_l in law, times t_l
-                _accumulate(ys[mode], mode, b3, a3, x)
+                _accumulate(ys[mode], mode, b3, a3, x, self._buffers)
         qs = {mode: _orthonormal(ys[mode]) for mode in todo}
         for _ in range(n_power):
             ys = {mode: tl.zeros((dims[mode], ks[mode]), **context) for mode in todo}
@@ -277,7 +281,7 @@ class FactoredStack:
                 gram_b, gram_a = self._grams[b]
                 for mode in todo:
                     x = tl.matmul(gram_a if mode == 0 else gram_b, _project(mode, b3, a3, qs[mode])) * t_sq
-                    _accumulate(ys[mode], mode, b3, a3, x)
+                    _accumulate(ys[mode], mode, b3, a3, x, self._buffers)
             qs = {mode: _orthonormal(ys[mode]) for mode in todo}
         return qs.get(0, q_out), qs.get(1, q_in)
 
@@ -313,14 +317,16 @@ class FactoredStack:
         u, e_out = _signed(tl.dot(q_out, e_out), e_out)
         v, e_in = _signed(tl.dot(q_in, e_in), e_in)
         cores, residual = [], []
-        for run, (w_b, w_a) in zip(self.runs, kept, strict=True):
+        for run in self.runs:  # each run's cores in float64, kept in the compute dtype
+            w_b, w_a = kept.pop(0)
             s = _column(self.scales[run.start : run.stop], w_b)
             core = tl.matmul(swap(tl.matmul(w_b, e_out)), tl.matmul(w_a, e_in)) * s  # (n, r_out, r_in)
-            cores.append(core)
             norm = self._norms[run.start : run.stop]
             residual.append(np.maximum(norm - _to_numpy(per_layer_sq(core), np.float64), 0.0))
+            cores.append(as_float(core, self.dtype))
         core = cores[0] if len(cores) == 1 else tl.concatenate(cores, axis=0)
-        tucker = Tucker2(as_float(core, self.dtype), as_float(u, self.dtype), as_float(v, self.dtype))
+        del cores
+        tucker = Tucker2(core, as_float(u, self.dtype), as_float(v, self.dtype))
         norm_sq, residual_sq = self._norms.copy(), np.concatenate(residual)
         self._exact_where_cancelled(tucker, residual_sq, norm_sq)
         exact = k_out == self.shape[1] and k_in == self.shape[2]
@@ -340,7 +346,6 @@ class FactoredStack:
         f64 = float64_of(tucker.core)
         q_out, r_out = tl.qr(as_float(tucker.out_factor, f64))
         q_in, r_in = tl.qr(as_float(tucker.in_factor, f64))
-        core = as_float(tucker.core, f64)
         flagged_rows = [[i for i in range(run.start, run.stop) if flagged[i]] for run in self.runs]
         chunks = [rows[j : j + RECHECK_LAYERS] for rows in flagged_rows for j in range(0, len(rows), RECHECK_LAYERS)]
         for rows in chunks:  # a few layers at a time: (n, d, r) float64 and its thin QRs
@@ -352,7 +357,8 @@ class FactoredStack:
             r_a = swap(triangle(swap(a)))
             r_b_perp = triangle(b - tl.matmul(q_out, c))
             r_a_perp = swap(triangle(swap(a) - tl.matmul(q_in, swap(d))))
-            mine = tl.matmul(tl.matmul(r_out, tl.stack([core[i] for i in rows])), tl.transpose(r_in))
+            theirs = as_float(tl.stack([tucker.core[i] for i in rows]), f64)  # the cores as returned
+            mine = tl.matmul(tl.matmul(r_out, theirs), tl.transpose(r_in))
             total = (
                 per_layer_sq(tl.matmul(r_b_perp, r_a) * s)
                 + per_layer_sq(tl.matmul(c, r_a_perp) * s)
@@ -374,11 +380,11 @@ def _project(mode: int, b3: Array, a3: Array, q: Array) -> Array:
     return tl.reshape(tl.dot(tl.reshape(a3, (n * r, d_in)), q), (n, r, -1))
 
 
-def _accumulate(y: Array, mode: int, b3: Array, a3: Array, x: Array) -> None:
+def _accumulate(y: Array, mode: int, b3: Array, a3: Array, x: Array, buffers: Buffers) -> None:
     """``y += sum_l B_l x_l`` (mode 0, y (d_out, k)) or ``y += sum_l A_l^T x_l`` (mode 1, y (d_in, k)), x (n, r, k)."""
     n, r, k = (int(s) for s in x.shape)
     if mode == 0:
-        y += tl.einsum("ndr,nrk->dk", b3, x)
+        buffers.sum_products(y, b3, x)
     else:
         add_product(y, tl.transpose(tl.reshape(a3, (n * r, -1))), tl.reshape(x, (n * r, k)))
 
