@@ -660,9 +660,9 @@ def _return_large_buffers() -> None:
 
     glibc raises its mmap threshold after the first large free; buffers up to 32 MiB then come
     from the heap and stay resident between long-lived tensors. Fixing the threshold keeps a
-    long job's peak memory near what it holds: compressing 100 LoRAs of Llama-2-7B shape peaks
-    at about 1.5 GiB instead of up to 2.4 GiB. Python API users get the same with the
-    environment variable ``MALLOC_MMAP_THRESHOLD_=1048576``.
+    long job's peak memory near what it holds (``bench/zoo_bench.py``: 100 LoRAs of Llama-2-7B
+    shape in 1.5 GiB). Python API users get the same with the environment variable
+    ``MALLOC_MMAP_THRESHOLD_=1048576``.
     """
     if not sys.platform.startswith("linux"):
         return

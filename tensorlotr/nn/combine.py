@@ -10,7 +10,7 @@ sum of their ranks.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,6 +62,23 @@ def check_combination(
     return adapters, weights
 
 
+def check_same_groups(adapters: Sequence[str], groups: Mapping[str, Mapping[str, GroupLayout]]) -> None:
+    """Raise ``ValueError`` unless every adapter of ``adapters`` has the groups, of the same modules, of the first.
+
+    ``groups`` maps each adapter to its group layouts.
+
+    >>> layout = GroupLayout(["layer.0.query"], (8, 8), (2, 2), 1.0)
+    >>> check_same_groups(["a", "b"], {"a": {"query": layout}, "b": {"query": layout}})
+    >>> check_same_groups(["a", "b"], {"a": {"query": layout}, "b": {}})
+    Traceback (most recent call last):
+    ValueError: adapters 'a' and 'b' adapt different groups of modules
+    """
+    modules = {group: layout.modules for group, layout in groups[adapters[0]].items()}
+    for other in adapters[1:]:
+        if {group: layout.modules for group, layout in groups[other].items()} != modules:
+            raise ValueError(f"adapters {adapters[0]!r} and {other!r} adapt different groups of modules")
+
+
 def add_weighted_adapter(
     lotr: LoTRModel,
     adapters: Sequence[str],
@@ -100,11 +117,8 @@ def add_weighted_adapter(
         raise ValueError("adapters with modules_to_save have no weighted sum of their full copies; leave them out")
     if any(layer.merged for _, layer in lotr.lotr_layers()):
         raise RuntimeError("unmerge_adapter() before add_weighted_adapter()")
+    check_same_groups(adapters, lotr.adapter_groups)
     first = lotr.adapter_groups[adapters[0]]
-    modules = {group: layout.modules for group, layout in first.items()}
-    for other in adapters[1:]:
-        if {group: layout.modules for group, layout in lotr.adapter_groups[other].items()} != modules:
-            raise ValueError(f"adapters {adapters[0]!r} and {other!r} adapt different groups of modules")
     factors = {g: [lotr._factors(lotr._factor_keys[a][g]) for a in adapters] for g in first}
     config = copy.deepcopy(lotr.lotr_configs[adapters[0]])
     config.modules_to_save = None

@@ -36,7 +36,7 @@ from ..adapter.groups import is_conv1d
 from ..adapter.layout import GroupLayout
 from ..core import check_rank, tucker2
 from ..io.peft_lotr import layout_groups
-from ..nn.combine import check_combination
+from ..nn.combine import check_combination, check_same_groups
 from ..nn.layer import BASE_ADAPTER, LoTRFactors, check_adapter_name
 from ..nn.sharing import share_input_products
 from ..nn.targets import build_groups, dense_weight, is_supported, unwrap, weight_shape
@@ -436,11 +436,8 @@ class LoTRTuner(BaseTuner):
         adapters, weights = check_combination(adapters, weights, combination_type, adapter_name, self.peft_config)
         if any(self._config(a).modules_to_save for a in adapters):
             raise ValueError("adapters with modules_to_save have no weighted sum of their full copies; leave them out")
+        check_same_groups(adapters, self.lotr_groups)
         groups = self.lotr_groups[adapters[0]]
-        modules = {group: layout.modules for group, layout in groups.items()}
-        for other in adapters[1:]:
-            if {group: layout.modules for group, layout in self.lotr_groups[other].items()} != modules:
-                raise ValueError(f"adapters {adapters[0]!r} and {other!r} adapt different groups of modules")
         if combination_type == "linear":
             self._check_shared_factors(adapters)
         config = copy.deepcopy(self._config(adapters[0]))
