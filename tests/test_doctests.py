@@ -38,6 +38,8 @@ MODULES = [
     "tensorlotr.jobs.zoo.add",
     "tensorlotr.jobs.zoo.inspect",
     "tensorlotr.jobs.zoo.heal",
+    "tensorlotr.jobs.zoo.residual",
+    "tensorlotr.nn.evaluate",
     "tensorlotr.jobs.convert",
     "tensorlotr.jobs.export",
     "tensorlotr.jobs.inspect",
@@ -86,7 +88,7 @@ FIXTURES = {
     "tensorlotr.jobs.logs": [("runs", tiny_runs)],
     "tensorlotr.jobs.calibration": [("my-lora", tiny_peft_lora)],
     "tensorlotr.jobs.zoo.sources": [("my-lora", tiny_peft_lora)],
-    **{f"tensorlotr.jobs.zoo.{job}": TWO_LORAS for job in ("fit", "compress", "add", "inspect", "heal")},
+    **{f"tensorlotr.jobs.zoo.{job}": TWO_LORAS for job in ("fit", "compress", "add", "inspect", "heal", "residual")},
 }
 
 

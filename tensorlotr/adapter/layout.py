@@ -294,12 +294,28 @@ def zoo_saved_key(adapter: str, parameter: str) -> str:
     return f"adapters.{adapter}.{_SAVED}{parameter}"
 
 
+def zoo_residual_key(adapter: str, group: str, which: str) -> str:
+    """The key of adapter ``adapter``'s private factor in ``group`` (``out_factor`` (d_out, s_out) or ``in_factor``).
+
+    Examples
+    --------
+    >>> zoo_residual_key("negation", "query", "in_factor")
+    'adapters.negation.residual.query.in_factor'
+    """
+    if which not in (OUT_FACTOR, IN_FACTOR):
+        raise ValueError(f"which must be {OUT_FACTOR!r} or {IN_FACTOR!r}, got {which!r}")
+    return f"adapters.{adapter}.residual.{group}.{which}"
+
+
 @dataclass
 class ZooAdapter:
     """One adapter of a zoo: where it came from, its modules by group, and what compression cost it.
 
     ``groups`` maps a zoo group to this adapter's modules in it (a subset of the group's,
-    in stack order); a group the adapter lacks is absent and costs nothing.
+    in stack order); a group the adapter lacks is absent and costs nothing. ``residual`` maps
+    a group to the rank ``(s_out, s_in)`` of the adapter's private residual there: its own
+    factors ``U_a`` (d_out, s_out) and ``V_a`` (d_in, s_in) beside the shared ones, so that its
+    layers are ``[U U_a] C_l [V V_a]^T`` with cores ``C_l`` (r_out + s_out, r_in + s_in).
     """
 
     source: str
@@ -307,6 +323,7 @@ class ZooAdapter:
     lora_params: int = 0
     relative_error: float = 0.0
     modules_to_save: list[str] = field(default_factory=list)
+    residual: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -319,6 +336,7 @@ class ZooAdapter:
             "lora_params": self.lora_params,
             "relative_error": self.relative_error,
             "modules_to_save": self.modules_to_save,
+            **({"residual": {g: list(r) for g, r in self.residual.items()}} if self.residual else {}),
         }
 
     @classmethod
@@ -329,6 +347,7 @@ class ZooAdapter:
             int(data.get("lora_params", 0)),
             float(data.get("relative_error", 0.0)),
             list(data.get("modules_to_save", [])),
+            {str(g): (int(r[0]), int(r[1])) for g, r in data.get("residual", {}).items()},
         )
 
 
@@ -337,8 +356,9 @@ class ZooFiles:
     """A zoo in memory: each group's shared factors, and per adapter its cores (scale 1).
 
     ``groups`` hold the union of every adapter's modules (``scale`` 1). Tensors: the shared
-    factors under :func:`factor_key`, the cores under :func:`zoo_core_key`, and each adapter's
-    ``modules_to_save`` under :func:`zoo_saved_key`.
+    factors under :func:`factor_key`, the cores under :func:`zoo_core_key`, each adapter's
+    ``modules_to_save`` under :func:`zoo_saved_key`, and the private factors of an adapter
+    with a residual (:attr:`ZooAdapter.residual`) under :func:`zoo_residual_key`.
     """
 
     groups: dict[str, GroupLayout]
@@ -352,21 +372,35 @@ class ZooFiles:
         return sum(t.numel() for t in self.tensors.values())
 
     def core_params(self, name: str) -> int:
-        """Parameters that adapter ``name`` adds to the zoo: its cores and saved tensors."""
+        """Parameters that adapter ``name`` adds to the zoo: its cores, private residual factors and saved tensors."""
         prefix = f"adapters.{name}."
         return sum(t.numel() for k, t in self.tensors.items() if k.startswith(prefix))
 
+    def rank_of(self, name: str, group: str) -> tuple[int, int]:
+        """Adapter ``name``'s rank in ``group``: the shared rank plus its residual rank there."""
+        (r_out, r_in), (s_out, s_in) = self.groups[group].rank, self.adapters[name].residual.get(group, (0, 0))
+        return r_out + s_out, r_in + s_in
+
     def adapter(self, name: str) -> LoTRAdapterFiles:
-        """Adapter ``name`` as a plain LoTR adapter (its groups, the shared factors, its cores)."""
+        """Adapter ``name`` as a plain LoTR adapter (its groups, the shared factors, its cores), exactly.
+
+        In a group where the adapter has a residual its factors are the shared ones with its
+        private columns appended, ``[U U_a]`` and ``[V V_a]``, at rank :meth:`rank_of`.
+        """
         if name not in self.adapters:
             raise KeyError(f"the zoo has no adapter {name!r}; adapters: {sorted(self.adapters)}")
         entry = self.adapters[name]
         groups, tensors = {}, {}
         for group, modules in entry.groups.items():
             layout = self.groups[group]
-            groups[group] = GroupLayout(list(modules), layout.shape, layout.rank, 1.0, layout.fan_in_fan_out)
+            rank = self.rank_of(name, group)
+            groups[group] = GroupLayout(list(modules), layout.shape, rank, 1.0, layout.fan_in_fan_out)
             for which in (OUT_FACTOR, IN_FACTOR):
-                tensors[factor_key(group, which)] = self.tensors[factor_key(group, which)]
+                shared = self.tensors[factor_key(group, which)]
+                if group in entry.residual:
+                    private = self.tensors[zoo_residual_key(name, group, which)]
+                    shared = torch.cat([shared, private.to(shared.dtype)], dim=1)
+                tensors[factor_key(group, which)] = shared
             for module in modules:
                 tensors[core_key(module)] = self.tensors[zoo_core_key(name, module)]
         prefix = f"adapters.{name}.{_SAVED}"

@@ -249,7 +249,7 @@ def _cmd_convert(args: argparse.Namespace) -> Result:
     return convert_lora(
         args.peft_dir, args.out_dir, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
         groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
-        calibration=_calibration(args, args.peft_dir), dtype=args.dtype,
+        calibration=_calibration(args, args.peft_dir), dtype=args.dtype, min_retention=args.min_retention,
     )  # fmt: skip
 
 
@@ -272,7 +272,25 @@ def _cmd_zoo_compress(args: argparse.Namespace) -> Result:
         sources, out_dir, names=args.names, rank=args.rank, energy=args.energy, n_iter=args.hooi_iters,
         groups=args.groups, force=args.force, progress=None if args.json else tqdm_progress,
         calibration=_calibration(args, sources[0]), fairness=args.fairness, min_retention=args.min_retention,
+        residual_rank=_residual_rank(args),
     )  # fmt: skip
+
+
+def _residual_rank(args: argparse.Namespace) -> int | dict[str, int] | None:
+    """``--residual-rank``: S for every adapter, or ``NAME=S`` for those named."""
+    given: list[str] = args.residual_rank or []
+    if not given:
+        return None
+    try:
+        if len(given) == 1 and "=" not in given[0]:
+            return _bounded_int(0)(given[0])
+        pairs = [g.split("=", 1) for g in given]
+        if any(len(p) != 2 for p in pairs):
+            raise argparse.ArgumentTypeError(f"expected S or NAME=S, got {given}")
+        return {name: _bounded_int(0)(size) for name, size in pairs}
+    except argparse.ArgumentTypeError as exc:
+        args.parser.error(f"--residual-rank: {exc}")
+        raise  # parser.error exits
 
 
 def _cmd_zoo_add(args: argparse.Namespace) -> Result:
@@ -402,6 +420,20 @@ def _calibration_flags(parser: argparse.ArgumentParser, *, heal_factors: bool, h
     parser.add_argument("--heal-lr", type=_positive_float, default=1e-3, metavar="LR", help="the heal's learning rate")
     if heal_factors:
         parser.add_argument("--heal-factors", action="store_true", help="the heal trains the factors too")
+    zoo = not heal_factors
+    parser.add_argument(
+        "--eval-data", action="append", metavar="NAME=FILE" if zoo else "FILE",
+        help="held-out texts (a .tsv with integer labels gives the retained gain too) to report the retention on; "
+        "default: the last eighth of --calibration-data, which the fit and the heal then do not see"
+        + ("; NAME=FILE, repeated, gives each adapter its own" if zoo else ""),
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-retention", type=_retention, metavar="FRACTION",
+        help="hold every adapter's held-out retention (retained gain with labels, else agreement) at least this "
+        + ("high, e.g. 0.95: adapters short of it get a private residual; without held-out texts, every adapter "
+           "keeps this share of its (output) energy in every group, ranks raised where needed"
+           if zoo else "high, e.g. 0.95, by raising the rank"),
+    )  # fmt: skip
 
 
 def _calibration(args: argparse.Namespace, adapter: Path, base_model: Path | None = None) -> Calibration | None:
@@ -414,7 +446,24 @@ def _calibration(args: argparse.Namespace, adapter: Path, base_model: Path | Non
         base_model or args.base_model, args.calibration_data, adapter, samples=args.calibration_samples,
         heal_steps=getattr(args, "heal_steps", 0), heal_lr=getattr(args, "heal_lr", 1e-3),
         heal_factors=getattr(args, "heal_factors", False), objective=args.objective,
+        eval_data=_eval_data(args),
     )  # fmt: skip
+
+
+def _eval_data(args: argparse.Namespace) -> Path | dict[str, Path] | None:
+    """``--eval-data``: one file, or (a zoo) ``NAME=FILE`` per adapter."""
+    given: list[str] = getattr(args, "eval_data", None) or []
+    if not given:
+        return None
+    named = [g for g in given if "=" in g and not Path(g).exists()]
+    if not named:
+        if len(given) > 1:
+            args.parser.error("--eval-data: give one FILE, or NAME=FILE for each adapter of a zoo")
+        return Path(given[0])
+    if len(named) != len(given) or args.command == "convert":
+        args.parser.error("--eval-data: NAME=FILE is for a zoo's adapters, given for each of them")
+    pairs = [g.split("=", 1) for g in named]
+    return {name: Path(path) for name, path in pairs}
 
 
 def _check_calibration(args: argparse.Namespace) -> None:
@@ -431,7 +480,8 @@ def _check_calibration(args: argparse.Namespace) -> None:
     if args.calibration_data is None:
         given = [
             flag for flag, on in (("--base-model", args.base_model is not None), ("--heal-steps", args.heal_steps > 0),
-                                  ("--heal-factors", getattr(args, "heal_factors", False)))
+                                  ("--heal-factors", getattr(args, "heal_factors", False)),
+                                  ("--eval-data", bool(getattr(args, "eval_data", None))))
             if on
         ]  # fmt: skip
         if given:
@@ -443,6 +493,17 @@ def _dtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
         "--dtype", choices=["float32", "float64", "float16", "bfloat16"],
         help=f"dtype of {what} (default: the source's, at least float32)",
     )  # fmt: skip
+
+
+def _retention(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -542,9 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="relative: each adapter counts by its error relative to its own size; none: by its absolute error",
     )  # fmt: skip
     compress.add_argument(
-        "--min-retention", type=_fraction, metavar="FRACTION",
-        help="every adapter keeps at least this share of its (output) energy in every group, e.g. 0.9; "
-        "ranks are raised where needed",
+        "--residual-rank", action="append", metavar="S|NAME=S",
+        help="a private residual of rank S beside the shared basis, for every adapter or (NAME=S, repeated) "
+        "the ones named; its parameters count in the zoo's size",
     )  # fmt: skip
     _common(compress)
     add = _command(zoo_sub, "add", "fold a new adapter into a zoo (projected onto its basis)", _cmd_zoo_add)

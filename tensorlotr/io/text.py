@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["read_texts", "read_tsv"]
+__all__ = ["read_labelled_texts", "read_texts", "read_tsv"]
 
 
 class _Lines:
@@ -123,3 +123,26 @@ def read_tsv(path: str | os.PathLike[str], limit: int | None = None) -> list[tup
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def read_labelled_texts(path: str | os.PathLike[str], limit: int | None = None) -> tuple[list[str], list[int] | None]:
+    """Texts from ``path`` (as :func:`read_texts`) and their labels when it is a TSV with integer labels, else None.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> _ = Path("reviews.tsv").write_text("sentence\\tlabel\\na moving film\\t1\\na dull script\\t0\\n")
+    >>> read_labelled_texts("reviews.tsv")
+    (['a moving film', 'a dull script'], [1, 0])
+    >>> _ = Path("texts.txt").write_text("a moving film\\na dull script\\n")
+    >>> read_labelled_texts("texts.txt")
+    (['a moving film', 'a dull script'], None)
+    """
+    if Path(path).suffix.lower() == ".tsv":
+        try:
+            rows = [(text, label) for text, label in read_tsv(path) if text.strip()][:limit]
+        except ValueError:
+            rows = []
+        if rows:
+            return [t for t, _ in rows], [y for _, y in rows]
+    return read_texts(path, limit), None

@@ -22,14 +22,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from ..adapter.layout import IN_FACTOR, OUT_FACTOR, ZooAdapter, ZooFiles, factor_key, zoo_core_key
+from ..adapter.layout import IN_FACTOR, OUT_FACTOR, ZooAdapter, ZooFiles, factor_key, zoo_core_key, zoo_residual_key
 from ..files.jsonfile import read_json_object
 from .lotr_format import _is_int, write_pair
 from .peft_lotr import check_group_layouts
 
 ZOO_CONFIG_NAME = "zoo_config.json"
 ZOO_WEIGHTS_NAME = "zoo_model.safetensors"
-ZOO_FORMAT_VERSION = 1
+#: The newest format: 2 adds per-adapter residuals; a zoo without them is written as version 1.
+ZOO_FORMAT_VERSION = 2
 #: What an adapter's name in a zoo may hold: it becomes part of the zoo's tensor keys.
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 #: Names no adapter may take: ``"__base__"`` stands for the base model in ``LoTRModel``'s mixed batches.
@@ -56,7 +57,10 @@ def write_zoo(out_dir: str | os.PathLike[str], zoo: ZooFiles) -> Path:
     """Write ``zoo``'s two files into ``out_dir`` (weights first; each renamed into place).
 
     Returns the folder. The weights file holds each group's ``U`` (d_out, r_out) and ``V``
-    (d_in, r_in) once, and per adapter a (r_out, r_in) core for each of its modules.
+    (d_in, r_in) once, and per adapter a (r_out, r_in) core for each of its modules (with a
+    residual of rank (s_out, s_in) in the group: its private factors and cores of
+    (r_out + s_out, r_in + s_in)). A zoo with residuals is format version 2, so that an older
+    tensorlotr refuses it by its version instead of misreading it.
 
     Examples
     --------
@@ -77,15 +81,16 @@ def write_zoo(out_dir: str | os.PathLike[str], zoo: ZooFiles) -> Path:
     ['zoo_config.json', 'zoo_model.safetensors']
     """
     generation = secrets.token_hex(8)  # the same in both files: a reader knows they belong together
+    version = ZOO_FORMAT_VERSION if any(a.residual for a in zoo.adapters.values()) else 1
     document = {
         "format": "tensorlotr-zoo",
-        "format_version": ZOO_FORMAT_VERSION,
+        "format_version": version,
         "generation": generation,
         "groups": {name: g.to_dict() for name, g in zoo.groups.items()},
         "adapters": {name: a.to_dict() for name, a in zoo.adapters.items()},
         "base_model": zoo.base_model,
     }
-    metadata = {"format": "pt", "tensorlotr-zoo": str(ZOO_FORMAT_VERSION), "generation": generation}
+    metadata = {"format": "pt", "tensorlotr-zoo": str(version), "generation": generation}
     return write_pair(out_dir, ZOO_WEIGHTS_NAME, zoo.tensors, metadata, ZOO_CONFIG_NAME, document)
 
 
@@ -217,8 +222,17 @@ def _read_adapters(adapters: Any, where: Path) -> dict[str, ZooAdapter]:
             raise ValueError(f"{where}: adapter {name!r}: 'relative_error' must be a finite number, got {error!r}")
         if not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
             raise ValueError(f"{where}: adapter {name!r}: 'modules_to_save' must be a list of names, got {saved!r}")
+        residual = entry.get("residual", {})
+        if not (isinstance(residual, dict) and all(_is_rank(r) for r in residual.values())):
+            raise ValueError(
+                f"{where}: adapter {name!r}: 'residual' must map groups to ranks [s_out, s_in] >= 0, got {residual!r}"
+            )
         entries[name] = ZooAdapter.from_dict(entry)
     return entries
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_int(r) and r >= 0 for r in value)
 
 
 def _names(value: Any) -> bool:
@@ -230,10 +244,14 @@ def _check(zoo: ZooFiles, where: Path) -> None:
         (d_out, d_in), (r_out, r_in) = group.shape, group.rank
         expected = {factor_key(name, OUT_FACTOR): (d_out, r_out), factor_key(name, IN_FACTOR): (d_in, r_in)}
         for adapter, entry in zoo.adapters.items():
+            s_out, s_in = entry.residual.get(name, (0, 0))
+            if name in entry.residual:
+                expected[zoo_residual_key(adapter, name, OUT_FACTOR)] = (d_out, s_out)
+                expected[zoo_residual_key(adapter, name, IN_FACTOR)] = (d_in, s_in)
             for module in entry.groups.get(name, []):
                 if module not in group.modules:
                     raise ValueError(f"{where}: adapter {adapter!r} lists {module!r}, which group {name!r} lacks")
-                expected[zoo_core_key(adapter, module)] = (r_out, r_in)
+                expected[zoo_core_key(adapter, module)] = (r_out + s_out, r_in + s_in)
         for key, shape in expected.items():
             tensor = zoo.tensors.get(key)
             if tensor is None:
@@ -246,3 +264,6 @@ def _check(zoo: ZooFiles, where: Path) -> None:
         unknown = set(entry.groups) - set(zoo.groups)
         if unknown:
             raise ValueError(f"{where}: adapter {adapter!r} names groups the zoo lacks: {sorted(unknown)}")
+        unknown = set(entry.residual) - set(entry.groups)
+        if unknown:
+            raise ValueError(f"{where}: adapter {adapter!r} has a residual in groups it lacks: {sorted(unknown)}")

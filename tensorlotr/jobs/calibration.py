@@ -28,7 +28,7 @@ from ..core import Tucker2, lowrank_norm_sq, relative_error_lowrank, weighted_re
 from ..io import is_lotr_dir, read_adapter
 from ..io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from ..io.peft_lora import PeftLoRA
-from ..io.text import read_texts
+from ..io.text import read_labelled_texts, read_texts
 from ..progress import Progress
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ __all__ = [
     "Calibration",
     "CalibrationStats",
     "ErrorSums",
+    "Evaluation",
     "ModuleStats",
     "as_calibration",
     "calibrate",
@@ -144,6 +145,48 @@ def load_base_model(
 
 
 @dataclass
+class Evaluation:
+    """Held-out inputs to measure a compressed adapter's retention on (:mod:`tensorlotr.nn.evaluate`).
+
+    ``inputs`` are tokenized batches that neither the compression nor the heal sees;
+    ``labels`` (one per sequence, in order) add the accuracies and the retained gain.
+
+    Examples
+    --------
+    >>> import torch
+    >>> held = Evaluation([{"input_ids": torch.ones(2, 4, dtype=torch.long)}], labels=[0, 1])
+    >>> held.sequences
+    2
+    >>> Evaluation([{"input_ids": torch.ones(2, 4, dtype=torch.long)}], labels=[0])
+    Traceback (most recent call last):
+    ...
+    ValueError: 1 evaluation labels for 2 sequences
+    """
+
+    inputs: Sequence[Mapping[str, Any]]
+    labels: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.inputs = list(self.inputs)
+        if not self.inputs:
+            raise ValueError("the evaluation needs at least one batch of inputs")
+        if self.labels is not None:
+            self.labels = [int(y) for y in self.labels]
+            if len(self.labels) != self.sequences:
+                raise ValueError(f"{len(self.labels)} evaluation labels for {self.sequences} sequences")
+
+    @property
+    def sequences(self) -> int:
+        """How many sequences the batches hold."""
+        return sum(_batch_rows(batch) for batch in self.inputs)
+
+
+def _batch_rows(batch: Mapping[str, Any]) -> int:
+    first = next((v for v in batch.values() if torch.is_tensor(v)), None)
+    return int(first.shape[0]) if first is not None else 0
+
+
+@dataclass
 class Calibration:
     """Output-aware compression settings for :func:`tensorlotr.convert_lora` and :func:`tensorlotr.zoo.compress_zoo`.
 
@@ -171,6 +214,16 @@ class Calibration:
         Weighted HOOI sweeps at most.
     heal_steps, heal_lr, heal_factors, held_out
         :func:`tensorlotr.heal.heal`'s ``steps``, ``lr``, ``train_factors`` and ``held_out``.
+    evaluation : Evaluation or dict of str to Evaluation, optional
+        Held-out inputs to measure each compressed adapter's retention on (a zoo may give
+        each adapter its own, by name). ``None``: the last ``eval_share`` of the ``inputs``
+        batches are held out for it, unseen by the statistics and the heal.
+    labels : sequence of int, optional
+        The labels of the ``inputs``' sequences, in order: the held-out share keeps its own,
+        for the retained gain.
+    eval_share : float in [0, 1)
+        The share of ``inputs`` batches held out when no ``evaluation`` is given (at least
+        one batch when there are two or more; 0: no held-out evaluation).
 
     Examples
     --------
@@ -197,6 +250,9 @@ class Calibration:
     heal_lr: float = 1e-3
     heal_factors: bool = False
     held_out: float = 0.125
+    evaluation: Evaluation | dict[str, Evaluation] | None = None
+    labels: Sequence[int] | None = None
+    eval_share: float = 0.125
 
     def __post_init__(self) -> None:
         if self.stats is None and (self.inputs is None or self.base_model is None):
@@ -209,10 +265,35 @@ class Calibration:
             raise ValueError(f"objective must be 'output' or 'weight', got {self.objective!r}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if not 0 <= self.eval_share < 1:
+            raise ValueError(f"eval_share must be in [0, 1), got {self.eval_share!r}")
         if self.inputs is not None:
             from ..nn.calibration import first_samples
 
             self.inputs = list(first_samples(self.inputs, self.samples))
+            if self.labels is not None:
+                self.labels = [int(y) for y in self.labels][: sum(_batch_rows(b) for b in self.inputs)]
+            if self.evaluation is None and self.eval_share > 0 and len(self.inputs) > 1 and self.base_model is not None:
+                self._hold_out()
+
+    def _hold_out(self) -> None:
+        """Move the last ``eval_share`` of the input batches (and their labels) to ``evaluation``."""
+        assert self.inputs is not None
+        inputs = list(self.inputs)
+        cut = len(inputs) - max(1, round(self.eval_share * len(inputs)))
+        seen = sum(_batch_rows(b) for b in inputs[:cut])
+        labels = list(self.labels) if self.labels is not None else None
+        if labels is not None and len(labels) != sum(_batch_rows(b) for b in inputs):
+            labels = None  # labels that do not match the inputs are not used
+        self.evaluation = Evaluation(inputs[cut:], labels[seen:] if labels is not None else None)
+        self.inputs = inputs[:cut]
+        self.labels = labels[:seen] if labels is not None else None
+
+    def evaluation_for(self, adapter: str | None = None) -> Evaluation | None:
+        """The held-out inputs of ``adapter`` (a zoo's member by name), or of the one adapter; None without."""
+        if isinstance(self.evaluation, dict):
+            return self.evaluation.get(adapter) if adapter is not None else None
+        return self.evaluation
 
     def statistics(self, modules: Sequence[str], progress: Progress | None = None) -> CalibrationStats:
         """The given ``stats`` (checked to cover ``modules``), or :func:`calibrate` on the inputs."""
@@ -352,13 +433,17 @@ def calibration_from_files(
     heal_lr: float = 1e-3,
     heal_factors: bool = False,
     objective: str = "output",
+    eval_data: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Calibration:
-    """What the command line's ``--base-model DIR --calibration-data FILE`` mean.
+    """What the command line's ``--base-model DIR --calibration-data FILE [--eval-data FILE]`` mean.
 
     The base model is loaded from the local folder ``base_model`` with the class that the
     adapter in ``adapter`` (a PEFT LoRA or LoTR folder) was trained on (its ``task_type``)
     and, for a saved classification head, its number of labels; the first ``samples`` texts
-    of ``data`` (:func:`read_texts`) are tokenized in batches of ``batch_size``.
+    of ``data`` (:func:`read_texts`) are tokenized in batches of ``batch_size``. The last
+    eighth of them are held out for the retention evaluation, unless ``eval_data`` gives the
+    held-out texts (all of it, tokenized alike), or, for a zoo, each adapter's own by name; a
+    TSV with integer labels in its second column gives the labels too, for the retained gain.
 
     Examples
     --------
@@ -372,10 +457,18 @@ def calibration_from_files(
     >>> len(calibration.inputs), type(calibration.base_model).__name__
     (2, 'BertModel')
     """
-    texts = read_texts(data, limit=samples)  # first: a missing file is named before any model loads
+    texts, labels = read_labelled_texts(data, limit=samples)  # first: a missing file is named before any model loads
+    files = eval_data if isinstance(eval_data, Mapping) else {"": eval_data} if eval_data is not None else {}
+    held = {name: read_labelled_texts(path) for name, path in files.items()}
     task, num_labels = _head_of(Path(adapter))
     tokenizer, model = load_base_model(base_model, task, num_labels)
+    per_name = {
+        name: Evaluation(tokenized_batches(tokenizer, texts, batch_size, max_length), labels)
+        for name, (texts, labels) in held.items()
+    }
+    evaluation = per_name.get("") if not isinstance(eval_data, Mapping) else per_name
     return Calibration(
         inputs=tokenized_batches(tokenizer, texts, batch_size, max_length), base_model=model,
         heal_steps=heal_steps, heal_lr=heal_lr, heal_factors=heal_factors, objective=objective,
+        evaluation=evaluation, labels=labels,
     )  # fmt: skip

@@ -14,12 +14,14 @@ from typing import Any
 from ..files.jsonfile import read_json_object
 from ..report import Result, to_json
 
-__all__ = ["ERROR_KEYS", "REPORT_NAME", "add_report_columns", "compression_document", "write_report"]
+__all__ = ["ERROR_KEYS", "REPORT_NAME", "add_report_columns", "compression_document", "report_section", "write_report"]
 
 #: The file a calibrated job writes next to the adapter or zoo: its report, which ``inspect`` shows.
 REPORT_NAME = "compression_report.json"
 #: The error columns of a compression report that ``inspect`` shows, in order.
-ERROR_KEYS = ("relative_error", "output_error", "healed_error", "healed_output_error")
+ERROR_KEYS = (
+    "relative_error", "output_error", "healed_error", "healed_output_error", "agreement", "retained_gain",
+)  # fmt: skip
 
 
 def compression_document(report: Result) -> dict[str, Any]:
@@ -85,3 +87,18 @@ def add_report_columns(rows: list[dict[str, Any]], folder: str | os.PathLike[str
             value = entry.get(column)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 row[column] = float(value)
+
+
+def report_section(folder: str | os.PathLike[str], section: str) -> Any:
+    """The ``section`` of ``folder``'s :data:`REPORT_NAME` (None when the folder has no report, or it lacks one).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> Path("my-lotr").mkdir()
+    >>> _ = Path("my-lotr/compression_report.json").write_text('{"retention": {"agreement": 0.98}}')
+    >>> report_section("my-lotr", "retention"), report_section("my-lotr", "heal")
+    ({'agreement': 0.98}, None)
+    """
+    path = Path(folder) / REPORT_NAME
+    return read_json_object(path).get(section) if path.is_file() else None

@@ -28,9 +28,11 @@ from .compression_report import REPORT_NAME, compression_document
 from .driver import AdapterReport, GroupReport, save_adapter
 from .export import ExportReport, export_lora, output_dtype
 from .inspect import InspectReport, inspect_adapter
+from .retention import check_min_retention, held_out_retention, retention_note
 
 if TYPE_CHECKING:
     from ..nn.calibration import CalibrationStats
+    from ..nn.evaluate import Retention
     from ..nn.heal import HealReport
 
 #: ``export_lora`` and ``inspect_adapter`` are documented as ``tensorlotr.convert``'s too.
@@ -64,6 +66,7 @@ def convert_lora(
     progress: Progress | None = None,
     calibration: Calibration | CalibrationStats | None = None,
     dtype: str | torch.dtype | None = None,
+    min_retention: float | None = None,
 ) -> ConversionReport:
     """Convert a PEFT LoRA folder into a LoTR adapter folder.
 
@@ -94,10 +97,19 @@ def convert_lora(
         ``heal_steps`` the adapter is then healed against the LoRA (:mod:`tensorlotr.heal`).
         The report adds each group's calibrated output error (before and after the heal),
         and the output folder gets ``compression_report.json``, which ``inspect`` shows.
+        With held-out inputs (the calibration's ``evaluation``, by default the last eighth
+        of its inputs, unseen by the fit and the heal) the report gives the held-out
+        retention (:func:`tensorlotr.nn.evaluate.evaluate_retention`): agreement with the
+        LoRA's predictions, output retained and, with labels, the retained gain.
     dtype : str or torch.dtype, optional
         The dtype of the factors and cores written (one of ``"float32"``, ``"float64"``,
         ``"float16"``, ``"bfloat16"``). Default: the LoRA's own, at least float32 (a float64
         LoRA gives a float64 adapter, computed in float64 throughout).
+    min_retention : float in (0, 1], optional
+        Hold the held-out retention figure (the retained gain with labels, else the
+        agreement) at least this high: the rank is raised, a quarter at a time, until it
+        holds; the report's notes give the rank that holds it (at the exact rank the
+        conversion is lossless). Needs held-out inputs.
 
     Returns
     -------
@@ -135,24 +147,46 @@ def convert_lora(
     lora = PeftLoRA(peft_dir)
     stored = output_dtype([getattr(torch, d) for d in lora.dtype.split(",")], dtype)
     cal = as_calibration(calibration)
+    check_min_retention(min_retention, cal)
     stats = cal.statistics(list(lora.modules), progress) if cal is not None else None
     weighting = None
     if cal is not None and stats is not None:
         fit = cal.objective != "weight"
         weighting = OutputWeighting(stats.factors, fit=fit, damping=cal.damping, n_iter=cal.n_iter)
-    conversion = lora_to_lotr(
-        lora, rank=requested, energy=energy, n_iter=n_iter, groups=groups, weighting=weighting, progress=progress,
-        dtype=stored,
-    )  # fmt: skip
-    sums = {g.group: ErrorSums(output=g.output_sq, output_ref=g.output_ref_sq) for g in conversion.groups}
-    sums = sums if weighting is not None else {}
-    rows = [_row(g, sums.get(g.group)) for g in conversion.groups]
-    files, heal, notes = conversion.files, None, list(conversion.notes)
-    if cal is not None and cal.heal_steps:
-        files, heal = _heal(files, lora, cal, rows, progress)
-        notes.append(heal.text())
-        adapter_keys = {k for name, group in files.groups.items() for k in expected_shapes(name, group)}
-        files.tensors.update({k: files.tensors[k].to(stored) for k in adapter_keys})
+    current, tried = requested, []
+    while True:
+        conversion = lora_to_lotr(
+            lora, rank=current, energy=energy, n_iter=n_iter, groups=groups, weighting=weighting, progress=progress,
+            dtype=stored,
+        )  # fmt: skip
+        sums = {g.group: ErrorSums(output=g.output_sq, output_ref=g.output_ref_sq) for g in conversion.groups}
+        sums = sums if weighting is not None else {}
+        rows = [_row(g, sums.get(g.group)) for g in conversion.groups]
+        files, heal, notes = conversion.files, None, list(conversion.notes)
+        if cal is not None and cal.heal_steps:
+            files, heal = _heal(files, lora, cal, rows, progress)
+            notes.append(heal.text())
+            adapter_keys = {k for name, group in files.groups.items() for k in expected_shapes(name, group)}
+            files.tensors.update({k: files.tensors[k].to(stored) for k in adapter_keys})
+        retention = _retention(cal, files, lora)
+        ranks = [g.rank for g in conversion.groups]
+        if retention is not None:
+            tried.append({"rank": [list(r) for r in ranks], **retention.to_dict(), "value": retention.figure})
+        if min_retention is None or retention is None or retention.figure >= min_retention or energy is not None:
+            break
+        raised = _raised(ranks, current)
+        if raised is None:  # every group at its exact rank: nothing more to give
+            break
+        current = raised
+    if retention is not None:
+        notes.append(retention_note("the adapter", retention, min_retention))
+    if min_retention is not None and retention is not None and len(tried) > 1:
+        first, last = tried[0]["rank"], tried[-1]["rank"]
+        verdict = "holds it" if retention.figure >= min_retention else "is the exact rank and still falls short"
+        notes.append(
+            f"min_retention {min_retention:.0%}: rank raised from {_ranks_text(first)} to {_ranks_text(last)}, "
+            f"which {verdict} ({retention.figure_name} {retention.figure:.1%} on held-out inputs)"
+        )
     report = ConversionReport(
         source=str(peft_dir),
         output=str(out_dir) if out_dir is not None else None,
@@ -164,12 +198,39 @@ def convert_lora(
         output_error=sum(sums.values(), ErrorSums()).output_error if sums else None,
         calibration=stats.summary() if stats is not None else None,
         heal=heal.to_dict() if heal is not None else None,
+        retention=retention.to_dict() if retention is not None else None,
+        retention_tries=tried if len(tried) > 1 else [],
         adapter=files,
     )
     documents = {REPORT_NAME: compression_document(report)} if cal is not None else None
     save_adapter(files, out_dir, force=force, documents=documents)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _retention(cal: Calibration | None, files: LoTRAdapterFiles, lora: PeftLoRA) -> Retention | None:
+    """The held-out retention of ``files`` against ``lora``, when the calibration has held-out inputs."""
+    if cal is None or cal.evaluation_for(None) is None or cal.base_model is None:
+        return None
+    names = list(lora.modules)
+    bs, as_, scales = lora.load(names)
+    updates = {n: (b, a, s) for n, b, a, s in zip(names, bs, as_, scales, strict=True)}
+    return held_out_retention(cal, files, updates, lora.load_modules_to_save())
+
+
+def _raised(ranks: list[tuple[int, int]], current: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The next rank to try, a quarter above the largest kept (at least one more); None when no group can grow."""
+    if current is None:
+        return None  # the exact rank already
+    top = (max(r[0] for r in ranks), max(r[1] for r in ranks))
+    if top[0] < current[0] and top[1] < current[1]:
+        return None  # every group was clipped to its exact rank
+    return top[0] + max(1, top[0] // 4), top[1] + max(1, top[1] // 4)
+
+
+def _ranks_text(ranks: list[list[int]]) -> str:
+    shown = sorted({f"{r[0]}x{r[1]}" for r in ranks})
+    return "/".join(shown)
 
 
 def _row(group: GroupConversion, sums: ErrorSums | None) -> GroupReport:

@@ -121,6 +121,8 @@ class AdapterReport(Result):
     output_error: float | None = None  # over all groups, with calibration: sqrt(sum res^2 / sum ||dW Z||^2)
     calibration: dict[str, Any] | None = None  # samples, tokens and seconds of the calibration pass
     heal: dict[str, Any] | None = None  # tensorlotr.heal.HealReport.to_dict()
+    retention: dict[str, Any] | None = None  # held-out retention (tensorlotr.nn.evaluate.Retention.to_dict())
+    retention_tries: list[dict[str, Any]] = field(default_factory=list)  # min_retention: each rank tried
     #: the adapter built, in memory (``LoTRModel.from_adapter_files`` attaches it); not in ``to_dict()``
     adapter: LoTRAdapterFiles | None = field(default=None, repr=False, compare=False, metadata={"json": False})
 

@@ -13,7 +13,7 @@ from ..io.peft_lora import CONFIG_NAME as PEFT_CONFIG_NAME
 from ..io.peft_lora import PeftLoRA
 from ..io.zoo_format import is_zoo_dir
 from ..report import Result, format_table
-from .compression_report import add_report_columns
+from .compression_report import add_report_columns, report_section
 from .zoo import inspect_zoo
 
 
@@ -37,6 +37,7 @@ class InspectReport(Result):
     groups: list[dict[str, Any]]
     modules_to_save: list[str] = field(default_factory=list)
     modules_to_save_params: int = 0
+    retention: dict[str, Any] | None = None  # held-out retention, from the folder's compression report
 
     @property
     def params(self) -> int:
@@ -53,6 +54,13 @@ class InspectReport(Result):
         ]
         if self.modules_to_save:
             lines.append(f"modules_to_save: {', '.join(self.modules_to_save)} ({self.modules_to_save_params:,} params)")
+        if self.retention is not None:
+            r = self.retention
+            text = f"held-out retention on {r.get('samples')} sequences: agreement {r.get('agreement', 0):.1%}"
+            text += f", output retained {r.get('output_retention', 0):.1%}"
+            if isinstance(r.get("retained_gain"), (int, float)):
+                text += f", retained gain {r['retained_gain']:.1%}"
+            lines.append(text)
         return "\n".join(lines)
 
 
@@ -87,12 +95,14 @@ def inspect_adapter(path: str | os.PathLike[str]) -> Result:
         ]
         add_report_columns(groups, folder, "groups", "group")
         saved = files.modules_to_save
+        retention = report_section(folder, "retention")
         return InspectReport(
             format="lotr",
             path=str(folder),
             groups=groups,
             modules_to_save=sorted({k.rsplit(".", 1)[0] for k in saved}),
             modules_to_save_params=sum(t.numel() for t in saved.values()),
+            retention=retention if isinstance(retention, dict) else None,
         )
     if (folder / PEFT_CONFIG_NAME).is_file():
         lora = PeftLoRA(folder)

@@ -19,7 +19,7 @@ import functools
 import inspect
 import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +162,7 @@ class LoTRModel(PretrainedMixin, nn.Module):
         layout: dict[str, GroupLayout] | None = None,
         source: str = "the adapter",
         adapter_name: str = DEFAULT_ADAPTER,
-        factor_owner: str | None = None,
+        factor_owner: str | Mapping[str, str] | None = None,
     ) -> None:
         _refuse_adapted(model)
         check_adapter_name(adapter_name)
@@ -270,7 +270,7 @@ class LoTRModel(PretrainedMixin, nn.Module):
         source: str,
         initialise: bool,
         shared: dict[str, LoTRFactors] | None = None,
-        factor_owner: str | None = None,
+        factor_owner: str | Mapping[str, str] | None = None,
     ) -> None:
         """Add adapter ``adapter``: its factors (or the ``shared`` ones, by group), a core in each layer, copies."""
         if adapter in self.lotr_configs:
@@ -278,8 +278,12 @@ class LoTRModel(PretrainedMixin, nn.Module):
         self._check_layout(groups, source)
         self.lotr_configs[adapter] = config
         self.adapter_groups[adapter] = dict(groups)
-        owner = factor_owner or adapter
-        self._factor_keys[adapter] = {g: g if owner == DEFAULT_ADAPTER else f"{owner}--{g}" for g in groups}
+
+        def owner(group: str) -> str:  # who owns the group's factors: the adapter, or the zoo whose they are
+            found = factor_owner.get(group) if isinstance(factor_owner, Mapping) else factor_owner
+            return found or adapter
+
+        self._factor_keys[adapter] = {g: g if owner(g) == DEFAULT_ADAPTER else f"{owner(g)}--{g}" for g in groups}
         for group_name, group in groups.items():
             key = self._factor_keys[adapter][group_name]
             first = weight_of(unwrap(self.base_model.get_submodule(group.modules[0])))

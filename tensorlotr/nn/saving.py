@@ -470,12 +470,16 @@ def from_zoo(
     for name in names:
         files = zoo.adapter(name)
         config = LoTRConfig.from_dict(files.config, strict=False)
+        # a group where the adapter has a residual gets its own factors, the shared ones with its columns
+        owner = {g: name if g in zoo.adapters[name].residual else "zoo" for g in files.groups}
         if lotr is None:
-            lotr = cls(model, config, layout=files.groups, source=source, adapter_name=name, factor_owner="zoo")
+            lotr = cls(model, config, layout=files.groups, source=source, adapter_name=name, factor_owner=owner)
         else:
-            lotr._attach(name, config, files.groups, source=source, initialise=False, shared=shared, factor_owner="zoo")
+            mine = {g: f for g, f in shared.items() if owner[g] == "zoo"}
+            lotr._attach(name, config, files.groups, source=source, initialise=False, shared=mine, factor_owner=owner)
         for group in files.groups:
-            shared.setdefault(group, lotr._factors(lotr._factor_keys[name][group]))
+            if owner[group] == "zoo":
+                shared.setdefault(group, lotr._factors(lotr._factor_keys[name][group]))
         load_adapter_tensors(lotr, files, source=f"{source}, adapter {name!r}", adapter=name)
         lotr._trainable[name] = is_trainable
     assert lotr is not None

@@ -116,17 +116,24 @@ def test_cli_calibrated_convert_and_zoo(tmp_path, capsys):
     argv = ["convert", str(tmp_path / "peft"), str(tmp_path / "out"), "--rank", "2", "--json"]
     assert cli([*argv, *flags, "--calibration-data", str(tmp_path / "texts.txt"), "--heal-steps", "5"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["calibration"]["samples"] == 24 and report["heal"]["steps"] == 5
+    # 24 texts in batches of 16: the last batch (8 texts) is held out of the statistics and the heal
+    assert report["calibration"]["samples"] == 16 and report["heal"]["steps"] == 5
+    assert report["retention"]["samples"] == 8
     assert all(g["output_error"] is not None for g in report["groups"])
     folders = bert_loras(tmp_path)
     argv = ["zoo", "compress", *map(str, folders), str(tmp_path / "zoo"), "--rank", "2", "--min-retention", "0.5"]
     assert cli([*argv, *flags, "--calibration-data", str(tmp_path / "texts.tsv"), "--json"]) == 0
     zoo = json.loads(capsys.readouterr().out)
-    assert all(a["output_error"] ** 2 <= 0.5 for a in zoo["adapters"])
+    assert all(a["retention"][a["retention"]["figure"]] >= 0.5 for a in zoo["adapters"])
+    argv = ["zoo", "compress", *map(str, folders), str(tmp_path / "zoo2"), "--rank", "2", *flags, "--json",
+            "--calibration-data", str(tmp_path / "texts.tsv"), "--eval-data", str(tmp_path / "texts.tsv")]  # fmt: skip
+    assert cli(argv) == 0  # held-out texts given: the calibration keeps all of its own
+    zoo = json.loads(capsys.readouterr().out)
+    assert zoo["calibration"]["samples"] == 24 and zoo["adapters"][0]["retention"]["samples"] == 24
     bad = {
         "--heal-steps needs --calibration-data": ["convert", "peft", "x", "--heal-steps", "5"],
         "needs --base-model": ["convert", "peft", "x", "--calibration-data", "t.txt"],
-        "expected a number in (0, 1)": ["zoo", "compress", "a", "z", "--min-retention", "1.5"],
+        "expected a number in (0, 1]": ["zoo", "compress", "a", "z", "--min-retention", "1.5"],
     }
     for message, args in bad.items():
         with pytest.raises(SystemExit) as exit_info:

@@ -367,11 +367,11 @@ def test_zoo_add_rank_energy_and_sweeps_need_refit(flags, zoo, loras, capsys):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(format_version="1"), "has format version '1'; this reads integers up to 1"),
+        (lambda d: d.update(format_version="1"), "has format version '1'; this reads integers up to 2"),
         (lambda d: d.update(format_version=None), "has format version None"),
         (lambda d: d.update(format_version=1.0), "has format version 1.0"),
         (lambda d: d.update(format_version=True), "has format version True"),
-        (lambda d: d.update(format_version=2), "has format version 2"),
+        (lambda d: d.update(format_version=3), "has format version 3"),
         (lambda d: d.update(groups=[]), "'groups' must be a non-empty object of group layouts, got []"),
         (lambda d: d.update(adapters=[]), "'adapters' must be a non-empty object of adapters, got []"),
         (lambda d: d["adapters"]["la"].update(source=5), "adapter 'la': 'source' must be a string"),

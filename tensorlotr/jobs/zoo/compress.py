@@ -20,13 +20,16 @@ from ...io.zoo_format import write_zoo
 from ...progress import Progress, no_progress
 from ..calibration import Calibration, as_calibration
 from ..compression_report import write_report
+from ..retention import held_out_retention, retention_note
 from .fit import FAIRNESS, Objective, fit_zoo
 from .heal import heal_zoo
-from .report import ZooReport, zoo_report
+from .report import PairErrors, ZooReport, zoo_report
+from .residual import fit_residual, residual_params
 from .sources import Source, adapter_names, check_same_base, read_source
 
 if TYPE_CHECKING:
     from ...nn.calibration import CalibrationStats
+    from ...nn.evaluate import Retention
 
 
 def compress_zoo(
@@ -43,6 +46,7 @@ def compress_zoo(
     calibration: Calibration | CalibrationStats | None = None,
     fairness: str = "relative",
     min_retention: float | None = None,
+    residual_rank: int | dict[str, int] | None = None,
 ) -> ZooReport:
     """Compress adapters of one base into one shared Tucker-2 basis per group.
 
@@ -68,10 +72,21 @@ def compress_zoo(
         norm, or with calibration their output energy), so every adapter counts by its relative
         error; ``"none"``: the plain sum, where large adapters dominate.
     min_retention : float in (0, 1), optional
-        Guarantee every adapter at least this share of its energy in every group
-        (``1 - relative error^2``, of the output error with calibration): adapters short of it
-        are weighted up, and if reweighting does not get there the group's rank is raised
-        (noted in the report). ``None``: no guarantee.
+        With held-out inputs for every adapter (the calibration's ``evaluation``, by default
+        the last eighth of its inputs, or one :class:`~tensorlotr.jobs.calibration.Evaluation`
+        per adapter by name): hold every adapter's held-out retention figure (its retained
+        gain with labels, else its agreement with its LoRA) at least this high, by giving the
+        adapters short of it a private residual (``residual_rank``) of rank 2, 4, 8, ... until
+        it holds; the notes say which adapter needed which rank, or that one could not be held
+        at the largest residual (which is lossless). Without held-out inputs: guarantee every
+        adapter this share of its energy in every group (``1 - relative error^2``, of the output
+        error with calibration): adapters short of it are weighted up, and if reweighting does
+        not get there the group's rank is raised (noted in the report). ``None``: no guarantee.
+    residual_rank : int or dict of str to int, optional
+        A private residual of this rank (``s_out = s_in``) beside the shared basis in every
+        group of every adapter, or of the adapters named (:mod:`~tensorlotr.jobs.zoo.residual`):
+        for adapters that the shared basis does not span. Its factors and larger cores count in
+        the zoo's storage; clipped to what the adapter's residual holds.
 
     Returns
     -------
@@ -102,8 +117,8 @@ def compress_zoo(
         raise ValueError("compress_zoo needs at least one source")
     if fairness not in FAIRNESS:
         raise ValueError(f"fairness must be one of {FAIRNESS}, got {fairness!r}")
-    if min_retention is not None and not 0.0 < float(min_retention) < 1.0:
-        raise ValueError(f"min_retention must be in (0, 1), got {min_retention!r}")
+    if min_retention is not None and (isinstance(min_retention, bool) or not 0.0 < float(min_retention) <= 1.0):
+        raise ValueError(f"min_retention must be in (0, 1], got {min_retention!r}")
     cal = as_calibration(calibration)
     if cal is not None and cal.heal_factors:
         raise ValueError("the adapters of a zoo share their factors: healing trains each adapter's cores only")
@@ -114,16 +129,37 @@ def compress_zoo(
     shapes = check_same_base(loaded)
     progress = progress or no_progress
     stats = cal.statistics(sorted(shapes, key=module_order), progress) if cal is not None else None
-    objective = Objective(stats, cal, fairness, min_retention)
+    held = cal is not None and cal.base_model is not None and all(cal.evaluation_for(n) for n in chosen)
+    objective = Objective(stats, cal, fairness, None if held else min_retention)  # held out: residuals instead
     zoo, errors, notes = fit_zoo(loaded, shapes, requested, energy, n_iter, groups, progress, objective)
     notes = _clipped_notes(zoo, requested, energy) + notes
+    explicit = _residual_ranks(residual_rank, list(loaded))
+    for name, size in explicit.items():
+        fit_residual(zoo, name, loaded[name], {g: (size, size) for g in zoo.adapters[name].groups}, errors, cal)
     heals: dict[str, Any] = {}
     if cal is not None and cal.heal_steps:
         heals = heal_zoo(zoo, loaded, cal, errors, progress)
+    retentions = {name: _retention(zoo, name, loaded[name], cal) for name in loaded}
+    if held and min_retention is not None:
+        for name in loaded:
+            found = retentions[name]
+            if found is None or found.figure >= min_retention:
+                continue
+            retentions[name], note, healed = _hold(zoo, name, loaded, cal, errors, progress, min_retention,
+                                                   explicit.get(name, 0))  # fmt: skip
+            heals.update(healed)
+            notes.append(note)
+    for name, found in retentions.items():
+        if found is not None:
+            notes.append(retention_note(f"adapter {name}", found, min_retention if held else None))
     separate = {name: s.n_params for name, s in loaded.items()}
     report = zoo_report(zoo, str(out_dir) if out_dir is not None else None, 0.0, separate, notes, errors)
     for entry in report.adapters:
         entry.heal = heals.get(entry.adapter)
+        found = retentions.get(entry.adapter)
+        if found is not None:
+            entry.agreement, entry.retained_gain = found.agreement, found.retained_gain
+            entry.retention = found.to_dict()
     report.calibration = stats.summary() if stats is not None else None
     if out_dir is not None:
         with atomic_dir(out_dir, force=force) as tmp:
@@ -132,6 +168,72 @@ def compress_zoo(
                 write_report(tmp, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _retention(zoo: ZooFiles, name: str, source: Source, cal: Calibration | None) -> Retention | None:
+    """Adapter ``name``'s held-out retention against its LoRA, when the calibration has held-out inputs for it."""
+    if cal is None or cal.base_model is None or cal.evaluation_for(name) is None:
+        return None
+    modules = zoo.adapters[name].modules
+    bs, as_, scales = source.load(modules)
+    updates = {m: (b, a, s) for m, b, a, s in zip(modules, bs, as_, scales, strict=True)}
+    return held_out_retention(cal, zoo.adapter(name), updates, source.load_modules_to_save(), adapter=name)
+
+
+def _hold(
+    zoo: ZooFiles,
+    name: str,
+    sources: dict[str, Source],
+    cal: Calibration | None,
+    errors: PairErrors,
+    progress: Progress,
+    min_retention: float,
+    start: int,
+) -> tuple[Retention | None, str, dict[str, Any]]:
+    """Raise adapter ``name``'s residual rank (2, 4, 8, ... above ``start``) until its held-out figure holds.
+
+    Returns its retention, the report's note, and its heal report when the calibration heals.
+    """
+    groups = list(zoo.adapters[name].groups)
+    size, found, heals = max(2, 2 * start), None, {}
+    while True:
+        fit_residual(zoo, name, sources[name], {g: (size, size) for g in groups}, errors, cal)
+        if cal is not None and cal.heal_steps:
+            heals = heal_zoo(zoo, sources, cal, errors, progress, names=[name])
+        found = _retention(zoo, name, sources[name], cal)
+        kept = zoo.adapters[name].residual
+        at_most = all(max(kept.get(g, (0, 0))) < size for g in groups)  # clipped everywhere: nothing more to add
+        if found is None or found.figure >= min_retention or at_most:
+            break
+        size *= 2
+    assert found is not None
+    ranks = "/".join(sorted({f"{r[0]}x{r[1]}" for r in zoo.adapters[name].residual.values()})) or "0"
+    extra = sum(residual_params(zoo, name, g, r) for g, r in zoo.adapters[name].residual.items())
+    if found.figure >= min_retention:
+        note = (
+            f"adapter {name}: a private residual of rank {ranks} ({extra:,} params) holds min_retention "
+            f"{min_retention:.0%} ({found.figure_name} {found.figure:.1%} on held-out inputs)"
+        )
+    else:
+        note = (
+            f"adapter {name}: min_retention {min_retention:.0%} NOT held: at the largest residual, rank {ranks} "
+            f"({extra:,} params), its {found.figure_name} is {found.figure:.1%} on held-out inputs"
+        )
+    return found, note, heals
+
+
+def _residual_ranks(residual_rank: int | dict[str, int] | None, names: list[str]) -> dict[str, int]:
+    """``residual_rank`` as a rank per adapter (those with none left out), checked."""
+    if residual_rank is None:
+        return {}
+    wanted = residual_rank if isinstance(residual_rank, dict) else {name: residual_rank for name in names}
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ValueError(f"residual_rank names adapters {unknown} that are not in the zoo; adapters: {names}")
+    for name, size in wanted.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"residual_rank of adapter {name!r} must be a whole number >= 0, got {size!r}")
+    return {name: size for name, size in wanted.items() if size > 0}
 
 
 def _clipped_notes(zoo: ZooFiles, rank: tuple[int, int] | None, energy: float | None) -> list[str]:

@@ -17,9 +17,16 @@ from .sources import Source
 
 
 def heal_zoo(
-    zoo: ZooFiles, sources: dict[str, Source], cal: Calibration, errors: PairErrors, progress: Progress
+    zoo: ZooFiles,
+    sources: dict[str, Source],
+    cal: Calibration,
+    errors: PairErrors,
+    progress: Progress,
+    names: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Heal each adapter's cores against its own LoRA, in place in ``zoo``; add the healed errors to ``errors``.
+
+    ``names`` heals only those adapters (default: every one).
 
     ``cal`` holds the base model, the inputs, the statistics (collected by the compression)
     and the heal's settings; ``errors[(adapter, group)]["healed"]`` is set for every pair.
@@ -57,6 +64,8 @@ def heal_zoo(
     assert cal.base_model is not None and cal.inputs is not None and cal.stats is not None
     reports = {}
     for name, source in sources.items():
+        if names is not None and name not in names:
+            continue
         files = zoo.adapter(name)
         modules = [m for layout in files.groups.values() for m in layout.modules]
         bs, as_, scales = source.load(modules)

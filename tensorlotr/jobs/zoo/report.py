@@ -25,6 +25,8 @@ class ZooAdapterReport:
     ``relative_error`` is its weight error; with calibration ``output_error`` is its calibrated
     output error (both relative to its own size), and after a heal ``healed_error`` and
     ``healed_output_error`` are the same for the healed cores, and ``heal`` is its heal report.
+    ``residual`` gives the rank of its private residual per group; with held-out inputs
+    ``agreement`` and ``retained_gain`` are its held-out retention (``retention`` in full).
 
     Examples
     --------
@@ -44,6 +46,10 @@ class ZooAdapterReport:
     healed_error: float | None = None
     healed_output_error: float | None = None
     heal: dict[str, Any] | None = None
+    residual: dict[str, list[int]] | None = None  # group -> private residual rank [s_out, s_in]
+    agreement: float | None = None  # held-out: share of predictions equal to its LoRA's
+    retained_gain: float | None = None  # held-out, with labels: share of the LoRA's gain kept
+    retention: dict[str, Any] | None = None  # held-out retention in full (tensorlotr.nn.evaluate.Retention)
 
 
 @dataclass(kw_only=True)
@@ -98,6 +104,9 @@ class ZooReport(Result):
                     row[column] = getattr(a, key) if getattr(a, key) is not None else ""
             if a.heal is not None:
                 row["healed end-to-end"] = f"{a.heal['error_before']:.3f} -> {a.heal['error_after']:.3f}"
+            if any(b.residual for b in self.adapters):
+                ranks = sorted({f"{r[0]}x{r[1]}" for r in (a.residual or {}).values()})
+                row["residual"] = "/".join(ranks)
             rows.append(row)
         ratio = self.separate_params / max(self.stored_params, 1)
         lines = [
@@ -117,6 +126,8 @@ ERROR_COLUMNS = {
     "output_error": "output error",
     "healed_error": "healed rel. error",
     "healed_output_error": "healed output error",
+    "agreement": "held-out agreement",
+    "retained_gain": "held-out retained gain",
 }
 
 
@@ -168,6 +179,7 @@ def zoo_report(
                 output_error=compressed.output_error if compressed is not None else None,
                 healed_error=healed.weight_error if healed is not None else None,
                 healed_output_error=healed.output_error if healed is not None else None,
+                residual={g: list(r) for g, r in entry.residual.items()} or None,
             )
         )
     groups = []

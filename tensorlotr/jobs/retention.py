@@ -1,0 +1,105 @@
+"""Held-out retention of the jobs: a compressed adapter measured against its LoRA on inputs no fit saw.
+
+:func:`held_out_retention` is what convert and the zoo call after compressing (and healing):
+the calibration's :class:`~tensorlotr.jobs.calibration.Evaluation` (its held-out share, or
+``--eval-data``) run through :func:`tensorlotr.nn.evaluate.evaluate_retention`.
+:func:`check_min_retention` refuses a retention target the jobs cannot measure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..adapter import LoTRAdapterFiles
+from .calibration import Calibration
+
+if TYPE_CHECKING:
+    from ..nn.evaluate import Retention
+
+__all__ = ["check_min_retention", "held_out_retention", "retention_note"]
+
+Updates = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def check_min_retention(
+    min_retention: float | None, cal: Calibration | None, adapters: list[str] | None = None
+) -> None:
+    """Refuse ``min_retention`` outside (0, 1], or without held-out inputs to hold it on.
+
+    Examples
+    --------
+    >>> check_min_retention(None, None)
+    >>> check_min_retention(0.95, None)
+    Traceback (most recent call last):
+    ...
+    ValueError: min_retention is held on held-out inputs: give calibration inputs and the base model (--base-model \
+and --calibration-data, whose last eighth is held out) or evaluation data (--eval-data)
+    """
+    if min_retention is None:
+        return
+    if isinstance(min_retention, bool) or not 0.0 < float(min_retention) <= 1.0:
+        raise ValueError(f"min_retention must be in (0, 1], got {min_retention!r}")
+    missing = cal is None or cal.base_model is None
+    if not missing and cal is not None:
+        names = adapters or [None]  # type: ignore[list-item]
+        missing = any(cal.evaluation_for(n) is None for n in names)
+    if missing:
+        raise ValueError(
+            "min_retention is held on held-out inputs: give calibration inputs and the base model (--base-model and "
+            "--calibration-data, whose last eighth is held out) or evaluation data (--eval-data)"
+        )
+
+
+def held_out_retention(
+    cal: Calibration | None,
+    files: LoTRAdapterFiles,
+    updates: Updates,
+    saved: dict[str, torch.Tensor],
+    adapter: str | None = None,
+) -> Retention | None:
+    """``files`` against the LoRA ``updates`` (module -> ``(B, A, s)``) and ``saved`` tensors on the held-out inputs.
+
+    None when the calibration has no held-out inputs for ``adapter`` (or no base model).
+    Labels that do not give one prediction per sequence (a language model's tokens) are
+    left out: the agreement and output retention still count.
+    """
+    if cal is None or cal.base_model is None:
+        return None
+    evaluation = cal.evaluation_for(adapter)
+    if evaluation is None:
+        return None
+    from ..nn.evaluate import evaluate_retention
+    from ..nn.heal import LoRATeacher
+
+    teacher = LoRATeacher({m: (b.float(), a.float(), s) for m, (b, a, s) in updates.items()}, saved)
+    try:
+        return evaluate_retention(cal.base_model, files, teacher, evaluation.inputs, evaluation.labels)
+    except ValueError as exc:
+        if evaluation.labels is None or "labels" not in str(exc):
+            raise
+        return evaluate_retention(cal.base_model, files, teacher, evaluation.inputs)
+
+
+def retention_note(who: str, retention: Retention, min_retention: float | None = None) -> str:
+    """One line of a report on ``who``'s held-out retention (and whether it holds ``min_retention``).
+
+    Examples
+    --------
+    >>> from tensorlotr.nn.evaluate import Retention
+    >>> r = Retention(samples=32, agreement=0.97, output_retention=0.91, accuracy_head=0.5, accuracy_original=0.9,
+    ...               accuracy=0.88)
+    >>> print(retention_note("the adapter", r, 0.9))
+    the adapter on 32 held-out sequences: agreement 97.0%, output retained 91.0%, retained gain 95.0% (>= 90%: held)
+    """
+    text = (
+        f"{who} on {retention.samples} held-out sequences: agreement {retention.agreement:.1%}, "
+        f"output retained {retention.output_retention:.1%}"
+    )
+    if retention.retained_gain is not None:
+        text += f", retained gain {retention.retained_gain:.1%}"
+    if min_retention is not None:
+        verdict = "held" if retention.figure >= min_retention else "NOT held"
+        text += f" (>= {min_retention:.0%}: {verdict})"
+    return text

@@ -1,0 +1,193 @@
+"""Held-out retention: how much of the original adapter a compressed one keeps, on inputs neither saw.
+
+:func:`evaluate_retention` runs three models on held-out batches: the *head-only* model (the
+base with the adapter's ``modules_to_save`` tensors, a trained classification head say, but
+no weight updates), the *original* adapter (:class:`~tensorlotr.nn.heal.LoRATeacher`) and the
+*compressed* one (:class:`~tensorlotr.LoTRModel`), and compares their outputs (the logits
+where the model has them, else the last hidden states):
+
+* ``agreement``: the share of predictions (argmax of the outputs, per sequence for a sequence
+  classifier, per real token for a token-level head) equal to the original's;
+* ``output_retention``: ``1 - ||y - y_orig|| / ||y_orig - y_head||`` over the held-out outputs,
+  the share of the adapter's effect on them that is kept;
+* with one label per sequence: the accuracies, and ``retained_gain``
+  ``(acc - acc_head) / (acc_orig - acc_head)``, the share of the adapter's gain over the
+  head-only model that is kept.
+
+:attr:`Retention.figure` is the one figure a retention target is held to: the retained gain
+when there are labels, else the agreement.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import LoTRAdapterFiles
+from .heal import Batch, LoRATeacher, _on, _tensor_at
+from .model import LoTRModel
+
+__all__ = ["Retention", "evaluate_retention", "model_outputs"]
+
+
+@dataclass
+class Retention:
+    """A compressed adapter against its original on held-out inputs (see the module doc).
+
+    Examples
+    --------
+    >>> r = Retention(samples=100, agreement=0.97, output_retention=0.9, accuracy_head=0.5, accuracy_original=0.9,
+    ...               accuracy=0.88)
+    >>> round(r.retained_gain, 3), round(r.figure, 3), r.figure_name
+    (0.95, 0.95, 'retained_gain')
+    >>> Retention(samples=100, agreement=0.97, output_retention=0.9).figure_name
+    'agreement'
+    """
+
+    samples: int
+    agreement: float
+    output_retention: float
+    accuracy_head: float | None = None
+    accuracy_original: float | None = None
+    accuracy: float | None = None
+
+    @property
+    def retained_gain(self) -> float | None:
+        """``(acc - acc_head) / (acc_orig - acc_head)``; None without labels or when the original gains nothing."""
+        if self.accuracy is None or self.accuracy_head is None or self.accuracy_original is None:
+            return None
+        gain = self.accuracy_original - self.accuracy_head
+        return (self.accuracy - self.accuracy_head) / gain if gain > 0 else None
+
+    @property
+    def figure_name(self) -> str:
+        """``"retained_gain"`` when it is defined, else ``"agreement"``."""
+        return "retained_gain" if self.retained_gain is not None else "agreement"
+
+    @property
+    def figure(self) -> float:
+        """The figure a retention target holds: the retained gain, or without labels the agreement."""
+        gain = self.retained_gain
+        return gain if gain is not None else self.agreement
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.retained_gain is not None:
+            data["retained_gain"] = self.retained_gain
+        return {**data, "figure": self.figure_name}
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """Per batch the model's outputs in float32: logits where it has them, else its last hidden states.
+
+    A sequence classifier gives (B, labels); a token-level output keeps only the real tokens
+    (``attention_mask`` 1), (tokens, width).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                   intermediate_size=48, num_labels=3)
+    >>> batches = [{"input_ids": torch.randint(0, 64, (4, 6))}, {"input_ids": torch.randint(0, 64, (2, 5))}]
+    >>> [tuple(y.shape) for y in model_outputs(BertForSequenceClassification(bert), batches)]
+    [(4, 3), (2, 3)]
+    """
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    out = []
+    for batch in batches:
+        result = model(**_on(batch, device))
+        logits = getattr(result, "logits", None)
+        hidden = getattr(result, "last_hidden_state", None)
+        y = logits if torch.is_tensor(logits) else hidden if torch.is_tensor(hidden) else result[0]
+        mask = batch.get("attention_mask")
+        if y.ndim == 3 and mask is not None and tuple(mask.shape) == tuple(y.shape[:2]):
+            y = y[mask.to(device=y.device, dtype=torch.bool)]
+        out.append(y.reshape(-1, y.shape[-1]).float().cpu())
+    return out
+
+
+def evaluate_retention(
+    base_model: nn.Module,
+    files: LoTRAdapterFiles,
+    teacher: LoRATeacher,
+    batches: Sequence[Batch],
+    labels: Sequence[int] | None = None,
+) -> Retention:
+    """The :class:`Retention` of the compressed adapter ``files`` against ``teacher`` on ``batches``.
+
+    ``labels`` (one per sequence, in the order of the batches) add the accuracies and the
+    retained gain; they need a sequence-level output (one prediction per sequence). The base
+    model is left as it was.
+
+    Examples
+    --------
+    A LoRA on the two ``query`` layers of a BERT classifier, converted at its exact rank: the
+    compressed adapter agrees with it everywhere.
+
+    >>> import torch, peft
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from tensorlotr.adapter.lora import lora_to_lotr
+    >>> from tensorlotr.io.peft_lora import PeftLoRA
+    >>> bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                   intermediate_size=48, num_labels=3)
+    >>> _ = torch.manual_seed(0)
+    >>> base = BertForSequenceClassification(bert).eval()
+    >>> config = peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)
+    >>> peft.get_peft_model(BertForSequenceClassification(bert), config).save_pretrained("cls-lora")
+    >>> lora = PeftLoRA("cls-lora")
+    >>> bs, as_, scales = lora.load(list(lora.modules))
+    >>> teacher = LoRATeacher({m: (b, a, s) for m, b, a, s in zip(lora.modules, bs, as_, scales)}, {})
+    >>> batches = [{"input_ids": torch.randint(0, 64, (4, 6))} for _ in range(2)]
+    >>> result = evaluate_retention(base, lora_to_lotr(lora).files, teacher, batches, labels=[0, 1, 2, 0] * 2)
+    >>> result.samples, result.agreement, round(result.output_retention, 2)
+    (8, 1.0, 1.0)
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("the held-out evaluation needs at least one batch of inputs")
+    with LoRATeacher({}, teacher.saved).applied(base_model):
+        head = model_outputs(base_model, batches)
+    with teacher.applied(base_model):
+        original = model_outputs(base_model, batches)
+    with torch.no_grad():
+        kept = {key: _tensor_at(base_model, key).detach().clone() for key in files.modules_to_save}
+    student = LoTRModel.from_adapter_files(base_model, files, source="the compressed adapter")
+    try:
+        compressed = model_outputs(student, batches)
+    finally:
+        student.unload()
+        with torch.no_grad():
+            for key, value in kept.items():
+                _tensor_at(base_model, key).copy_(value)
+    y, y0, yh = torch.cat(compressed), torch.cat(original), torch.cat(head)
+    effect = float((y0 - yh).norm())
+    kept_share = 1.0 - float((y - y0).norm()) / effect if effect > 0 else (1.0 if torch.equal(y, y0) else 0.0)
+    retention = Retention(
+        samples=int(y.shape[0]),
+        agreement=float((y.argmax(-1) == y0.argmax(-1)).double().mean()),
+        output_retention=kept_share,
+    )
+    if labels is not None:
+        truth = torch.as_tensor(list(labels))
+        if truth.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"{truth.shape[0]} labels for {y.shape[0]} held-out outputs: labels need one prediction per sequence "
+                "(a sequence classifier)"
+            )
+        retention.accuracy_head = _accuracy(yh, truth)
+        retention.accuracy_original = _accuracy(y0, truth)
+        retention.accuracy = _accuracy(y, truth)
+    return retention
+
+
+def _accuracy(outputs: torch.Tensor, truth: torch.Tensor) -> float:
+    value = float((outputs.argmax(-1) == truth).double().mean())
+    return value if math.isfinite(value) else 0.0
