@@ -25,7 +25,10 @@
      of the separate LoRAs' factors, and of the whole suite at the largest rank at least 10x
      smaller, modes of :data:`ZOO_MODES` (calibrated on the members' calibration sentences).
 
-4. Cross-validation of the mode across adapters: the mode with the best worst case (then mean)
+4. With ``--parts guarantee``: zoos compressed with ``min_retention`` 0.95 held on 400 more sentences of
+   each member's validation pool (its labels: the retained gain) through private residuals, at the budget rank and at a half
+   and a quarter of it; reported on the held-out sentences with the storage they came to.
+5. Cross-validation of the mode across adapters: the mode with the best worst case (then mean)
    retained gain on half A's *validation* sentences is reported on half B's held-out
    sentences, and vice versa.
 
@@ -109,6 +112,7 @@ SUITE = [
 ]
 TASKS = {t.name: t for t in SUITE}
 CALIBRATION_SIZE, VALIDATION_SIZE, HELD_OUT_SIZE, TRAIN_SIZE = 256, 100, 300, 8000
+GUARANTEE_SIZE = 400  # sentences a guarantee is held on (``--parts guarantee``), apart from the validation ones
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -143,11 +147,14 @@ def splits(task: Task, pool: dict[str, list[tuple[str, int]]]) -> dict[str, list
     """The task's train, calibration, validation and held-out rows (its own samples of the pools)."""
     seed = 100 * (SUITE.index(task) + 1)
     train = random.Random(seed).sample(pool["train"], TRAIN_SIZE)
+    validation = balanced(pool["validation"], task, VALIDATION_SIZE, seed + 2)
+    seen = {s for s, _ in validation}
     return {
         "train": [(s, task.label(s, y)) for s, y in train],
         "calibration": balanced(pool["calibration"], task, CALIBRATION_SIZE, seed + 1),
-        "validation": balanced(pool["validation"], task, VALIDATION_SIZE, seed + 2),
+        "validation": validation,
         "held_out": balanced(pool["held_out"], task, HELD_OUT_SIZE, seed + 3),
+        "guarantee": balanced([r for r in pool["validation"] if r[0] not in seen], task, GUARANTEE_SIZE, seed + 4),
     }
 
 
@@ -212,6 +219,8 @@ ZOO_MODES = {
 #: with ``--zoo-heal`` (each adapter's cores healed: 30 steps a member, minutes per zoo on this machine)
 ZOO_HEAL_MODES = {"output-fair+heal": ("output", "relative", HEAL_STEPS)}
 SPLITS = ("validation", "held_out")
+#: the retention that ``--parts guarantee`` asks each zoo member to hold on its validation sentences
+MIN_RETENTION = 0.95
 
 
 class Evaluator:
@@ -373,6 +382,47 @@ def stage_eval(
                                                  for m, v in entry["modes"].items()}), flush=True)  # fmt: skip
         save()
 
+    # (c) zoos with held-out guarantees: min_retention held on each member's validation sentences
+    # (labels: the retained gain) through private residuals; reported on the held-out sentences
+    guaranteed = out.setdefault("guaranteed_zoos", {})
+    plans = [(f"half-{h}", [n for n in names if TASKS[n].half == h], 8.0) for h in ("A", "B")]
+    plans.append(("whole-suite", names, 10.0))
+    for zoo_name, members, ratio in plans if "guarantee" in parts else []:
+        if len(members) < 2 or zoo_name not in zoo_names:
+            continue
+        from tensorlotr.jobs.calibration import Evaluation
+
+        member_folders = [folders[n] for n in members]
+        budget_rank, _, separate = zoo_rank(member_folders, members, ratio)
+        share = CALIBRATION_SIZE // len(members)
+        texts = [s for n in members for s, _ in data[n]["calibration"][:share]]
+        random.Random(7).shuffle(texts)
+        inputs = tokenized_batches(ev.tokenizer, texts, BATCH, MAX_LENGTH)
+        evaluation = {}
+        for n in members:
+            rows = data[n]["guarantee"]
+            evaluation[n] = Evaluation(tokenized_batches(ev.tokenizer, [s for s, _ in rows], 64, MAX_LENGTH),
+                                       [y for _, y in rows])  # fmt: skip
+        entry = guaranteed.setdefault(zoo_name, {"members": members, "separate_params": separate, "runs": {}})
+        for rank in sorted({budget_rank, max(1, budget_rank // 2), max(1, budget_rank // 4)}, reverse=True):
+            cal = Calibration(inputs=inputs, base_model=ev.fresh(), objective="weight", evaluation=evaluation)
+            started = time.perf_counter()
+            report = compress_zoo(member_folders, None, names=members, rank=rank, calibration=cal, fairness="none",
+                                  min_retention=MIN_RETENTION)  # fmt: skip
+            seconds = time.perf_counter() - started
+            assert report.zoo is not None
+            stored = report.stored_params - heads_params(report.zoo)
+            per = {}
+            for n, row in zip(members, report.adapters, strict=True):
+                per[n] = scores(predict_splits(ev, ev.lotr(report.zoo.adapter(n)), data[n]), refs[n], data[n])
+                per[n]["residual"] = row.residual
+                per[n]["guarantee_figure"] = row.retention
+            entry["runs"][str(rank)] = {"rank": rank, "stored_params": stored, "storage_vs_separate": separate / stored,
+                                        "seconds": seconds, "adapters": per, "notes": report.notes}  # fmt: skip
+            print("guaranteed zoo", zoo_name, rank, f"1/{separate / stored:.1f}", f"{seconds:.0f} s",
+                  json.dumps({n: round(v["held_out"]["retained"], 4) for n, v in per.items()}), flush=True)  # fmt: skip
+            save()
+
     # (b) zoos: each half at <= 1/8 of the separate storage, the whole suite at >= 10x
     zoos = out.setdefault("zoos", {})
     plans = [(f"half-{h}", [n for n in names if TASKS[n].half == h], 8.0) for h in ("A", "B")]
@@ -489,6 +539,23 @@ def tables(out: dict[str, Any]) -> str:
         if zoo_name == "whole-suite":
             cv_halves = {h: [n for n in z["members"] if ads[n]["half"] == h] for h in ("A", "B")}
             out.setdefault("cross_validation", {})["whole-suite zoo"] = cross_validate(table, cv_halves)
+    for zoo_name, z in out.get("guaranteed_zoos", {}).items():
+        runs = list(z["runs"].values())
+        lines += ["", f"### Zoo {zoo_name} with min_retention {MIN_RETENTION:.0%} held on {GUARANTEE_SIZE} sentences of each "
+                  "member's validation pool through private residuals (held-out: retained / agreement; residual rank)", "",
+                  "| adapter | " + " | ".join(f"rank {r['rank']}, 1/{r['storage_vs_separate']:.1f}" for r in runs)
+                  + " |", "|---|" + "---|" * len(runs)]  # fmt: skip
+        for n in z["members"]:
+            cells = []
+            for r in runs:
+                a = r["adapters"][n]
+                res = "/".join(sorted({f"{v[0]}" for v in (a["residual"] or {}).values()})) or "0"
+                cells.append(f"{pct(a['held_out']['retained'])} / {pct(a['held_out']['agreement'])}; {res}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        for stat, fn in (("mean", lambda v: sum(v) / len(v)), ("worst", min)):
+            cells = [pct(fn([a["held_out"]["retained"] for a in r["adapters"].values()])) for r in runs]
+            lines.append(f"| **{stat}** | " + " | ".join(cells) + " |")
+        lines.append("| seconds | " + " | ".join(f"{r['seconds']:.0f}" for r in runs) + " |")
     zoo_a, zoo_b = out.get("zoos", {}).get("half-A"), out.get("zoos", {}).get("half-B")
     if zoo_a and zoo_b:  # a mode chosen on the other half's zoo
         table = {m: {**zoo_a["modes"][m]["adapters"], **zoo_b["modes"][m]["adapters"]} for m in zoo_a["modes"]}
@@ -520,7 +587,10 @@ def main() -> None:
     parser.add_argument("--stage", choices=["train", "eval", "all"], default="all")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "task_suite")
     parser.add_argument("--tasks", default=",".join(TASKS), help="a subset of the suite, comma-separated")
-    parser.add_argument("--parts", default="convert,zoo", help="what --stage eval measures: convert, zoo or both")
+    parser.add_argument(
+        "--parts", default="convert,zoo,guarantee",
+        help="what --stage eval measures: convert, zoo, guarantee (zoos with min_retention through residuals)",
+    )
     parser.add_argument("--zoo-heal", action="store_true", help="also the zoo mode with a heal of every member")
     parser.add_argument("--zoos", default="half-A,half-B,whole-suite", help="which zoos --parts zoo measures")
     args = parser.parse_args()

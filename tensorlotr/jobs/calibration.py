@@ -448,14 +448,14 @@ def calibration_from_files(
     Examples
     --------
     ``my-lora/`` holds a PEFT LoRA saved without a task type, so the base model is loaded as
-    the bare ``AutoModel``:
+    the bare ``AutoModel``; of two batches of one text, the second is held out:
 
     >>> from pathlib import Path
     >>> from tensorlotr.jobs.demo import default_model_dir
     >>> _ = Path("texts.txt").write_text("a moving film\\na dull script\\nthe ending was superb\\n")
     >>> calibration = calibration_from_files(default_model_dir(), "texts.txt", "my-lora", samples=2, batch_size=1)
-    >>> len(calibration.inputs), type(calibration.base_model).__name__
-    (2, 'BertModel')
+    >>> len(calibration.inputs), len(calibration.evaluation.inputs), type(calibration.base_model).__name__
+    (1, 1, 'BertModel')
     """
     texts, labels = read_labelled_texts(data, limit=samples)  # first: a missing file is named before any model loads
     files = eval_data if isinstance(eval_data, Mapping) else {"": eval_data} if eval_data is not None else {}

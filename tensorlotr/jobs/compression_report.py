@@ -95,9 +95,9 @@ def report_section(folder: str | os.PathLike[str], section: str) -> Any:
     Examples
     --------
     >>> from pathlib import Path
-    >>> Path("my-lotr").mkdir()
-    >>> _ = Path("my-lotr/compression_report.json").write_text('{"retention": {"agreement": 0.98}}')
-    >>> report_section("my-lotr", "retention"), report_section("my-lotr", "heal")
+    >>> Path("reported").mkdir()
+    >>> _ = Path("reported/compression_report.json").write_text('{"retention": {"agreement": 0.98}}')
+    >>> report_section("reported", "retention"), report_section("reported", "heal")
     ({'agreement': 0.98}, None)
     """
     path = Path(folder) / REPORT_NAME

@@ -475,7 +475,7 @@ def from_zoo(
         if lotr is None:
             lotr = cls(model, config, layout=files.groups, source=source, adapter_name=name, factor_owner=owner)
         else:
-            mine = {g: f for g, f in shared.items() if owner[g] == "zoo"}
+            mine = {g: f for g, f in shared.items() if owner.get(g, "zoo") == "zoo"}
             lotr._attach(name, config, files.groups, source=source, initialise=False, shared=mine, factor_owner=owner)
         for group in files.groups:
             if owner[group] == "zoo":

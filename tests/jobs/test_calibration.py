@@ -129,7 +129,7 @@ def test_cli_calibrated_convert_and_zoo(tmp_path, capsys):
             "--calibration-data", str(tmp_path / "texts.tsv"), "--eval-data", str(tmp_path / "texts.tsv")]  # fmt: skip
     assert cli(argv) == 0  # held-out texts given: the calibration keeps all of its own
     zoo = json.loads(capsys.readouterr().out)
-    assert zoo["calibration"]["samples"] == 24 and zoo["adapters"][0]["retention"]["samples"] == 24
+    assert zoo["calibration"]["samples"] == 24 and zoo["adapters"][0]["retention"]["samples"] == len(texts)
     bad = {
         "--heal-steps needs --calibration-data": ["convert", "peft", "x", "--heal-steps", "5"],
         "needs --base-model": ["convert", "peft", "x", "--calibration-data", "t.txt"],
