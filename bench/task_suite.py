@@ -25,9 +25,10 @@
      of the separate LoRAs' factors, and of the whole suite at the largest rank at least 10x
      smaller, modes of :data:`ZOO_MODES` (calibrated on the members' calibration sentences).
 
-4. With ``--parts guarantee``: zoos compressed with ``min_retention`` 0.95 held on 400 more sentences of
-   each member's validation pool (its labels: the retained gain) through private residuals, at the budget rank and at a half
-   and a quarter of it; reported on the held-out sentences with the storage they came to.
+4. With ``--parts guarantee``: zoos compressed with ``min_retention`` 0.95 held on 400 more sentences
+   of each member's validation pool (its labels: the retained gain) through private residuals, at
+   the budget rank and at a half and a quarter of it; reported on the held-out sentences with the
+   storage they came to.
 5. Cross-validation of the mode across adapters: the mode with the best worst case (then mean)
    retained gain on half A's *validation* sentences is reported on half B's held-out
    sentences, and vice versa.
@@ -541,8 +542,9 @@ def tables(out: dict[str, Any]) -> str:
             out.setdefault("cross_validation", {})["whole-suite zoo"] = cross_validate(table, cv_halves)
     for zoo_name, z in out.get("guaranteed_zoos", {}).items():
         runs = list(z["runs"].values())
-        lines += ["", f"### Zoo {zoo_name} with min_retention {MIN_RETENTION:.0%} held on {GUARANTEE_SIZE} sentences of each "
-                  "member's validation pool through private residuals (held-out: retained / agreement; residual rank)", "",
+        lines += ["", f"### Zoo {zoo_name} with min_retention {MIN_RETENTION:.0%} held on {GUARANTEE_SIZE} "
+                  "sentences of each member's validation pool through private residuals "
+                  "(held-out: retained / agreement; residual rank)", "",
                   "| adapter | " + " | ".join(f"rank {r['rank']}, 1/{r['storage_vs_separate']:.1f}" for r in runs)
                   + " |", "|---|" + "---|" * len(runs)]  # fmt: skip
         for n in z["members"]:
@@ -588,7 +590,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "task_suite")
     parser.add_argument("--tasks", default=",".join(TASKS), help="a subset of the suite, comma-separated")
     parser.add_argument(
-        "--parts", default="convert,zoo,guarantee",
+        "--parts",
+        default="convert,zoo,guarantee",
         help="what --stage eval measures: convert, zoo, guarantee (zoos with min_retention through residuals)",
     )
     parser.add_argument("--zoo-heal", action="store_true", help="also the zoo mode with a heal of every member")
