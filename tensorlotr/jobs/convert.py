@@ -107,9 +107,10 @@ def convert_lora(
         LoRA gives a float64 adapter, computed in float64 throughout).
     min_retention : float in (0, 1], optional
         Hold the held-out retention figure (the retained gain with labels, else the
-        agreement) at least this high: the rank is raised, a quarter at a time, until it
-        holds; the report's notes give the rank that holds it (at the exact rank the
-        conversion is lossless). Needs held-out inputs.
+        agreement) at least this high, on its one-sided 95% lower bound (the figure less
+        1.645 standard errors: a figure measured on few inputs needs a margin): the rank is
+        raised, a quarter at a time, until it holds; the report's notes give the rank that
+        holds it (at the exact rank the conversion is lossless). Needs held-out inputs.
 
     Returns
     -------
@@ -172,7 +173,7 @@ def convert_lora(
         ranks = [g.rank for g in conversion.groups]
         if retention is not None:
             tried.append({"rank": [list(r) for r in ranks], **retention.to_dict(), "value": retention.figure})
-        if min_retention is None or retention is None or retention.figure >= min_retention or energy is not None:
+        if min_retention is None or retention is None or retention.holds(min_retention) or energy is not None:
             break
         raised = _raised(ranks, current)
         if raised is None:  # every group at its exact rank: nothing more to give
@@ -182,10 +183,11 @@ def convert_lora(
         notes.append(retention_note("the adapter", retention, min_retention))
     if min_retention is not None and retention is not None and len(tried) > 1:
         first, last = tried[0]["rank"], tried[-1]["rank"]
-        verdict = "holds it" if retention.figure >= min_retention else "is the exact rank and still falls short"
+        verdict = "holds it" if retention.holds(min_retention) else "is the exact rank and still falls short"
         notes.append(
             f"min_retention {min_retention:.0%}: rank raised from {_ranks_text(first)} to {_ranks_text(last)}, "
-            f"which {verdict} ({retention.figure_name} {retention.figure:.1%} on held-out inputs)"
+            f"which {verdict} ({retention.figure_name} {retention.figure:.1%} on held-out inputs, "
+            f"its 95% lower bound {retention.lower_bound:.1%})"
         )
     report = ConversionReport(
         source=str(peft_dir),

@@ -89,9 +89,10 @@ def retention_note(who: str, retention: Retention, min_retention: float | None =
     --------
     >>> from tensorlotr.nn.evaluate import Retention
     >>> r = Retention(samples=32, agreement=0.97, output_retention=0.91, accuracy_head=0.5, accuracy_original=0.9,
-    ...               accuracy=0.88)
-    >>> print(retention_note("the adapter", r, 0.9))
-    the adapter on 32 held-out sequences: agreement 97.0%, output retained 91.0%, retained gain 95.0% (>= 90%: held)
+    ...               accuracy=0.88, retained_gain_stderr=0.02)
+    >>> print(retention_note("the adapter", r, 0.9))  # doctest: +NORMALIZE_WHITESPACE
+    the adapter on 32 held-out sequences: agreement 97.0%, output retained 91.0%, retained gain 95.0%
+    (95% lower bound 91.7% >= 90%: held)
     """
     text = (
         f"{who} on {retention.samples} held-out sequences: agreement {retention.agreement:.1%}, "
@@ -100,6 +101,6 @@ def retention_note(who: str, retention: Retention, min_retention: float | None =
     if retention.retained_gain is not None:
         text += f", retained gain {retention.retained_gain:.1%}"
     if min_retention is not None:
-        verdict = "held" if retention.figure >= min_retention else "NOT held"
-        text += f" (>= {min_retention:.0%}: {verdict})"
+        verdict = "held" if retention.holds(min_retention) else "NOT held"
+        text += f" (95% lower bound {retention.lower_bound:.1%} >= {min_retention:.0%}: {verdict})"
     return text

@@ -75,7 +75,8 @@ def compress_zoo(
         With held-out inputs for every adapter (the calibration's ``evaluation``, by default
         the last eighth of its inputs, or one :class:`~tensorlotr.jobs.calibration.Evaluation`
         per adapter by name): hold every adapter's held-out retention figure (its retained
-        gain with labels, else its agreement with its LoRA) at least this high, by giving the
+        gain with labels, else its agreement with its LoRA) at least this high on its 95% lower
+        bound (:attr:`tensorlotr.nn.evaluate.Retention.lower_bound`), by giving the
         adapters short of it a private residual (``residual_rank``) of rank 2, 4, 8, ... until
         it holds; the notes say which adapter needed which rank, or that one could not be held
         at the largest residual (which is lossless). Without held-out inputs: guarantee every
@@ -143,7 +144,7 @@ def compress_zoo(
     if held and min_retention is not None:
         for name in loaded:
             found = retentions[name]
-            if found is None or found.figure >= min_retention:
+            if found is None or found.holds(min_retention):
                 continue
             retentions[name], note, healed = _hold(zoo, name, loaded, cal, errors, progress, min_retention,
                                                    explicit.get(name, 0))  # fmt: skip
@@ -203,21 +204,23 @@ def _hold(
         found = _retention(zoo, name, sources[name], cal)
         kept = zoo.adapters[name].residual
         at_most = all(max(kept.get(g, (0, 0))) < size for g in groups)  # clipped everywhere: nothing more to add
-        if found is None or found.figure >= min_retention or at_most:
+        if found is None or found.holds(min_retention) or at_most:
             break
         size *= 2
     assert found is not None
     ranks = "/".join(sorted({f"{r[0]}x{r[1]}" for r in zoo.adapters[name].residual.values()})) or "0"
     extra = sum(residual_params(zoo, name, g, r) for g, r in zoo.adapters[name].residual.items())
-    if found.figure >= min_retention:
+    if found.holds(min_retention):
         note = (
             f"adapter {name}: a private residual of rank {ranks} ({extra:,} params) holds min_retention "
-            f"{min_retention:.0%} ({found.figure_name} {found.figure:.1%} on held-out inputs)"
+            f"{min_retention:.0%} ({found.figure_name} {found.figure:.1%} on held-out inputs, "
+            f"95% lower bound {found.lower_bound:.1%})"
         )
     else:
         note = (
             f"adapter {name}: min_retention {min_retention:.0%} NOT held: at the largest residual, rank {ranks} "
-            f"({extra:,} params), its {found.figure_name} is {found.figure:.1%} on held-out inputs"
+            f"({extra:,} params), its {found.figure_name} is {found.figure:.1%} on held-out inputs "
+            f"(95% lower bound {found.lower_bound:.1%})"
         )
     return found, note, heals
 
