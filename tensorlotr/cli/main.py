@@ -299,7 +299,7 @@ def _cmd_zoo_add(args: argparse.Namespace) -> Result:
 
     return add_to_zoo(
         args.zoo_dir, args.source, name=args.name, refit=args.refit, rank=args.rank, energy=args.energy,
-        n_iter=args.hooi_iters, progress=None if args.json else tqdm_progress,
+        n_iter=args.hooi_iters, progress=None if args.json else tqdm_progress, residual_rank=args.residual_rank,
     )  # fmt: skip
 
 
@@ -613,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("source", type=Path, metavar="LORA_DIR", help="a PEFT LoRA (or LoTR) folder for the same base")
     add.add_argument("--name", metavar="NAME", help="the adapter's name (default: the folder name)")
     add.add_argument("--refit", action="store_true", help="recompress the whole zoo instead of projecting")
+    add.add_argument(
+        "--residual-rank", type=_bounded_int(0), metavar="S",
+        help="give the projected adapter a private residual of rank S beside the zoo's bases",
+    )  # fmt: skip
     _rank_flags(add, "with --refit: the zoo's new rank (default: its current one)", "with --refit: energy kept")
     _common(add, None)
 

@@ -192,3 +192,22 @@ def test_cli_eval_data_and_min_retention(tmp_path, capsys):
     assert run(["convert", str(tmp_path / "lora"), str(tmp_path / "out2"), "--eval-data", "held.tsv"]) == 2
     line = error_line(capsys.readouterr().err, "convert")
     assert line == "tensorlotr convert: error: --eval-data needs --calibration-data FILE"
+
+
+def test_zoo_add_gives_the_projected_adapter_a_residual_and_keeps_the_others(tmp_path):
+    from tensorlotr.jobs.zoo import add_to_zoo
+
+    folders, _ = _zoo_loras(tmp_path)
+    compress_zoo(folders[:2], tmp_path / "zoo", rank=2, residual_rank={"lora1": 2})
+    before = read_zoo(tmp_path / "zoo")
+    projected = add_to_zoo(tmp_path / "zoo", folders[2], name="plain")
+    with_residual = add_to_zoo(tmp_path / "zoo", folders[2], name="own", residual_rank=4)
+    errors = {a.adapter: a.relative_error for a in with_residual.adapters}
+    assert errors["own"] < {a.adapter: a.relative_error for a in projected.adapters}["plain"]
+    zoo = read_zoo(tmp_path / "zoo")
+    assert set(zoo.adapters["own"].residual) == set(zoo.adapters["own"].groups)
+    assert zoo.adapters["lora1"].residual == before.adapters["lora1"].residual  # the others as they were
+    for key, tensor in before.tensors.items():
+        assert torch.equal(zoo.tensors[key], tensor), key
+    with pytest.raises(ValueError, match="applies to a projection"):
+        add_to_zoo(tmp_path / "zoo", folders[2], name="again", refit=True, residual_rank=2)

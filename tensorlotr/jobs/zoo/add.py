@@ -21,9 +21,11 @@ from ...files.atomic import atomic_update, recover_leftovers, resolve_folder
 from ...files.lock import DEFAULT_TIMEOUT, write_lock
 from ...io.zoo_format import ZOO_CONFIG_NAME, ZOO_WEIGHTS_NAME, read_zoo, write_zoo
 from ...progress import Progress, no_progress
+from ..calibration import ErrorSums, error_sums
 from ..compression_report import REPORT_NAME
 from .fit import fit_zoo, store_modules_to_save
-from .report import ZooReport, zoo_report
+from .report import PairErrors, ZooReport, zoo_report
+from .residual import fit_residual
 from .sources import Source, adapter_names, check_same_base, read_source, zoo_member
 
 
@@ -38,6 +40,7 @@ def add_to_zoo(
     n_iter: int = 0,
     progress: Progress | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    residual_rank: int | None = None,
 ) -> ZooReport:
     """Fold a new adapter into an existing zoo, rewriting the zoo folder atomically.
 
@@ -71,6 +74,11 @@ def add_to_zoo(
     (True, True)
     """
     start = time.perf_counter()
+    if residual_rank is not None and (isinstance(residual_rank, bool) or not isinstance(residual_rank, int)
+                                      or residual_rank < 0):  # fmt: skip
+        raise ValueError(f"residual_rank must be a whole number >= 0, got {residual_rank!r}")
+    if refit and residual_rank:
+        raise ValueError("residual_rank (--residual-rank) applies to a projection; a refit fits every adapter again")
     if not refit and (rank is not None or energy is not None or n_iter):
         raise ValueError(
             "rank, energy and n_iter (--rank, --energy, --hooi-iters) apply to a refit only (--refit); "
@@ -95,6 +103,8 @@ def add_to_zoo(
                 zoo = _refit(zoo, chosen, new, rank, energy, n_iter, progress or no_progress)
             else:
                 _project(zoo, chosen, new, progress or no_progress)
+                if residual_rank:
+                    _add_residual(zoo, chosen, new, residual_rank)
             write_zoo(tmp, zoo)
     separate = {n: a.lora_params for n, a in zoo.adapters.items()}
     return zoo_report(zoo, str(zoo_dir), time.perf_counter() - start, separate, notes)
@@ -130,6 +140,18 @@ def _refit(
     groups = _zoo_groups(zoo, shapes)
     refitted, _, _ = fit_zoo({**existing, name: new}, shapes, target, energy, n_iter, groups, progress)
     return refitted
+
+
+def _add_residual(zoo: ZooFiles, name: str, source: Source, size: int) -> None:
+    """Give the projected adapter ``name`` a residual of rank ``size`` in its groups that other adapters share."""
+    shared = [g for g in zoo.adapters[name].groups if any(g in a.groups for n, a in zoo.adapters.items() if n != name)]
+    errors: PairErrors = {}
+    fit_residual(zoo, name, source, {g: (size, size) for g in shared}, errors)
+    total = ErrorSums()
+    for group, modules in zoo.adapters[name].groups.items():
+        bs, as_, scales = source.load(modules)
+        total = total + error_sums(zoo.adapter(name).tucker(group), bs, as_, scales)
+    zoo.adapters[name].relative_error = total.weight_error
 
 
 def _zoo_groups(zoo: ZooFiles, shapes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
