@@ -271,7 +271,7 @@ class Calibration:
             from ..nn.calibration import first_samples
 
             self.inputs = list(first_samples(self.inputs, self.samples))
-            if self.labels is not None:
+            if self.labels is not None:  # the labels of the sequences kept (samples may keep fewer)
                 self.labels = [int(y) for y in self.labels][: sum(_batch_rows(b) for b in self.inputs)]
             if self.evaluation is None and self.eval_share > 0 and len(self.inputs) > 1 and self.base_model is not None:
                 self._hold_out()
@@ -280,11 +280,12 @@ class Calibration:
         """Move the last ``eval_share`` of the input batches (and their labels) to ``evaluation``."""
         assert self.inputs is not None
         inputs = list(self.inputs)
-        cut = len(inputs) - max(1, round(self.eval_share * len(inputs)))
+        cut = len(inputs) - min(len(inputs) - 1, max(1, round(self.eval_share * len(inputs))))
         seen = sum(_batch_rows(b) for b in inputs[:cut])
         labels = list(self.labels) if self.labels is not None else None
-        if labels is not None and len(labels) != sum(_batch_rows(b) for b in inputs):
-            labels = None  # labels that do not match the inputs are not used
+        total = sum(_batch_rows(b) for b in inputs)
+        if labels is not None and len(labels) != total:
+            raise ValueError(f"{len(labels)} calibration labels for {total} sequences of the calibration inputs")
         self.evaluation = Evaluation(inputs[cut:], labels[seen:] if labels is not None else None)
         self.inputs = inputs[:cut]
         self.labels = labels[:seen] if labels is not None else None

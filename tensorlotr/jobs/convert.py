@@ -149,6 +149,8 @@ def convert_lora(
     stored = output_dtype([getattr(torch, d) for d in lora.dtype.split(",")], dtype)
     cal = as_calibration(calibration)
     check_min_retention(min_retention, cal)
+    if min_retention is not None and energy is not None:
+        raise ValueError("min_retention raises the rank until it holds; it does not combine with energy (--energy)")
     stats = cal.statistics(list(lora.modules), progress) if cal is not None else None
     weighting = None
     if cal is not None and stats is not None:
@@ -173,7 +175,7 @@ def convert_lora(
         ranks = [g.rank for g in conversion.groups]
         if retention is not None:
             tried.append({"rank": [list(r) for r in ranks], **retention.to_dict(), "value": retention.figure})
-        if min_retention is None or retention is None or retention.holds(min_retention) or energy is not None:
+        if min_retention is None or retention is None or retention.holds(min_retention):
             break
         raised = _raised(ranks, current)
         if raised is None:  # every group at its exact rank: nothing more to give
@@ -183,7 +185,11 @@ def convert_lora(
         notes.append(retention_note("the adapter", retention, min_retention))
     if min_retention is not None and retention is not None and len(tried) > 1:
         first, last = tried[0]["rank"], tried[-1]["rank"]
-        verdict = "holds it" if retention.holds(min_retention) else "is the exact rank and still falls short"
+        verdict = (
+            "holds it"
+            if retention.holds(min_retention)
+            else ("is the exact rank (lossless) and still falls short: too few held-out inputs to show it")
+        )
         notes.append(
             f"min_retention {min_retention:.0%}: rank raised from {_ranks_text(first)} to {_ranks_text(last)}, "
             f"which {verdict} ({retention.figure_name} {retention.figure:.1%} on held-out inputs, "

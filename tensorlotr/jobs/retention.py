@@ -34,8 +34,8 @@ def check_min_retention(
     >>> check_min_retention(0.95, None)
     Traceback (most recent call last):
     ...
-    ValueError: min_retention is held on held-out inputs: give calibration inputs and the base model (--base-model \
-and --calibration-data, whose last eighth is held out) or evaluation data (--eval-data)
+    ValueError: min_retention is held on held-out inputs: give the base model and calibration inputs of two batches \
+or more (--base-model and --calibration-data, whose last eighth is held out), or evaluation data (--eval-data)
     """
     if min_retention is None:
         return
@@ -47,8 +47,9 @@ and --calibration-data, whose last eighth is held out) or evaluation data (--eva
         missing = any(cal.evaluation_for(n) is None for n in names)
     if missing:
         raise ValueError(
-            "min_retention is held on held-out inputs: give calibration inputs and the base model (--base-model and "
-            "--calibration-data, whose last eighth is held out) or evaluation data (--eval-data)"
+            "min_retention is held on held-out inputs: give the base model and calibration inputs of two batches "
+            "or more (--base-model and --calibration-data, whose last eighth is held out), or evaluation data "
+            "(--eval-data)"
         )
 
 
@@ -62,8 +63,8 @@ def held_out_retention(
     """``files`` against the LoRA ``updates`` (module -> ``(B, A, s)``) and ``saved`` tensors on the held-out inputs.
 
     None when the calibration has no held-out inputs for ``adapter`` (or no base model).
-    Labels that do not give one prediction per sequence (a language model's tokens) are
-    left out: the agreement and output retention still count.
+    Labels of a token-level output (a language model's) are left out: the agreement and
+    the output retention still count.
     """
     if cal is None or cal.base_model is None:
         return None
@@ -74,12 +75,7 @@ def held_out_retention(
     from ..nn.heal import LoRATeacher
 
     teacher = LoRATeacher({m: (b.float(), a.float(), s) for m, (b, a, s) in updates.items()}, saved)
-    try:
-        return evaluate_retention(cal.base_model, files, teacher, evaluation.inputs, evaluation.labels)
-    except ValueError as exc:
-        if evaluation.labels is None or "labels" not in str(exc):
-            raise
-        return evaluate_retention(cal.base_model, files, teacher, evaluation.inputs)
+    return evaluate_retention(cal.base_model, files, teacher, evaluation.inputs, evaluation.labels)
 
 
 def retention_note(who: str, retention: Retention, min_retention: float | None = None) -> str:
@@ -88,14 +84,14 @@ def retention_note(who: str, retention: Retention, min_retention: float | None =
     Examples
     --------
     >>> from tensorlotr.nn.evaluate import Retention
-    >>> r = Retention(samples=32, agreement=0.97, output_retention=0.91, accuracy_head=0.5, accuracy_original=0.9,
-    ...               accuracy=0.88, retained_gain_stderr=0.02)
+    >>> r = Retention(samples=320, agreement=0.97, output_retention=0.91, accuracy_head=0.5, accuracy_original=0.9,
+    ...               accuracy=0.88, retained_gain_stderr=0.02, gain_rows=128)
     >>> print(retention_note("the adapter", r, 0.9))  # doctest: +NORMALIZE_WHITESPACE
-    the adapter on 32 held-out sequences: agreement 97.0%, output retained 91.0%, retained gain 95.0%
-    (95% lower bound 91.7% >= 90%: held)
+    the adapter on 320 held-out sequences: agreement 97.0%, output retained 91.0%, retained gain 95.0%
+    (95% lower bound 90.1% >= 90%: held)
     """
     text = (
-        f"{who} on {retention.samples} held-out sequences: agreement {retention.agreement:.1%}, "
+        f"{who} on {retention.samples} held-out {retention.unit}: agreement {retention.agreement:.1%}, "
         f"output retained {retention.output_retention:.1%}"
     )
     if retention.retained_gain is not None:

@@ -37,7 +37,7 @@ from ..adapter import LoTRAdapterFiles
 from .heal import Batch, LoRATeacher, _on, _tensor_at
 from .model import LoTRModel
 
-__all__ = ["Z_ONE_SIDED_95", "Retention", "evaluate_retention", "model_outputs"]
+__all__ = ["Z_ONE_SIDED_95", "Retention", "evaluate_retention", "model_outputs", "wilson_lower"]
 
 #: Standard errors below the figure of a one-sided 95% lower bound (normal approximation).
 Z_ONE_SIDED_95 = 1.645
@@ -47,14 +47,22 @@ Z_ONE_SIDED_95 = 1.645
 class Retention:
     """A compressed adapter against its original on held-out inputs (see the module doc).
 
+    ``samples`` counts the held-out outputs compared (``unit``: sequences for a sequence-level
+    output, tokens for a token-level one); ``logits`` says whether they are the model's logits
+    (else its last hidden states, where an argmax means nothing and the figure without labels
+    is the output retention). ``gain_rows`` is the net number of rows the original gets right
+    that the head-only model does not (the retained gain's denominator).
+
     Examples
     --------
     >>> r = Retention(samples=100, agreement=0.97, output_retention=0.9, accuracy_head=0.5, accuracy_original=0.9,
-    ...               accuracy=0.88, retained_gain_stderr=0.02)
+    ...               accuracy=0.88, retained_gain_stderr=0.02, gain_rows=40)
     >>> round(r.retained_gain, 3), round(r.figure, 3), r.figure_name, round(r.lower_bound, 4), r.holds(0.95)
-    (0.95, 0.95, 'retained_gain', 0.9171, False)
+    (0.95, 0.95, 'retained_gain', 0.8597, False)
     >>> Retention(samples=100, agreement=0.97, output_retention=0.9).figure_name
     'agreement'
+    >>> round(Retention(samples=30, agreement=1.0, output_retention=1.0).lower_bound, 3)  # all agree: Wilson
+    0.917
     """
 
     samples: int
@@ -65,6 +73,9 @@ class Retention:
     accuracy: float | None = None
     agreement_stderr: float = 0.0
     retained_gain_stderr: float | None = None
+    gain_rows: float | None = None
+    unit: str = "sequences"
+    logits: bool = True
 
     @property
     def retained_gain(self) -> float | None:
@@ -76,20 +87,38 @@ class Retention:
 
     @property
     def figure_name(self) -> str:
-        """``"retained_gain"`` when it is defined, else ``"agreement"``."""
-        return "retained_gain" if self.retained_gain is not None else "agreement"
+        """``"retained_gain"`` when it is defined, else ``"agreement"`` (``"output_retention"`` without logits)."""
+        if self.retained_gain is not None:
+            return "retained_gain"
+        return "agreement" if self.logits else "output_retention"
 
     @property
     def figure(self) -> float:
         """The figure a retention target holds: the retained gain, or without labels the agreement."""
-        gain = self.retained_gain
-        return gain if gain is not None else self.agreement
+        value: float = getattr(self, self.figure_name)
+        return value
 
     @property
     def lower_bound(self) -> float:
-        """:attr:`figure` less 1.645 standard errors: a one-sided 95% lower bound on it."""
-        stderr = self.retained_gain_stderr if self.retained_gain is not None else self.agreement_stderr
-        return self.figure - Z_ONE_SIDED_95 * (stderr or 0.0)
+        """A one-sided 95% lower bound on :attr:`figure` (``-inf`` from fewer than two rows).
+
+        The lower of two: the figure less 1.645 standard errors (the delta method for the
+        retained gain), and the Wilson score bound of a share of as many rows as the figure
+        rests on (``gain_rows`` for the retained gain, ``samples`` for the agreement), so that
+        a figure with no scatter in its sample (every row agrees) still carries the sample's
+        size. The output retention, without logits, has no bound: the figure itself.
+        """
+        if self.samples < 2:
+            return -math.inf
+        name = self.figure_name
+        if name == "output_retention":
+            return self.output_retention
+        if name == "retained_gain":
+            stderr, rows = self.retained_gain_stderr or 0.0, self.gain_rows or 0.0
+        else:
+            stderr, rows = self.agreement_stderr, float(self.samples)
+        delta = self.figure - Z_ONE_SIDED_95 * stderr
+        return min(delta, wilson_lower(min(max(self.figure, 0.0), 1.0), rows))
 
     def holds(self, target: float) -> bool:
         """Whether the retention holds ``target``: its :attr:`lower_bound` is at least ``target``."""
@@ -102,9 +131,27 @@ class Retention:
         return {**data, "figure": self.figure_name, "lower_bound": self.lower_bound}
 
 
+def wilson_lower(share: float, rows: float, z: float = Z_ONE_SIDED_95) -> float:
+    """The Wilson score lower bound of a share ``share`` of ``rows`` rows (``-inf`` for no rows).
+
+    Examples
+    --------
+    >>> round(wilson_lower(1.0, 100), 4), round(wilson_lower(0.95, 400), 4)
+    (0.9737, 0.9289)
+    """
+    if rows <= 0:
+        return -math.inf
+    z2 = z * z
+    centre = share + z2 / (2 * rows)
+    spread = z * math.sqrt(share * (1 - share) / rows + z2 / (4 * rows * rows))
+    return (centre - spread) / (1 + z2 / rows)
+
+
 @torch.no_grad()
 def model_outputs(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
     """Per batch the model's outputs in float32: logits where it has them, else its last hidden states.
+
+    :func:`has_logits` tells which a model gives.
 
     A sequence classifier gives (B, labels); a token-level output keeps only the real tokens
     (``attention_mask`` 1), (tokens, width).
@@ -134,6 +181,16 @@ def model_outputs(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tens
     return out
 
 
+def has_logits(model: nn.Module, batch: Batch) -> bool:
+    """Whether ``model``'s output on ``batch`` has logits (a task head), not only hidden states."""
+    with torch.no_grad():
+        return torch.is_tensor(getattr(model(**_on(batch, _device(model))), "logits", None))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def evaluate_retention(
     base_model: nn.Module,
     files: LoTRAdapterFiles,
@@ -144,8 +201,9 @@ def evaluate_retention(
     """The :class:`Retention` of the compressed adapter ``files`` against ``teacher`` on ``batches``.
 
     ``labels`` (one per sequence, in the order of the batches) add the accuracies and the
-    retained gain; they need a sequence-level output (one prediction per sequence). The base
-    model is left as it was.
+    retained gain; they need a sequence-level output (one prediction per sequence), and are
+    left out (``Retention.accuracy`` None) where the outputs are per token. The base model is
+    left as it was.
 
     Examples
     --------
@@ -175,6 +233,9 @@ def evaluate_retention(
         raise ValueError("the held-out evaluation needs at least one batch of inputs")
     with LoRATeacher({}, teacher.saved).applied(base_model):
         head = model_outputs(base_model, batches)
+        logits = has_logits(base_model, batches[0])
+    sequences = sum(int(next(v for v in b.values() if torch.is_tensor(v)).shape[0]) for b in batches)
+    rows = sum(int(h.shape[0]) for h in head)
     with teacher.applied(base_model):
         original = model_outputs(base_model, batches)
     with torch.no_grad():
@@ -197,19 +258,19 @@ def evaluate_retention(
         agreement=float(agree.mean()),
         output_retention=kept_share,
         agreement_stderr=float(agree.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0,
+        unit="sequences" if rows == sequences else "tokens",
+        logits=logits,
     )
-    if labels is not None:
+    if labels is not None and len(labels) != sequences:
+        raise ValueError(f"{len(labels)} labels for {sequences} held-out sequences")
+    if labels is not None and rows == sequences:
         truth = torch.as_tensor(list(labels))
-        if truth.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"{truth.shape[0]} labels for {y.shape[0]} held-out outputs: labels need one prediction per sequence "
-                "(a sequence classifier)"
-            )
         head_right, original_right, right = (_correct(o, truth) for o in (yh, y0, y))
         retention.accuracy_head = float(head_right.mean())
         retention.accuracy_original = float(original_right.mean())
         retention.accuracy = float(right.mean())
         retention.retained_gain_stderr = _ratio_stderr(right - head_right, original_right - head_right)
+        retention.gain_rows = float((original_right - head_right).sum())
     return retention
 
 

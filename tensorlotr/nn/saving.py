@@ -471,7 +471,8 @@ def from_zoo(
         files = zoo.adapter(name)
         config = LoTRConfig.from_dict(files.config, strict=False)
         # a group where the adapter has a residual gets its own factors, the shared ones with its columns
-        owner = {g: name if g in zoo.adapters[name].residual else "zoo" for g in files.groups}
+        # (keyed "<adapter>--residual--<group>": no adapter name makes that the zoo's "zoo--<group>")
+        owner = {g: f"{name}--residual" if g in zoo.adapters[name].residual else "zoo" for g in files.groups}
         if lotr is None:
             lotr = cls(model, config, layout=files.groups, source=source, adapter_name=name, factor_owner=owner)
         else:

@@ -108,8 +108,9 @@ def fit_residual(
         fit_with = factors if calibration is not None and calibration.objective == "output" else None
         u = zoo.tensors[factor_key(group, OUT_FACTOR)].double()
         v = zoo.tensors[factor_key(group, IN_FACTOR)].double()
-        r_out, r_in = zoo.groups[group].rank
-        shared = [zoo.tensors[zoo_core_key(name, m)].double()[:r_out, :r_in] for m in modules]
+        damping = calibration.damping if calibration is not None else 0.0
+        # the residual of the shared basis' own optimum (not of cores a heal has moved)
+        shared = _cores_in_basis(u, v, bs, as_, scales, fit_with, damping)
         if min(rank) > 0:
             private_out, private_in = _private_directions(u, v, shared, bs, as_, scales, rank, fit_with, calibration)
             out_basis, in_basis = torch.cat([u, private_out], 1), torch.cat([v, private_in], 1)
@@ -121,7 +122,6 @@ def fit_residual(
             for which in (OUT_FACTOR, IN_FACTOR):
                 zoo.tensors.pop(zoo_residual_key(name, group, which), None)
             entry.residual.pop(group, None)
-        damping = calibration.damping if calibration is not None else 0.0
         cores = _cores_in_basis(out_basis, in_basis, bs, as_, scales, fit_with, damping)
         for module, core in zip(modules, cores, strict=True):
             zoo.tensors[zoo_core_key(name, module)] = core.float().contiguous()
@@ -165,7 +165,8 @@ def _complement(basis: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     q, _ = torch.linalg.qr(basis)
     rest = new - q @ (q.T @ new)
     left, values, _ = torch.linalg.svd(rest, full_matrices=False)
-    keep = values > values.max().clamp_min(1e-300) * 1e-10 if values.numel() else values > 0
+    scale = float(torch.linalg.matrix_norm(new, ord=2)) if new.numel() else 0.0
+    keep = values > 1e-6 * max(scale, 1e-300)  # what is left of a direction inside the basis is rounding
     kept: torch.Tensor = left[:, keep]
     return kept
 
