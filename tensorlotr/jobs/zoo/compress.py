@@ -76,9 +76,10 @@ def compress_zoo(
         the last eighth of its inputs, or one :class:`~tensorlotr.jobs.calibration.Evaluation`
         per adapter by name): hold every adapter's held-out retention figure (its retained
         gain with labels, else its agreement with its LoRA) at least this high on its 95% lower
-        bound (:attr:`tensorlotr.nn.evaluate.Retention.lower_bound`), by giving the
-        adapters short of it a private residual (``residual_rank``) of rank 2, 4, 8, ... until
-        it holds; the notes say which adapter needed which rank, or that one could not be held
+        bound (:attr:`tensorlotr.nn.evaluate.Retention.lower_bound`), by giving the adapters
+        short of it a private residual (``residual_rank``), raised a step at a time (1, 2, 3, 4,
+        6, 9, ...) in the groups where they lose most, until it holds; the notes say which
+        adapter needed which ranks, or that one could not be held
         at the largest residual (which is lossless). Without held-out inputs: guarantee every
         adapter this share of its energy in every group (``1 - relative error^2``, of the output
         error with calibration): adapters short of it are weighted up, and if reweighting does
@@ -205,38 +206,73 @@ def _hold(
     min_retention: float,
     start: int,
 ) -> tuple[Retention | None, str, dict[str, Any]]:
-    """Raise adapter ``name``'s residual rank (2, 4, 8, ... above ``start``) until its held-out figure holds.
+    """Raise adapter ``name``'s residual ranks until its held-out figure holds; its retention, note and heal report.
 
-    Returns its retention, the report's note, and its heal report when the calibration heals.
+    Each round raises the residual (1, 2, 3, 4, 6, 9, 13, ... from ``start``) in the groups that
+    hold the larger half of what the adapter still loses (its squared calibrated output error,
+    or weight error, summed over the group), so the rank goes where the adapter needs it.
     """
     groups = list(zoo.adapters[name].groups)
-    size, found, heals = max(2, 2 * start), None, {}
-    while True:
-        fit_residual(zoo, name, sources[name], {g: (size, size) for g in groups}, errors, cal)
+    ranks = {g: start for g in groups}
+    full: set[str] = set()  # groups at the largest residual they can take
+    found, heals = None, {}
+    while len(full) < len(groups):
+        picked = _lossiest(errors, name, [g for g in groups if g not in full])
+        wanted = {g: _next_size(ranks[g]) for g in picked}
+        ranks.update(wanted)
+        fit_residual(zoo, name, sources[name], {g: (r, r) for g, r in ranks.items() if r > 0}, errors, cal)
         if cal is not None and cal.heal_steps:
             heals = heal_zoo(zoo, sources, cal, errors, progress, names=[name])
         found = _retention(zoo, name, sources[name], cal)
         kept = zoo.adapters[name].residual
-        at_most = all(max(kept.get(g, (0, 0))) < size for g in groups)  # clipped everywhere: nothing more to add
-        if found is None or found.holds(min_retention) or at_most:
+        for g in picked:  # a rank clipped below the one asked for: the group has no more to give
+            ranks[g] = max(kept.get(g, (0, 0)))
+            if ranks[g] < wanted[g]:
+                full.add(g)
+        if found is None or found.holds(min_retention):
             break
-        size *= 2
     assert found is not None
-    ranks = "/".join(sorted({f"{r[0]}x{r[1]}" for r in zoo.adapters[name].residual.values()})) or "0"
+    ranks_text = "/".join(f"{g} {r[0]}" for g, r in zoo.adapters[name].residual.items()) or "0"
     extra = sum(residual_params(zoo, name, g, r) for g, r in zoo.adapters[name].residual.items())
     if found.holds(min_retention):
         note = (
-            f"adapter {name}: a private residual of rank {ranks} ({extra:,} params) holds min_retention "
+            f"adapter {name}: a private residual ({ranks_text}; {extra:,} params) holds min_retention "
             f"{min_retention:.0%} ({found.figure_name} {found.figure:.1%} on held-out inputs, "
             f"95% lower bound {found.lower_bound:.1%})"
         )
     else:
         note = (
-            f"adapter {name}: min_retention {min_retention:.0%} NOT held: at the largest residual, rank {ranks} "
-            f"({extra:,} params), its {found.figure_name} is {found.figure:.1%} on held-out inputs "
+            f"adapter {name}: min_retention {min_retention:.0%} NOT held: at the largest residual ({ranks_text}; "
+            f"{extra:,} params), its {found.figure_name} is {found.figure:.1%} on held-out inputs "
             f"(95% lower bound {found.lower_bound:.1%})"
         )
     return found, note, heals
+
+
+def _lossiest(errors: PairErrors, name: str, groups: list[str]) -> list[str]:
+    """The groups holding the larger half of adapter ``name``'s squared (output) error, largest first."""
+
+    def lost(group: str) -> float:
+        sums = errors[(name, group)]["compressed"]
+        return sums.output if sums.output is not None else sums.weight
+
+    ordered = sorted(groups, key=lost, reverse=True)
+    total, picked, running = sum(lost(g) for g in groups), [], 0.0
+    for group in ordered:
+        picked.append(group)
+        running += lost(group)
+        if running >= total / 2:
+            break
+    return picked
+
+
+def _next_size(size: int) -> int:
+    """The residual rank to try after ``size``: one more up to 4, then half again (1, 2, 3, 4, 6, 9, 13, ...).
+
+    >>> [_next_size(s) for s in (0, 3, 4, 6, 8, 12)]
+    [1, 4, 6, 9, 12, 18]
+    """
+    return size + 1 if size < 4 else size + size // 2
 
 
 def _residual_ranks(residual_rank: int | dict[str, int] | None, names: list[str]) -> dict[str, int]:
