@@ -131,21 +131,7 @@ def compress_zoo(
     shapes = check_same_base(loaded)
     progress = progress or no_progress
     stats = cal.statistics(sorted(shapes, key=module_order), progress) if cal is not None else None
-    held = cal is not None and cal.base_model is not None and all(cal.evaluation_for(n) for n in chosen)
-    if cal is not None and isinstance(cal.evaluation, dict):
-        unknown = sorted(set(cal.evaluation) - set(chosen))
-        lacking = [n for n in chosen if n not in cal.evaluation]
-        if unknown:
-            raise ValueError(f"the evaluation data name adapters {unknown} that are not in the zoo; adapters: {chosen}")
-        if lacking and min_retention is not None:
-            raise ValueError(
-                f"min_retention is held on each adapter's held-out inputs, and adapters {lacking} have none: "
-                "give every adapter its own (--eval-data NAME=FILE), or one set for all"
-            )
-    if min_retention is not None and not held and min_retention >= 1.0:
-        raise ValueError(
-            "min_retention 1 of the energy keeps every adapter exactly: leave rank unset (the exact rank) instead"
-        )
+    held = _check_evaluation(cal, chosen, min_retention)
     objective = Objective(stats, cal, fairness, None if held else min_retention)  # held out: residuals instead
     zoo, errors, notes = fit_zoo(loaded, shapes, requested, energy, n_iter, groups, progress, objective)
     notes = _clipped_notes(zoo, requested, energy) + notes
@@ -184,6 +170,26 @@ def compress_zoo(
                 write_report(tmp, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_evaluation(cal: Calibration | None, names: list[str], min_retention: float | None) -> bool:
+    """Whether every adapter has held-out inputs (``min_retention`` is then held on them); bad input refused."""
+    held = cal is not None and cal.base_model is not None and all(cal.evaluation_for(n) for n in names)
+    if cal is not None and isinstance(cal.evaluation, dict):
+        unknown = sorted(set(cal.evaluation) - set(names))
+        lacking = [n for n in names if n not in cal.evaluation]
+        if unknown:
+            raise ValueError(f"the evaluation data name adapters {unknown} that are not in the zoo; adapters: {names}")
+        if lacking and min_retention is not None:
+            raise ValueError(
+                f"min_retention is held on each adapter's held-out inputs, and adapters {lacking} have none: "
+                "give every adapter its own (--eval-data NAME=FILE), or one set for all"
+            )
+    if min_retention is not None and not held and min_retention >= 1.0:
+        raise ValueError(
+            "min_retention 1 of the energy keeps every adapter exactly: leave rank unset (the exact rank) instead"
+        )
+    return held
 
 
 def _retention(zoo: ZooFiles, name: str, source: Source, cal: Calibration | None) -> Retention | None:
