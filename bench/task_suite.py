@@ -319,6 +319,22 @@ def zoo_rank(folders: list[Path], names: list[str], ratio: float) -> tuple[int, 
     return best
 
 
+def zoo_plans(names: list[str]) -> list[tuple[str, list[str], float]]:
+    """The zoos measured: (name, members, storage ratio): each half at 1/8, the whole suite at 1/10."""
+    plans = [(f"half-{h}", [n for n in names if TASKS[n].half == h], 8.0) for h in ("A", "B")]
+    return [*plans, ("whole-suite", names, 10.0)]
+
+
+def zoo_calibration(ev: Evaluator, data: dict[str, Any], members: list[str]) -> list[dict[str, torch.Tensor]]:
+    """A zoo's calibration batches: an equal share of each member's calibration sentences, shuffled."""
+    from tensorlotr.jobs.calibration import tokenized_batches
+
+    share = CALIBRATION_SIZE // len(members)
+    texts = [s for n in members for s, _ in data[n]["calibration"][:share]]
+    random.Random(7).shuffle(texts)
+    return tokenized_batches(ev.tokenizer, texts, BATCH, MAX_LENGTH)
+
+
 def stage_eval(
     workdir: Path,
     pool: dict[str, Any],
@@ -414,17 +430,12 @@ def stage_eval(
         save()
 
     guaranteed = out.setdefault("guaranteed_zoos", {})
-    plans = [(f"half-{h}", [n for n in names if TASKS[n].half == h], 8.0) for h in ("A", "B")]
-    plans.append(("whole-suite", names, 10.0))
-    for zoo_name, members, ratio in plans if "guarantee" in parts else []:
+    for zoo_name, members, ratio in zoo_plans(names) if "guarantee" in parts else []:
         if len(members) < 2 or zoo_name not in zoo_names:
             continue
         member_folders = [folders[n] for n in members]
         budget_rank, _, separate = zoo_rank(member_folders, members, ratio)
-        share = CALIBRATION_SIZE // len(members)
-        texts = [s for n in members for s, _ in data[n]["calibration"][:share]]
-        random.Random(7).shuffle(texts)
-        inputs = tokenized_batches(ev.tokenizer, texts, BATCH, MAX_LENGTH)
+        inputs = zoo_calibration(ev, data, members)
         evaluation = {n: guarantee_set(n) for n in members}
         entry = guaranteed.setdefault(zoo_name, {"members": members, "separate_params": separate, "runs": {}})
         for rank in sorted({budget_rank, max(1, budget_rank // 2), max(1, budget_rank // 4)}, reverse=True):
@@ -448,17 +459,12 @@ def stage_eval(
 
     # (b) zoos: each half at <= 1/8 of the separate storage, the whole suite at >= 10x
     zoos = out.setdefault("zoos", {})
-    plans = [(f"half-{h}", [n for n in names if TASKS[n].half == h], 8.0) for h in ("A", "B")]
-    plans.append(("whole-suite", names, 10.0))
-    for zoo_name, members, ratio in plans if "zoo" in parts else []:
+    for zoo_name, members, ratio in zoo_plans(names) if "zoo" in parts else []:
         if len(members) < 2 or zoo_name not in zoo_names:
             continue
         member_folders = [folders[n] for n in members]
         rank, stored, separate = zoo_rank(member_folders, members, ratio)
-        share = CALIBRATION_SIZE // len(members)
-        texts = [s for n in members for s, _ in data[n]["calibration"][:share]]
-        random.Random(7).shuffle(texts)
-        inputs = tokenized_batches(ev.tokenizer, texts, BATCH, MAX_LENGTH)
+        inputs = zoo_calibration(ev, data, members)
         modules = sorted({m for f in member_folders for m in PeftLoRA(f).modules})
         stats = calibrate(ev.fresh(), inputs, modules)
         entry = {"members": members, "rank": rank, "stored_params": stored, "separate_params": separate,

@@ -39,6 +39,7 @@ MODULES = [
     "tensorlotr.jobs.zoo.inspect",
     "tensorlotr.jobs.zoo.heal",
     "tensorlotr.jobs.zoo.residual",
+    "tensorlotr.jobs.retention",
     "tensorlotr.nn.evaluate",
     "tensorlotr.jobs.convert",
     "tensorlotr.jobs.export",

@@ -91,12 +91,17 @@ def parse_energy(text: str) -> float:
     Traceback (most recent call last):
     argparse.ArgumentTypeError: energy must be a number in (0, 1], got '1.5'
     """
+    return _share(text, "energy must be")
+
+
+def _share(text: str, refusal: str) -> float:
+    """``text`` as a number in (0, 1]; else ``ArgumentTypeError`` "<refusal> a number in (0, 1], got …"."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"energy must be a number in (0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"{refusal} a number in (0, 1], got {text!r}")
     return value
 
 
@@ -497,24 +502,7 @@ def _dtype_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _retention(text: str) -> float:
     """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """A number in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
+    return _share(text, "expected")
 
 
 def build_parser() -> argparse.ArgumentParser:
